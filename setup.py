@@ -1,0 +1,40 @@
+"""Install the annealing workbench: packages, Hydra configs, recipes, bundled data, console scripts."""
+from setuptools import setup
+
+setup(
+    name="dots-anneal",
+    version="0.1.0",
+    description="Annealing workbench for large MoE language models (dots.llm1)",
+    python_requires=">=3.10",
+    # conf/ and recipes/ live at the repo top level (as the design card fixes it) and are
+    # installed as the packages anneal.conf and anneal.recipes so `anneal` works from any folder.
+    packages=["anneal", "anneal.conf", "anneal.recipes", "moe", "moe.kernels", "mixtures"],
+    package_dir={"anneal.conf": "conf", "anneal.recipes": "recipes"},
+    package_data={
+        "anneal.conf": ["*.yaml", "*/*.yaml"],
+        "anneal.recipes": ["*.yaml"],
+        "anneal": ["assets/*/*"],
+        "mixtures": ["data/*", "mixtures/*.yaml"],
+    },
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "huggingface_hub>=0.30",
+        "hydra-core>=1.3.2",
+        "omegaconf>=2.3",
+        "wandb>=0.18",
+        "datasets>=3.0",
+        "rich>=13",
+        "matplotlib>=3.7",
+        "pyyaml>=6",
+    ],
+    extras_require={"test": ["pytest>=8"], "triton": ["triton>=3.1"]},
+    entry_points={
+        "console_scripts": [
+            "anneal=anneal.cli:main",
+        ]
+    },
+)
