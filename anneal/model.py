@@ -1,0 +1,157 @@
+"""dots1 (dots.llm1) as a training model whose state dict matches transformers' `Dots1ForCausalLM`.
+
+Same parameter names as transformers, except routed experts, which are stacked per layer
+(`mlp.experts.w_gate_up` [E, H, 2I], `mlp.experts.w_down` [E, I, H]) for grouped kernels;
+`anneal.hf_io` maps them to and from the per-expert names of the released safetensors.
+transformers is the reference in parity tests, not the training model: this one is small,
+has no KV-cache/generation machinery, and takes pluggable expert backends.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anneal.model_config import Dots1Config
+from moe.layer import Dots1MoE, SwiGLUMLP
+from moe.router import Router
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin [B, S, head_dim] for rotate-half RoPE, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                             device=position_ids.device) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads: x is [B, heads, S, D]
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Qwen3-style attention: no biases, RMSNorm over head_dim on q and k before RoPE (QK-norm)."""
+
+    def __init__(self, cfg: Dots1Config):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=b)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(bsz, seq, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Dots1Config, layer_idx: int, experts_backend: str, aux_loss_coef: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = Dots1MoE(cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok,
+                                cfg.moe_intermediate_size, cfg.n_shared_experts, cfg.routed_scaling_factor,
+                                cfg.norm_topk_prob, experts_backend, aux_loss_coef)
+        else:
+            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Dots1Model(nn.Module):
+    def __init__(self, cfg: Dots1Config, experts_backend: str, aux_loss_coef: float):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts_backend, aux_loss_coef)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Dots1ForCausalLM(nn.Module):
+    def __init__(self, cfg: Dots1Config, experts_backend: str = "torch", aux_loss_coef: float = 0.0,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.model = Dots1Model(cfg, experts_backend, aux_loss_coef)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = gradient_checkpointing
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, V]. position_ids (restarting per packed document) only
+        move RoPE; attention stays causal over the whole packed row."""
+        bsz, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(bsz, seq)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE layers' sequence-wise balance losses from the last forward (or None)."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, Dots1MoE) and m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    # -- MoE bookkeeping ------------------------------------------------------------------------
+    def routers(self) -> dict[int, Router]:
+        return {i: layer.mlp.gate for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, Dots1MoE)}
+
+    def set_experts_backend(self, name: str) -> None:
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, Dots1MoE):
+                layer.mlp.experts.set_backend(name)
+
+    # -- init -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random init as transformers does it: N(0, initializer_range) for matrices, ones for norms,
+        zero correction bias. Deterministic for a given seed."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        for router in self.routers().values():
+            router.e_score_correction_bias.zero_()

@@ -1,0 +1,51 @@
+"""The dots1 MoE block: router + dropless dispatch + routed experts + shared experts.
+
+Module names match transformers' `Dots1MoE` (`gate`, `experts`, `shared_experts`) so the HF
+checkpoint maps onto it with only the per-expert -> stacked reshaping.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.experts import GroupedExperts
+from moe.router import Router, sequence_aux_loss
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)); dots1's dense MLP and its shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Dots1MoE(nn.Module):
+    def __init__(self, hidden_size: int, n_experts: int, top_k: int, moe_intermediate_size: int,
+                 n_shared_experts: int, routed_scaling_factor: float, norm_topk_prob: bool = True,
+                 backend: str = "torch", aux_loss_coef: float = 0.0):
+        super().__init__()
+        self.top_k, self.aux_loss_coef = top_k, aux_loss_coef
+        self.gate = Router(hidden_size, n_experts, top_k, routed_scaling_factor, norm_topk_prob)
+        self.experts = GroupedExperts(n_experts, hidden_size, moe_intermediate_size, backend)
+        self.shared_experts = (SwiGLUMLP(hidden_size, moe_intermediate_size * n_shared_experts)
+                               if n_shared_experts > 0 else None)
+        self.aux_loss: torch.Tensor | None = None  # set on each training forward when aux_loss_coef > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        topk_idx, topk_weight, scores = self.gate(flat)
+        if self.training and self.aux_loss_coef > 0:
+            self.aux_loss = self.aux_loss_coef * sequence_aux_loss(scores, topk_idx, shape[0], self.top_k)
+        out = self.experts(flat, topk_idx, topk_weight)
+        out = out.view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
