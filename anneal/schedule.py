@@ -201,7 +201,7 @@ class Schedule:
             lr_start = prev_end_lr if st.lr_start is None else float(st.lr_start)
             lr_end = float(st.lr_end)
             origin = (
-                f"set by lr_start" if st.lr_start is not None
+                "set by lr_start" if st.lr_start is not None
                 else ("continued from start_lr" if i == 0 else f"continued from stage {stages[i - 1].name!r}")
             )
             if shape == "constant" and not math.isclose(lr_end, lr_start, rel_tol=1e-12, abs_tol=0.0):
