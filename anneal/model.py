@@ -136,6 +136,11 @@ class Dots1ForCausalLM(nn.Module):
     def routers(self) -> dict[int, Router]:
         return {i: layer.mlp.gate for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, Dots1MoE)}
 
+    def set_aux_loss_coef(self, coef: float) -> None:
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, Dots1MoE):
+                layer.mlp.aux_loss_coef = coef
+
     def set_experts_backend(self, name: str) -> None:
         for layer in self.model.layers:
             if isinstance(layer.mlp, Dots1MoE):

@@ -1,0 +1,88 @@
+"""Resumable training checkpoints, written atomically.
+
+Layout: <run>/ckpt/step_00000042/{model.safetensors, config.json, trainer_state.pt, meta.json} and
+<run>/ckpt/latest (the newest complete step folder's name). A checkpoint is written into a
+temporary folder and renamed into place, and `latest` is replaced atomically after that, so a
+kill at any moment leaves the previous checkpoint intact and never a half one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, hf_config: dict,
+                    trainer_state: dict, meta: dict, keep: int = 2) -> Path:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "layout": "anneal-stacked"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(ckpt_root / LATEST, name)
+    _prune(ckpt_root, keep)
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-step_*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    pointer = ckpt_root / LATEST
+    if not pointer.exists():
+        return None
+    path = ckpt_root / pointer.read_text().strip()
+    return path if (path / "trainer_state.pt").exists() else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
+    """Load weights into `model` (strict) and return the trainer state."""
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return torch.load(path / "trainer_state.pt", weights_only=False)

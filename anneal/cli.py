@@ -1,0 +1,213 @@
+"""Console entry points.
+
+- `anneal [overrides...]`: the Hydra app that runs an anneal (the embedded default with no args).
+- `anneal-export CKPT OUT`: a resumable checkpoint folder -> an HF folder transformers loads.
+- `anneal-catalog`: list the checkpoint catalog.
+- `anneal-plot-schedule [overrides...]`: PNG of LR and batch size against tokens for a recipe.
+- `anneal-plan [overrides...]`: per-source documents, tokens, shares and epochs a recipe implies.
+
+`recipe=NAME` picks a bundled recipe from recipes/; `recipe=path/to/file.yaml` uses your own file
+(we put its folder on Hydra's search path under the `recipe` group).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from anneal.errors import AnnealError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+if not CONF_DIR.is_dir():  # installed (non-editable): conf/ is the package anneal.conf
+    import anneal.conf as _conf
+
+    CONF_DIR = Path(_conf.__file__).resolve().parent
+
+err_console = Console(stderr=True)
+
+
+def _recipe_file_overrides(args: list[str]) -> list[str]:
+    """Rewrite `recipe=some/file.yaml` into a search-path entry + `recipe=file` (Hydra groups take
+    names, not paths). Several files (multirun `recipe=a.yaml,b.yaml`) must share one folder."""
+    out, extra_dirs = [], []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "recipe" and (value.endswith((".yaml", ".yml")) or "/" in value):
+            names = []
+            for item in value.split(","):
+                path = Path(item).expanduser()
+                if not path.is_file():
+                    raise AnnealError(f"recipe={item}: no such file. Give a bundled recipe name "
+                                      f"({', '.join(bundled_recipes())}) or a path to a recipe YAML")
+                link_root = Path(tempfile.mkdtemp(prefix="anneal-recipe-"))
+                (link_root / "recipe").mkdir()
+                (link_root / "recipe" / path.name).symlink_to(path.resolve())
+                extra_dirs.append(link_root)
+                names.append(path.stem)
+            out.append(f"{key}={','.join(names)}")
+        else:
+            out.append(arg)
+    if extra_dirs:
+        out.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra_dirs) + "]")
+    return out
+
+
+def bundled_recipes() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
+
+
+def _report_error(e: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {e}")
+
+
+# ---------------------------------------------------------------------------------------------- anneal
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from anneal.config import register_schema
+
+    register_schema()
+    try:
+        sys.argv[1:] = _recipe_file_overrides(sys.argv[1:])
+    except AnnealError as e:
+        _report_error(e)
+        sys.exit(2)
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _run(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from anneal.trainer import train
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        run_dir = HydraConfig.get().runtime.output_dir
+        try:
+            result = train(cfg, run_dir)
+        except AnnealError as e:
+            _report_error(e)
+            sys.exit(2)
+        _print_summary(result)
+
+    _run()
+
+
+def _print_summary(result: dict) -> None:
+    console = Console()
+    hist = [r for r in result["history"] if "loss" in r]
+    evals = [r for r in result["history"] if "eval_loss" in r]
+    if hist:
+        console.print(f"train loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} over {result['step']} steps")
+    if len(evals) >= 2:
+        console.print(f"eval loss  {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}")
+    console.print(f"run folder : {result['run_dir']}")
+    if result.get("wandb_dir"):
+        console.print(f"W&B run    : {result['wandb_dir']}  (offline; `wandb sync {result['wandb_dir']}` to upload)")
+    if result.get("export_dir"):
+        console.print(f"HF export  : {result['export_dir']}")
+    elif result.get("stopped_early"):
+        console.print("stopped early (trainer.stop_after_steps); continue with run.resume=true")
+
+
+# ---------------------------------------------------------------------------------------------- compose
+def compose(overrides: list[str]):
+    """The same config `anneal` would run, composed without starting a run (for tools)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from anneal.config import register_schema
+
+    register_schema()
+    overrides = _recipe_file_overrides(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def _start_lr_for_tools(cfg) -> float:
+    """Start LR for plotting/planning without downloading the checkpoint."""
+    if cfg.schedule.start_lr is not None:
+        return float(cfg.schedule.start_lr)
+    if cfg.checkpoint is None:
+        return 0.0
+    from anneal.catalog import Catalog
+
+    entry = Catalog.load(list(cfg.catalog_files)).entries.get(cfg.checkpoint)
+    if entry is not None and getattr(entry, "lr", None) is not None:
+        return float(entry.lr)
+    return 3e-4
+
+
+def plot_schedule_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="anneal-plot-schedule", description=plot_schedule_main.__doc__)
+    parser.add_argument("--out", default="schedule.png", help="PNG path to write")
+    parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal`")
+    args = parser.parse_args(argv)
+    try:
+        from anneal.plots import plot_schedule
+        from anneal.schedule import format_tokens
+        from anneal.trainer import build_schedule
+
+        cfg = compose(args.overrides)
+        schedule, ramp = build_schedule(cfg, _start_lr_for_tools(cfg))
+        path = plot_schedule(schedule, ramp, args.out, title=f"checkpoint={cfg.checkpoint}")
+    except AnnealError as e:
+        _report_error(e)
+        sys.exit(2)
+    for name in schedule.stage_names:
+        st = schedule.stage(name)
+        Console().print(f"{name:>8}: {format_tokens(schedule.stage_start(name))} -> "
+                        f"{format_tokens(schedule.stage_end(name))} tokens, lr "
+                        f"{schedule.stage_lr_start(name):.3g} -> {st.lr_end:.3g} ({st.shape})")
+    Console().print(f"wrote {path}")
+
+
+def catalog_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="anneal-catalog", description="List the checkpoint catalog.")
+    parser.add_argument("--catalog", action="append", default=[], help="extra catalog YAML (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        from anneal.catalog import Catalog, format_catalog_table
+
+        Console().print(format_catalog_table(Catalog.load(args.catalog)))
+    except AnnealError as e:
+        _report_error(e)
+        sys.exit(2)
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="anneal-export",
+                                     description="Export a training checkpoint (runs/<id>/ckpt/step_N) as an HF folder.")
+    parser.add_argument("checkpoint", help="a step folder, or a run folder (its latest checkpoint)")
+    parser.add_argument("out", help="HF folder to create")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--max-shard-size", default="2GB")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        from anneal.export import export_training_checkpoint
+
+        out = export_training_checkpoint(Path(args.checkpoint), Path(args.out), dtype=args.dtype,
+                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    except AnnealError as e:
+        _report_error(e)
+        sys.exit(2)
+    Console().print(f"wrote {out}")
+
+
+def plan_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="anneal-plan",
+                                     description="What a recipe's mixture and schedule imply per source, before any GPU time.")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--repeat-warn", type=float, default=4.0, help="warn above this many epochs of a source")
+    args = parser.parse_args(argv)
+    try:
+        from anneal.planning import print_plan
+
+        print_plan(compose(args.overrides), repeat_warn=args.repeat_warn)
+    except AnnealError as e:
+        _report_error(e)
+        sys.exit(2)

@@ -1,0 +1,422 @@
+"""The anneal trainer: one process, CPU or one GPU.
+
+It turns a composed config into: a model (from a checkpoint or random init), a tokenizer, a
+token-indexed schedule, a mixture stream, and an optimizer, then runs optimizer steps until the
+schedule's token budget is spent. Everything that decides the next batch or update (step, tokens,
+data cursor, optimizer, RNG, router biases) is in the checkpoint, so a resumed run repeats the
+uninterrupted one exactly. The optimizer step is behind `Engine`, the seam where the DeepSpeed
+engine plugs in for expert parallelism.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from anneal import checkpointing
+from anneal.errors import AnnealError
+from anneal.model import Dots1ForCausalLM
+from anneal.model_config import Dots1Config
+from anneal.schedule import BatchRamp, Schedule, format_tokens, parse_tokens
+
+RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
+
+
+# ---------------------------------------------------------------------------------------------- setup
+@dataclass
+class Prepared:
+    """Everything the loop needs, built from the config before the first step."""
+    model: Dots1ForCausalLM
+    hf_config: dict
+    tokenizer: object
+    tokenizer_dir: Path
+    schedule: Schedule
+    ramp: BatchRamp
+    stream: object
+    spec: object
+    checkpoint_name: str | None
+    meta: dict = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AnnealError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_start_lr(cfg: DictConfig, entry_lr: float | None, folder_meta: dict) -> float:
+    """The anneal starts at the checkpoint's LR: schedule.start_lr, else the catalog entry's lr,
+    else the lr recorded in the checkpoint folder's anneal_meta.json."""
+    if cfg.schedule.start_lr is not None:
+        return float(cfg.schedule.start_lr)
+    if entry_lr is not None:
+        return float(entry_lr)
+    if "lr" in folder_meta:
+        return float(folder_meta["lr"])
+    raise AnnealError(
+        f"schedule.start_lr is null and checkpoint {cfg.checkpoint!r} records no LR (no catalog entry "
+        "with `lr`, no anneal_meta.json). Set schedule.start_lr=<the LR the checkpoint was trained at>, "
+        "e.g. schedule.start_lr=3e-4 for a dots1 stable-phase checkpoint.")
+
+
+def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.device):
+    """-> (model, hf_config dict, tokenizer, tokenizer_dir, checkpoint name, start-LR hint, folder meta)."""
+    from transformers import AutoTokenizer
+
+    backend = cfg.model.experts_backend
+    tokenizer_dir = run_dir / "tokenizer"
+    if cfg.checkpoint is None:  # random init (e.g. the recipe that makes the tiny checkpoint)
+        if not cfg.model.arch:
+            raise AnnealError("checkpoint is null (random init) but model.arch is empty; "
+                              "use model=tiny or give model.arch fields")
+        arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
+        mcfg = Dots1Config.from_hf_dict(arch, source="model.arch")
+        model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, cfg.model.gradient_checkpointing)
+        model.init_weights(seed=cfg.model.init_seed)
+        tokenizer = _tokenizer_for_random_init(cfg, tokenizer_dir)
+        return model.to(device), mcfg, tokenizer, tokenizer_dir, None, None, {}
+
+    from anneal.catalog import Catalog
+    from anneal.hf_io import load_hf_checkpoint
+
+    resolved = Catalog.load(list(cfg.catalog_files)).resolve(cfg.checkpoint)
+    model, mcfg = load_hf_checkpoint(resolved.path, dtype=torch.float32, experts_backend=backend,
+                                     device=str(device))
+    model.set_aux_loss_coef(cfg.model.aux_loss_coef)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    folder_meta_path = Path(resolved.path) / "anneal_meta.json"
+    folder_meta = json.loads(folder_meta_path.read_text()) if folder_meta_path.exists() else {}
+    tok_src = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(resolved.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise AnnealError(f"checkpoint {cfg.checkpoint!r}: no usable tokenizer in {tok_src} ({e}). "
+                          "Put the tokenizer files in the checkpoint folder or set data.tokenizer=<folder>") from None
+    if not tokenizer_dir.exists():
+        tokenizer.save_pretrained(str(tokenizer_dir))
+    entry_lr = getattr(resolved.entry, "lr", None) if resolved.entry is not None else None
+    return model, mcfg, tokenizer, tokenizer_dir, resolved.name, entry_lr, folder_meta
+
+
+def _tokenizer_for_random_init(cfg: DictConfig, tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    if tokenizer_dir.exists():  # resumed run: reuse the tokenizer it trained
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if cfg.data.tokenizer == "train":
+        from mixtures import build_tokenizer_from_corpus, load_mixture
+
+        tokenizer = build_tokenizer_from_corpus(load_mixture(cfg.data.mixture), vocab_size=cfg.data.tokenizer_vocab_size)
+    elif cfg.data.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    else:
+        raise AnnealError("checkpoint is null (random init): set data.tokenizer=train or a tokenizer folder")
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    return tokenizer
+
+
+def build_schedule(cfg: DictConfig, start_lr: float) -> tuple[Schedule, BatchRamp]:
+    sched_cfg = OmegaConf.to_container(cfg.schedule, resolve=True)
+    sched_cfg.pop("batch_tokens", None)
+    sched_cfg["start_lr"] = start_lr
+    for stage in sched_cfg["stages"]:
+        if stage.get("lr_start") is None:
+            stage.pop("lr_start", None)
+    schedule = Schedule.from_config(sched_cfg)
+    bt = cfg.schedule.batch_tokens
+    ramp = BatchRamp.from_config(OmegaConf.to_container(bt, resolve=True) if OmegaConf.is_config(bt) else bt)
+    return schedule, ramp
+
+
+def check_batch_shape(ramp: BatchRamp, seq_len: int, micro_batch_size: int) -> None:
+    for start, batch_tokens in ramp.points:
+        per_micro = seq_len * micro_batch_size
+        if batch_tokens % per_micro:
+            raise AnnealError(
+                f"schedule.batch_tokens: {batch_tokens} tokens (from token {start}) is not a multiple of "
+                f"data.seq_len × trainer.micro_batch_size = {seq_len} × {micro_batch_size} = {per_micro}; "
+                "change one of them so each step is a whole number of micro-batches")
+
+
+# ---------------------------------------------------------------------------------------------- engine
+class Engine:
+    """AdamW + clipping for one process. Same interface as the DeepSpeed engine wrapper will have:
+    backward(loss), step(lr) -> grad_norm, state_dict()/load_state_dict()."""
+
+    def __init__(self, model: torch.nn.Module, tcfg):
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        fused = next(model.parameters()).is_cuda
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=0.0, betas=tuple(tcfg.betas), eps=tcfg.eps, fused=fused or None)
+        self.model, self.grad_clip = model, tcfg.grad_clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def token_losses(model: Dots1ForCausalLM, batch: dict, device: torch.device, autocast) -> torch.Tensor:
+    """Per-token next-token cross-entropy [B, S] for a packed batch of S+1 tokens per row."""
+    ids = batch["input_ids"].to(device)
+    pos = batch["position_ids"][:, :-1].to(device)
+    with autocast():
+        logits = model(ids[:, :-1], position_ids=pos)
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return losses.view(ids.shape[0], -1)
+
+
+def per_source_means(losses: torch.Tensor, source_ids: torch.Tensor, names: list[str]) -> dict[str, float]:
+    out = {}
+    src = source_ids[:, 1:].to(losses.device)
+    for i, name in enumerate(names):
+        mask = src == i
+        if mask.any():
+            out[name] = float(losses[mask].mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.ckpt_root = self.run_dir / "ckpt"
+
+    # -- run folder ----------------------------------------------------------------------------
+    def _claim_run_dir(self) -> Path | None:
+        """Refuse to write over an existing run unless asked; return the checkpoint to resume."""
+        cfg, marker = self.cfg, self.run_dir / RUN_MARKER
+        if marker.exists() and not cfg.run.resume:
+            if not cfg.run.overwrite:
+                raise AnnealError(
+                    f"run folder {self.run_dir} already holds a run. Pass run.resume=true to continue it, "
+                    "run.overwrite=true to start it over, or another run.name")
+            for name in ("ckpt", "tokenizer", "metrics.jsonl", "wandb", "wandb_id", "hf", RUN_MARKER):
+                p = self.run_dir / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = checkpointing.latest_checkpoint(self.ckpt_root) if cfg.run.resume else None
+        if not marker.exists():
+            marker.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        return resume_from
+
+    # -- main ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from anneal.tracking import Tracker
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        resume_from = self._claim_run_dir()
+        device = pick_device(cfg.trainer.device)
+        p = self.prepare(device)
+        model, schedule, ramp, stream = p.model, p.schedule, p.ramp, p.stream
+        engine = Engine(model, cfg.trainer)
+
+        step, tokens, history = 0, 0, []
+        if resume_from is not None:
+            state = checkpointing.load_checkpoint(resume_from, model)
+            engine.load_state_dict(state["optimizer"])
+            stream.load_state_dict(state["data"])
+            checkpointing.set_rng_state(state["rng"])
+            step, tokens, history = state["step"], state["tokens"], state["history"]
+
+        run_config = OmegaConf.to_container(cfg, resolve=True)
+        tracker = Tracker(self.run_dir, cfg.logging, run_config, schedule.total_tokens, tokens, history)
+        if resume_from is not None:
+            tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)")
+        try:
+            result = self._loop(p, engine, tracker, device, step, tokens)
+        finally:
+            tracker.close()
+        result["wandb_dir"] = tracker.wandb_dir
+        return result
+
+    def prepare(self, device: torch.device) -> Prepared:
+        from mixtures import PackedMixtureStream, load_mixture
+
+        cfg = self.cfg
+        model, mcfg, tokenizer, tok_dir, ckpt_name, entry_lr, folder_meta = \
+            build_model_and_tokenizer(cfg, self.run_dir, device)
+        if len(tokenizer) > mcfg.vocab_size:
+            raise AnnealError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                              f"{mcfg.vocab_size}; use the checkpoint's own tokenizer")
+        start_lr = resolve_start_lr(cfg, entry_lr, folder_meta)
+        schedule, ramp = build_schedule(cfg, start_lr)
+        check_batch_shape(ramp, cfg.data.seq_len, cfg.trainer.micro_batch_size)
+        spec = load_mixture(cfg.data.mixture)
+        spec.check_stages(schedule.stage_names)
+        stream = PackedMixtureStream(spec, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.seed,
+                                     stage=schedule.stage_names[0])
+        model.train()
+        return Prepared(model, mcfg.to_hf_dict(), tokenizer, tok_dir, schedule, ramp, stream, spec,
+                        ckpt_name, folder_meta)
+
+    def _loop(self, p: Prepared, engine: Engine, tracker, device: torch.device, step: int, tokens: int) -> dict:
+        cfg, model, schedule, stream = self.cfg, p.model, p.schedule, p.stream
+        seq_len, mbs = cfg.data.seq_len, cfg.trainer.micro_batch_size
+        use_bf16 = device.type == "cuda" and cfg.trainer.bf16
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        eval_every = parse_tokens(cfg.trainer.eval_every, "trainer.eval_every")
+        ckpt_every = parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every")
+        total = schedule.total_tokens
+        stage_ends = {schedule.stage_end(n) for n in schedule.stage_names}
+        routers = model.routers()
+        source_names = list(p.spec.source_names)
+        if step == 0 and not tracker.history:
+            tracker.log({"tokens": 0, **self.evaluate(p, device, autocast)}, step=0)
+
+        t_last, tokens_last, stopped_early = time.perf_counter(), tokens, False
+        while tokens < total:
+            stage = schedule.stage_at(tokens)
+            stream.set_stage(stage.name)
+            lr = schedule.lr_at(tokens)
+            n_seqs = p.ramp.batch_at(tokens) // seq_len
+            n_micro = n_seqs // mbs
+
+            loss_sum, src_sums, src_counts, aux_sum = 0.0, {}, {}, 0.0
+            for _ in range(n_micro):
+                batch = stream.next_batch(mbs)
+                losses = token_losses(model, batch, device, autocast)
+                loss = losses.mean()
+                aux = model.aux_loss()
+                if aux is not None:
+                    aux_sum += float(aux)
+                    loss = loss + aux
+                engine.backward(loss / n_micro)
+                loss_sum += float(losses.mean())
+                src = batch["source_ids"][:, 1:].to(device)
+                for i, name in enumerate(source_names):
+                    mask = src == i
+                    if mask.any():
+                        src_sums[name] = src_sums.get(name, 0.0) + float(losses.detach()[mask].sum())
+                        src_counts[name] = src_counts.get(name, 0) + int(mask.sum())
+            grad_norm = engine.step(lr)
+            moe_stats = self._update_router_biases(routers)
+            step += 1
+            tokens += n_seqs * seq_len
+            train_loss = loss_sum / n_micro
+
+            now = time.perf_counter()
+            tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, tokens
+            row = {"tokens": tokens, "loss": train_loss, "lr": lr, "stage": stage.name,
+                   "grad_norm": grad_norm, "tokens_per_s": tps, "batch_tokens": n_seqs * seq_len,
+                   **{f"loss/{k}": src_sums[k] / src_counts[k] for k in src_sums}, **moe_stats}
+            if aux_sum:
+                row["aux_loss"] = aux_sum / n_micro
+            crossed = lambda every: every > 0 and tokens // every != (tokens - n_seqs * seq_len) // every  # noqa: E731
+            at_stage_end = tokens in stage_ends or tokens >= total or \
+                schedule.stage_at(tokens).name != stage.name
+            if crossed(eval_every) or at_stage_end:
+                row.update(self.evaluate(p, device, autocast))
+                row["data"] = stream.accounting()
+            if step % cfg.trainer.log_every == 0 or "eval_loss" in row:
+                tracker.log(row, step=step)
+            tracker.update_progress(tokens, stage.name, train_loss, lr, tps)
+
+            stop_now = cfg.trainer.stop_after_steps is not None and step >= cfg.trainer.stop_after_steps
+            if crossed(ckpt_every) or at_stage_end or stop_now:
+                self.save(p, engine, step, tokens, tracker.history, stage.name, schedule.lr_at(tokens))
+            if stop_now and tokens < total:
+                stopped_early = True
+                break
+
+        result = {"step": step, "tokens": tokens, "run_dir": str(self.run_dir), "history": tracker.history,
+                  "stopped_early": stopped_early, "export_dir": None}
+        if not stopped_early:
+            result["export_dir"] = self.finish(p, tracker, tokens)
+        return result
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _update_router_biases(self, routers: dict) -> dict:
+        """Aux-loss-free balancing after each optimizer step; returns per-layer load statistics."""
+        stats, max_over_mean = {}, []
+        for layer, router in routers.items():
+            load = router.expert_load
+            ratio = float(load.max() / load.mean().clamp_min(1e-9))
+            router.update_bias(self.cfg.model.bias_update_rate, load)
+            bias = router.e_score_correction_bias
+            stats[f"moe/load_max_over_mean/layer{layer}"] = ratio
+            stats[f"moe/bias_spread/layer{layer}"] = float(bias.max() - bias.min())
+            max_over_mean.append(ratio)
+        if max_over_mean:
+            stats["moe/load_max_over_mean"] = max(max_over_mean)
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, p: Prepared, device: torch.device, autocast) -> dict:
+        model = p.model
+        model.eval()
+        out, means = {}, []
+        for name in p.spec.source_names:
+            batch = p.stream.heldout_batches(name, self.cfg.data.eval_seqs, self.cfg.data.seq_len)
+            if batch is None or batch["input_ids"].numel() == 0:
+                continue
+            losses = token_losses(model, batch, device, autocast)
+            out[f"eval_loss/{name}"] = float(losses.mean())
+            means.append(out[f"eval_loss/{name}"])
+        if means:
+            out["eval_loss"] = sum(means) / len(means)
+        model.train()
+        return out
+
+    def save(self, p: Prepared, engine: Engine, step: int, tokens: int, history: list, stage: str, lr: float) -> Path:
+        state = {"step": step, "tokens": tokens, "optimizer": engine.state_dict(), "data": p.stream.state_dict(),
+                 "rng": checkpointing.rng_state(), "history": list(history)}
+        meta = {"step": step, "tokens": tokens, "stage": stage, "lr": lr, "checkpoint": p.checkpoint_name,
+                "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + tokens}
+        return checkpointing.save_checkpoint(self.ckpt_root, step, p.model, p.hf_config, state, meta,
+                                             keep=self.cfg.trainer.keep_checkpoints)
+
+    def finish(self, p: Prepared, tracker, tokens: int) -> str | None:
+        """Export the annealed model as an HF folder, and draw the loss/schedule plots."""
+        cfg = self.cfg
+        if cfg.logging.plots:
+            from anneal.plots import plot_losses, plot_schedule
+
+            plot_losses(tracker.history, self.run_dir / "losses.png", schedule=p.schedule)
+            plot_schedule(p.schedule, p.ramp, self.run_dir / "schedule.png")
+        if not cfg.export.enabled:
+            return None
+        from anneal.hf_io import export_hf_checkpoint
+
+        export_dir = Path(cfg.export.dir) if cfg.export.dir else self.run_dir / "hf"
+        last_stage = p.schedule.stage_names[-1]
+        meta = {"stage": last_stage, "lr": p.schedule.lr_at(tokens),
+                "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + tokens,
+                "annealed_from": p.checkpoint_name, "schedule": p.schedule.to_config()}
+        export_hf_checkpoint(p.model, export_dir, tokenizer_dir=p.tokenizer_dir,
+                             dtype=getattr(torch, cfg.export.dtype), max_shard_size=cfg.export.max_shard_size,
+                             overwrite=cfg.export.overwrite, extra_files={"anneal_meta.json": json.dumps(meta, indent=2)})
+        return str(export_dir)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    return Trainer(cfg, Path(run_dir)).run()
