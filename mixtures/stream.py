@@ -1,0 +1,486 @@
+"""The packed, weighted, deterministic and resumable mixture stream.
+
+How a batch is made
+-------------------
+1. **Document order inside a source**: the training documents of source ``s`` are visited in
+   a seeded permutation per epoch, ``rng([seed, crc32(name), epoch]).permutation(n_train)``.
+   A source's cursor is ``(epoch, pos)``. At the end of an epoch, ``on_exhausted: repeat``
+   starts epoch+1 with a new permutation (logged); ``stop`` drops the source, and the other
+   sources of the stage share its weight in proportion to theirs (logged and warned).
+2. **Which source next** (:class:`TokenFairSampler`): the source with the smallest
+   ``tokens_this_stage / weight`` among the sources with a positive weight that are not
+   dropped (ties: lowest index) gives its next whole document. This is weighted fair queuing
+   on tokens, a deterministic relative of smooth weighted round-robin that balances *tokens*
+   rather than documents: after any number of documents, every source's token count in the
+   stage is within one document (of that source) of ``weight_share * stage_tokens``. The
+   state is one integer per source.
+3. **Packing**: each document's tokens, then the tokenizer's EOS, are appended to one token
+   stream; sequence ``k`` is ``stream[k*L : k*L + L + 1]`` (``L = seq_len``): consecutive
+   sequences share one token, so every token is a label exactly once and nothing is dropped
+   or padded. A document may span two or more sequences.
+4. **Document boundaries** are kept through ``position_ids``: they restart at 0 at every
+   document start (the token after an EOS) and at the start of every sequence. With
+   position-aware attention (flash-attention varlen / the trainer's block mask built from
+   position resets) tokens do not attend across documents, and positions stay below ``L+1``
+   (never the untrained absolute positions a long document would reach), while RoPE's
+   relative positions inside a document are exact. ``source_ids`` give the source of every
+   token, for per-source loss.
+
+Resume
+------
+:meth:`PackedMixtureStream.state_dict` is small and JSON-able: the stage, per-source cursors
+and stage token counters, the accounting counters, and the partly-consumed documents still
+in the packing buffer as ``(source, epoch, pos, offset)`` (they are re-tokenized on load;
+tokenization is deterministic). A stream loaded from it yields exactly the batches the
+uninterrupted stream would have yielded.
+
+Background tokenization (``num_workers > 0``) only changes *where* documents are tokenized:
+documents of each source are tokenized ahead, in blocks, in spawned worker processes; the
+order of documents in a source does not depend on the sampler, so the batches are identical
+to the synchronous path (which stays the reference; tested).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import warnings
+import zlib
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ._tokenize import make_encoder, make_payload, worker_encode, worker_init
+from .errors import MixtureError, MixtureExhausted
+from .sources import MixtureWarning, SourceData, load_sources
+from .spec import MixtureSpec
+
+log = logging.getLogger("mixtures")
+
+STATE_VERSION = 1
+
+
+class TokenFairSampler:
+    """Pick the source whose ``tokens / weight`` is smallest (ties: lowest index).
+
+    Guarantee (tested): among the active sources of a stage, ``t_i / w_i`` stay within one
+    document of each other, so ``|t_i - share_i * T| <= max document length`` at every point.
+    """
+
+    def __init__(self, n: int):
+        self.tokens = [0] * n          # tokens given by each source in the current stage
+
+    def reset(self) -> None:
+        self.tokens = [0] * len(self.tokens)
+
+    def choose(self, weights: Sequence[float], active: Sequence[bool]) -> int:
+        best, best_v = -1, 0.0
+        for i, (w, a) in enumerate(zip(weights, active)):
+            if not a or w <= 0:
+                continue
+            v = self.tokens[i] / w
+            if best < 0 or v < best_v:
+                best, best_v = i, v
+        return best
+
+    def add(self, i: int, n_tokens: int) -> None:
+        self.tokens[i] += n_tokens
+
+
+class _Fetcher:
+    """Tokenized training documents by ``(source, epoch, pos)``; synchronous reference path.
+
+    Tokenizes ``block`` consecutive documents of a source at a time (the fast tokenizer's
+    batch encode), caching the current block of each source.
+    """
+
+    def __init__(self, sources: list[SourceData], encode, seed: int, block: int = 32):
+        self.sources = sources
+        self.encode = encode
+        self.seed = seed
+        self.block = block
+        self._perm: dict[int, tuple[int, np.ndarray]] = {}
+        self._cache: dict[int, tuple[int, int, list]] = {}   # s -> (epoch, start, docs)
+
+    def perm(self, s: int, epoch: int) -> np.ndarray:
+        got = self._perm.get(s)
+        if got is None or got[0] != epoch:
+            src = self.sources[s]
+            rng = np.random.default_rng([self.seed, zlib.crc32(src.spec.name.encode()), epoch])
+            got = (epoch, src.train_idx[rng.permutation(len(src.train_idx))])
+            self._perm[s] = got
+        return got[1]
+
+    def _texts(self, s: int, epoch: int, start: int, stop: int) -> list[str]:
+        return self.sources[s].texts(self.perm(s, epoch)[start:stop])
+
+    def get(self, s: int, epoch: int, pos: int) -> np.ndarray:
+        c = self._cache.get(s)
+        if c is not None and c[0] == epoch and c[1] <= pos < c[1] + len(c[2]):
+            return c[2][pos - c[1]]
+        stop = min(pos + self.block, len(self.sources[s].train_idx))
+        docs = self.encode(self._texts(s, epoch, pos, stop))
+        self._cache[s] = (epoch, pos, docs)
+        return docs[0]
+
+    def close(self) -> None:
+        pass
+
+
+class _BackgroundFetcher(_Fetcher):
+    """Same documents as :class:`_Fetcher`, tokenized ahead in worker processes.
+
+    Per source, blocks ``[b*block, (b+1)*block)`` of an epoch are submitted to a process pool
+    ``depth`` blocks ahead of the one being read (continuing into the next epoch for
+    ``repeat`` sources). Texts are rendered here (cheap); workers only tokenize.
+    """
+
+    def __init__(self, sources, tokenizer, seed, block, num_workers: int, depth: int):
+        super().__init__(sources, None, seed, block)
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        self.depth = depth
+        self.pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=mp.get_context("spawn"),
+                                        initializer=worker_init, initargs=(make_payload(tokenizer),))
+        self.queues: dict[int, collections.deque] = {}
+        self.stoppers = {i: s.spec.on_exhausted == "stop" for i, s in enumerate(sources)}
+
+    def _next_block(self, s: int, epoch: int, b: int):
+        n = len(self.sources[s].train_idx)
+        if (b + 1) * self.block < n:
+            return epoch, b + 1
+        return (None if self.stoppers[s] else (epoch + 1, 0))
+
+    def _submit(self, s: int, epoch: int, b: int):
+        n = len(self.sources[s].train_idx)
+        start, stop = b * self.block, min((b + 1) * self.block, n)
+        fut = self.pool.submit(worker_encode, self._texts(s, epoch, start, stop))
+        return (epoch, b, fut)
+
+    def get(self, s: int, epoch: int, pos: int) -> np.ndarray:
+        b = pos // self.block
+        q = self.queues.setdefault(s, collections.deque())
+        while q and (q[0][0], q[0][1]) != (epoch, b):
+            e0, b0, f0 = q.popleft()
+            if (e0, b0) > (epoch, b):   # not in this queue's future: restart it
+                f0.cancel()
+                for _, _, f in q:
+                    f.cancel()
+                q.clear()
+        if not q:
+            q.append(self._submit(s, epoch, b))
+        # keep `depth` blocks in flight behind the front
+        while len(q) < self.depth:
+            nxt = self._next_block(s, q[-1][0], q[-1][1])
+            if nxt is None:
+                break
+            q.append(self._submit(s, *nxt))
+        docs = q[0][2].result()
+        return docs[pos - b * self.block]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for q in self.queues.values():
+                for _, _, f in q:
+                    f.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+class PackedMixtureStream:
+    """Batches of packed token sequences from a mixture (see module docstring).
+
+    Args:
+        spec: the mixture (:func:`mixtures.load_mixture`).
+        tokenizer: a ``transformers`` tokenizer with ``eos_token`` set (a
+            ``PreTrainedTokenizerFast`` is encoded through its Rust backend directly).
+        seq_len: tokens per sequence fed to the model; rows have ``seq_len + 1`` tokens.
+        seed: training data seed (per-epoch document order). Held-out documents do not depend on it.
+        stage: initial stage (default: the mixture's first stage).
+        num_workers: 0 = tokenize in this process (reference path); >0 = background worker
+            processes (same batches).
+        block_docs: documents tokenized together per source.
+        prefetch_blocks: blocks per source kept in flight with ``num_workers > 0``.
+    """
+
+    def __init__(self, spec: MixtureSpec, tokenizer, seq_len: int, seed: int = 0,
+                 stage: str | None = None, *, num_workers: int = 0, block_docs: int = 32,
+                 prefetch_blocks: int = 4):
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise MixtureError(f"seq_len must be a positive integer, got {seq_len!r}")
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.seed = int(seed)
+        self.sources = load_sources(spec)
+        self.encode = make_encoder(tokenizer)
+        n = len(self.sources)
+        if num_workers > 0:
+            self._fetcher: _Fetcher = _BackgroundFetcher(self.sources, tokenizer, self.seed, block_docs,
+                                                         num_workers, max(1, prefetch_blocks))
+        else:
+            self._fetcher = _Fetcher(self.sources, self.encode, self.seed, block_docs)
+        self.num_workers = num_workers
+        self.sampler = TokenFairSampler(n)
+        self._cursor = [[0, 0] for _ in range(n)]     # next document: [epoch, pos]
+        self._dropped = [False] * n
+        self._buf: collections.deque = collections.deque()   # [s, epoch, pos, ids, offset]
+        self._buf_tokens = 0
+        self._sequences = 0
+        self._acct_tokens = [0] * n
+        self._acct_docs = [0] * n
+        self._heldout_cache: dict = {}
+        self.stage = None
+        self.set_stage(stage if stage is not None else self._first_stage())
+
+    def _first_stage(self) -> str:
+        if not self.spec.stage_names:
+            return "default"
+        return self.spec.stage_names[0]
+
+    # ------------------------------------------------------------------ stages
+    def set_stage(self, stage: str) -> None:
+        """Switch the weights to ``stage`` (at a schedule boundary). Source cursors, the
+        packing buffer and the accounting are kept; the sampler's per-stage counters restart
+        so the new stage's proportions hold from its first token."""
+        if stage == self.stage:
+            return
+        self._weights = self.spec.weights(stage)   # validates (unknown / all-zero)
+        self.stage = stage
+        self.sampler.reset()
+        log.info("mixture %s: stage %s, weights %s", self.spec.name, stage,
+                 dict(zip(self.spec.source_names, self.spec.normalized_weights(stage))))
+
+    # ------------------------------------------------------------------ pulling documents
+    def _pull_doc(self) -> None:
+        active = [not d for d in self._dropped]
+        s = self.sampler.choose(self._weights, active)
+        if s < 0:
+            raise MixtureExhausted(
+                f"{self.spec.path}: every source with a weight in stage {self.stage!r} is "
+                f"exhausted (on_exhausted: stop); use `on_exhausted: repeat`, add data, or end "
+                f"the stage earlier. Accounting: {self.accounting()}")
+        epoch, pos = self._cursor[s]
+        ids = self._fetcher.get(s, epoch, pos)
+        self.sampler.add(s, len(ids))
+        self._buf.append([s, epoch, pos, ids, 0])
+        self._buf_tokens += len(ids)
+        self._advance(s)
+
+    def _advance(self, s: int) -> None:
+        c = self._cursor[s]
+        c[1] += 1
+        src = self.sources[s]
+        if c[1] < len(src.train_idx):
+            return
+        name = src.spec.name
+        if src.spec.on_exhausted == "repeat":
+            c[0] += 1
+            c[1] = 0
+            log.info("mixture %s: source %s finished epoch %d, starting epoch %d (new shuffle)",
+                     self.spec.name, name, c[0] - 1, c[0])
+        else:
+            self._dropped[s] = True
+            msg = (f"mixture {self.spec.name}: source {name!r} is exhausted after "
+                   f"{len(src.train_idx)} documents (on_exhausted: stop); dropped, the other "
+                   f"sources' weights are renormalized")
+            log.warning(msg)
+            warnings.warn(msg, MixtureWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ batches
+    def next_batch(self, n_seqs: int) -> dict:
+        """``n_seqs`` packed rows: ``input_ids``, ``position_ids``, ``source_ids``, each a
+        LongTensor ``[n_seqs, seq_len + 1]`` (inputs ``[:, :-1]``, labels ``[:, 1:]``)."""
+        L = self.seq_len
+        need = n_seqs * L + 1
+        while self._buf_tokens < need:
+            self._pull_doc()
+        ids = np.empty(need, dtype=np.int64)
+        pos = np.empty(need, dtype=np.int64)
+        src = np.empty(need, dtype=np.int64)
+        docstart = np.zeros(need, dtype=bool)
+        at = 0
+        for s, _e, _p, d, off in self._buf:
+            k = min(len(d) - off, need - at)
+            ids[at:at + k] = d[off:off + k]
+            src[at:at + k] = s
+            docstart[at] = off == 0
+            at += k
+            if at == need:
+                break
+        # accounting: every token of the gathered span, except the shared first one after the
+        # first batch (it was counted as the last token of the previous batch)
+        first = 0 if self._sequences == 0 else 1
+        cnt_t = np.bincount(src[first:], minlength=len(self.sources))
+        cnt_d = np.bincount(src[first:][docstart[first:]], minlength=len(self.sources))
+        for i in range(len(self.sources)):
+            self._acct_tokens[i] += int(cnt_t[i])
+            self._acct_docs[i] += int(cnt_d[i])
+        # drop the consumed n_seqs*L tokens, keep the shared last token
+        drop = n_seqs * L
+        while drop:
+            seg = self._buf[0]
+            left = len(seg[3]) - seg[4]
+            if left <= drop:
+                self._buf.popleft()
+                drop -= left
+                self._buf_tokens -= left
+            else:
+                seg[4] += drop
+                self._buf_tokens -= drop
+                drop = 0
+        self._sequences += n_seqs
+        # rows, positions restart at every document start and at every row start
+        rows_ids = np.lib.stride_tricks.sliding_window_view(ids, L + 1)[::L]
+        rows_src = np.lib.stride_tricks.sliding_window_view(src, L + 1)[::L]
+        starts = np.lib.stride_tricks.sliding_window_view(docstart, L + 1)[::L].copy()
+        starts[:, 0] = True
+        idx = np.broadcast_to(np.arange(L + 1), starts.shape)
+        last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+        rows_pos = idx - last_start
+        return {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(rows_ids)),
+            "position_ids": torch.from_numpy(np.ascontiguousarray(rows_pos)),
+            "source_ids": torch.from_numpy(np.ascontiguousarray(rows_src)),
+        }
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return self.next_batch(1)
+
+    # ------------------------------------------------------------------ accounting
+    def accounting(self) -> dict:
+        """Per source, exactly what has gone into the batches returned so far: ``tokens``
+        (EOS included), ``documents`` (documents whose first token was returned) and
+        ``epochs`` (documents / training documents of the source, a float: 2.5 = two full
+        passes and half of a third)."""
+        out = {}
+        for i, src in enumerate(self.sources):
+            out[src.spec.name] = {
+                "tokens": self._acct_tokens[i],
+                "documents": self._acct_docs[i],
+                "epochs": self._acct_docs[i] / len(src.train_idx),
+            }
+        return out
+
+    def format_accounting(self) -> str:
+        """A small table of :meth:`accounting` for the console/log."""
+        acc = self.accounting()
+        total = sum(a["tokens"] for a in acc.values()) or 1
+        lines = [f"{'source':<16}{'tokens':>14}{'share':>8}{'docs':>10}{'epochs':>9}"]
+        for name, a in acc.items():
+            lines.append(f"{name:<16}{a['tokens']:>14,}{a['tokens'] / total:>8.1%}"
+                         f"{a['documents']:>10,}{a['epochs']:>9.3f}")
+        return "\n".join(lines)
+
+    @property
+    def tokens_emitted(self) -> int:
+        return sum(self._acct_tokens)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """JSON-able state; see the module docstring."""
+        return {
+            "version": STATE_VERSION,
+            "mixture": self.spec.name,
+            "source_names": list(self.spec.source_names),
+            "n_train": [int(len(s.train_idx)) for s in self.sources],
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "stage": self.stage,
+            "cursors": [list(c) for c in self._cursor],
+            "dropped": list(self._dropped),
+            "stage_tokens": list(self.sampler.tokens),
+            "buffer": [[int(s), int(e), int(p), int(off)] for s, e, p, _d, off in self._buf],
+            "sequences": self._sequences,
+            "acct_tokens": list(self._acct_tokens),
+            "acct_docs": list(self._acct_docs),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict` output. The spec (sources, document counts), seed and
+        seq_len must be the same; the error says which one differs."""
+        where = f"mixture {self.spec.name}: load_state_dict"
+        if sd.get("version") != STATE_VERSION:
+            raise MixtureError(f"{where}: state version {sd.get('version')!r}, expected {STATE_VERSION}")
+        for key, mine in (("source_names", list(self.spec.source_names)),
+                          ("n_train", [int(len(s.train_idx)) for s in self.sources]),
+                          ("seed", self.seed), ("seq_len", self.seq_len)):
+            if sd[key] != mine:
+                raise MixtureError(f"{where}: the saved {key} {sd[key]!r} differs from this stream's "
+                                   f"{mine!r}; resume with the same mixture, data, seed and seq_len")
+        self._weights = self.spec.weights(sd["stage"])
+        self.stage = sd["stage"]
+        self._cursor = [list(map(int, c)) for c in sd["cursors"]]
+        self._dropped = [bool(x) for x in sd["dropped"]]
+        self.sampler.tokens = [int(x) for x in sd["stage_tokens"]]
+        self._buf = collections.deque()
+        self._buf_tokens = 0
+        for s, e, p, off in sd["buffer"]:
+            d = self._fetcher.get(s, e, p)
+            self._buf.append([s, e, p, d, off])
+            self._buf_tokens += len(d) - off
+        self._sequences = int(sd["sequences"])
+        self._acct_tokens = [int(x) for x in sd["acct_tokens"]]
+        self._acct_docs = [int(x) for x in sd["acct_docs"]]
+
+    # ------------------------------------------------------------------ held-out
+    def heldout_batches(self, source_name: str, n_seqs: int, seq_len: int | None = None) -> dict:
+        """Fixed packed sequences from ``source_name``'s held-out documents (never used for
+        training; chosen by the mixture's ``heldout_seed``, independent of the training seed),
+        in document order, packed like training batches. Returns fewer than ``n_seqs`` rows
+        (with a warning) if the held-out documents are too short to fill them."""
+        L = self.seq_len if seq_len is None else seq_len
+        key = (source_name, n_seqs, L)
+        if key in self._heldout_cache:
+            return {k: v.clone() for k, v in self._heldout_cache[key].items()}
+        i = self.spec.source_index(source_name)
+        src = self.sources[i]
+        if len(src.heldout_idx) == 0:
+            raise MixtureError(f"{self.spec.path}: source {source_name!r} has heldout_docs: 0; set "
+                               f"heldout_docs on it to evaluate per-source held-out loss")
+        docs = self.encode(src.texts(src.heldout_idx))
+        ids = np.concatenate(docs).astype(np.int64)
+        docstart = np.zeros(len(ids), dtype=bool)
+        docstart[np.cumsum([0] + [len(d) for d in docs[:-1]])] = True
+        rows = min(n_seqs, (len(ids) - 1) // L)
+        if rows == 0:
+            raise MixtureError(f"{self.spec.path}: source {source_name!r}: its {len(docs)} held-out "
+                               f"documents have {len(ids)} tokens, fewer than one sequence of "
+                               f"{L + 1}; raise heldout_docs")
+        if rows < n_seqs:
+            warnings.warn(f"source {source_name!r}: held-out documents fill only {rows} of {n_seqs} "
+                          f"sequences of {L + 1} tokens; raise heldout_docs for more", MixtureWarning,
+                          stacklevel=2)
+        need = rows * L + 1
+        w = lambda a: np.lib.stride_tricks.sliding_window_view(a[:need], L + 1)[::L]  # noqa: E731
+        starts = w(docstart).copy()
+        starts[:, 0] = True
+        idx = np.broadcast_to(np.arange(L + 1), starts.shape)
+        pos = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+        out = {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(w(ids))),
+            "position_ids": torch.from_numpy(np.ascontiguousarray(pos)),
+            "source_ids": torch.full((rows, L + 1), i, dtype=torch.long),
+        }
+        self._heldout_cache[key] = out
+        return {k: v.clone() for k, v in out.items()}
+
+    # ------------------------------------------------------------------ cleanup
+    def close(self) -> None:
+        """Stop background workers (no-op for the synchronous path)."""
+        self._fetcher.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
