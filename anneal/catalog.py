@@ -1,0 +1,356 @@
+"""The catalog of dots1 checkpoints (released and local) and resolving a name to a local folder.
+
+The catalog is data (`conf/catalog.yaml`, installed as `anneal/conf/catalog.yaml`), so entries
+are fixed without code; users add or override entries with their own YAML files of the same
+format (`Catalog.load(extra_files=[...])`; user entries replace bundled ones by name).
+
+    cat = Catalog.load()
+    ckpt = cat.resolve("dots1.base")      # -> ResolvedCheckpoint(name, path, entry)
+    ckpt = cat.resolve("/data/my_ckpt")   # a local folder is used as it is
+    print(format_catalog_table(cat))
+
+Resolving a hub entry calls `huggingface_hub.snapshot_download` (weights, config and tokenizer
+files only); with HF_HUB_OFFLINE=1 (or `offline=True`) only the local HF cache is used.
+Run `python -m anneal.catalog` to print the catalog.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from anneal.errors import AnnealError
+
+STAGES = ("stable", "pre-anneal", "post-anneal", "long-context", "sft")
+FIELDS = ("name", "repo_id", "path", "revision", "tokens_seen", "stage", "lr", "verified", "notes")
+# Files fetched from the hub for a checkpoint: config, weights, tokenizer; not .bin, figures, etc.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def _package_root() -> Path:
+    """Folder that holds the `anneal` package (site-packages, or the repo root in a checkout):
+    bundled entries' relative paths such as `anneal/assets/tiny-stable` resolve against it."""
+    import anneal
+
+    return Path(anneal.__file__).resolve().parent.parent
+
+
+def bundled_catalog_path() -> Path:
+    """`anneal/conf/catalog.yaml` when installed; `conf/catalog.yaml` in a source checkout."""
+    root = _package_root()
+    for candidate in (root / "anneal" / "conf" / "catalog.yaml", root / "conf" / "catalog.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise AnnealError(f"bundled checkpoint catalog not found (looked in {root / 'anneal' / 'conf'} and "
+                      f"{root / 'conf'}); reinstall the package")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    stage: str
+    repo_id: str | None = None
+    path: Path | None = None          # absolute (resolved when the catalog was read)
+    revision: str | None = None
+    tokens_seen: int | None = None
+    lr: float | None = None
+    verified: bool = False
+    notes: str = ""
+    source: str = ""                  # the catalog file that defined the entry
+
+    @property
+    def location(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        if self.repo_id is not None:
+            return self.repo_id + (f"@{self.revision}" if self.revision else "")
+        return "(repo id unknown)"
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    name: str
+    path: Path
+    entry: CatalogEntry | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading catalog files
+# ---------------------------------------------------------------------------------------------
+def _parse_entry(raw: Any, index: int, file: Path, base_dir: Path) -> CatalogEntry:
+    where = f"{file}: entry {index}"
+    if not isinstance(raw, dict):
+        raise AnnealError(f"{where}: must be a mapping with name, stage and repo_id or path; got {raw!r}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise AnnealError(f"{where}: field 'name' is required (a non-empty string)")
+    where = f"{file}: entry '{name}'"
+
+    def bad(fld: str, why: str) -> AnnealError:
+        return AnnealError(f"{where}: field '{fld}' {why}")
+
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise bad(unknown[0], f"is not a catalog field{hint}; fields: {', '.join(FIELDS)}")
+    stage = raw.get("stage")
+    if stage not in STAGES:
+        raise bad("stage", f"must be one of {', '.join(STAGES)}; got {stage!r}")
+    repo_id, path = raw.get("repo_id"), raw.get("path")
+    if repo_id is not None and path is not None:
+        raise bad("path", "and 'repo_id' are both set; give one of them")
+    if repo_id is not None and (not isinstance(repo_id, str) or not _HUB_ID.match(repo_id) or "@" in repo_id):
+        raise bad("repo_id", f"must be a hub repo id like 'owner/name'; got {repo_id!r}")
+    if path is not None:
+        if not isinstance(path, str) or not path.strip():
+            raise bad("path", f"must be a folder path string; got {path!r}")
+        p = Path(os.path.expandvars(os.path.expanduser(path)))
+        path = p if p.is_absolute() else (base_dir / p)
+    revision = raw.get("revision")
+    if revision is not None:
+        if isinstance(revision, bool) or not isinstance(revision, (str, int)):
+            raise bad("revision", f"must be a branch, tag or commit string; got {revision!r}")
+        revision = str(revision)
+    tokens = raw.get("tokens_seen")
+    if tokens is not None:
+        from anneal.schedule import parse_tokens
+
+        try:
+            tokens = parse_tokens(tokens, what=f"{where}: field 'tokens_seen'")
+        except AnnealError as e:
+            raise AnnealError(str(e)) from None
+        if tokens < 0:
+            raise bad("tokens_seen", f"must be >= 0; got {tokens}")
+    lr = raw.get("lr")
+    if lr is not None:
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            lr = float(lr) if not isinstance(lr, bool) else None
+        except (TypeError, ValueError):
+            lr = None
+        if lr is None or not math.isfinite(lr) or lr < 0:
+            raise bad("lr", f"must be a non-negative number like 3.0e-4, or null; got {raw.get('lr')!r}")
+    verified = raw.get("verified", False)
+    if not isinstance(verified, bool):
+        raise bad("verified", f"must be true or false; got {verified!r}")
+    notes = raw.get("notes") or ""
+    if not isinstance(notes, str):
+        raise bad("notes", f"must be a string; got {notes!r}")
+    return CatalogEntry(name=name.strip(), stage=stage, repo_id=repo_id, path=path, revision=revision,
+                        tokens_seen=tokens, lr=lr, verified=verified, notes=" ".join(notes.split()),
+                        source=str(file))
+
+
+def read_catalog_file(file: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> list[CatalogEntry]:
+    """Entries of one catalog YAML file (a mapping with a `checkpoints` list, or a bare list).
+    Relative `path`s resolve against `base_dir` (default: the file's folder)."""
+    import yaml
+
+    file = Path(file)
+    try:
+        data = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise AnnealError(f"{file}: catalog file not found") from None
+    except yaml.YAMLError as e:
+        raise AnnealError(f"{file}: not valid YAML ({e})") from None
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - {"checkpoints"})
+        if unknown:
+            raise AnnealError(f"{file}: unknown top-level key '{unknown[0]}'; a catalog file has one key, "
+                              "'checkpoints', holding a list of entries")
+        data = data.get("checkpoints")
+    if not isinstance(data, list):
+        raise AnnealError(f"{file}: expected 'checkpoints:' followed by a list of entries")
+    base = Path(base_dir) if base_dir is not None else file.resolve().parent
+    entries, seen = [], set()
+    for i, raw in enumerate(data):
+        entry = _parse_entry(raw, i, file, base)
+        if entry.name in seen:
+            raise AnnealError(f"{file}: entry '{entry.name}' is defined twice")
+        seen.add(entry.name)
+        entries.append(entry)
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalog
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Catalog:
+    entries: dict[str, CatalogEntry] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, extra_files: Iterable[str | os.PathLike] = ()) -> "Catalog":
+        """The bundled catalog plus user catalog files (later files override earlier by name)."""
+        entries = {e.name: e for e in read_catalog_file(bundled_catalog_path(), base_dir=_package_root())}
+        for f in extra_files:
+            entries.update({e.name: e for e in read_catalog_file(f)})
+        return cls(entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, name: str) -> CatalogEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise AnnealError(self._unknown_message(name)) from None
+
+    def _unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return (f"checkpoint '{name}': not a folder on this machine and not a catalog name.{hint} "
+                f"The catalog has {len(self)} entries; list them with `python -m anneal.catalog`, or "
+                "pass a local folder holding config.json and *.safetensors, or a hub id 'owner/name'.")
+
+    # -- resolve -----------------------------------------------------------------------------
+    def resolve(self, name_or_path: str | os.PathLike, *, offline: bool | None = None) -> ResolvedCheckpoint:
+        """Local folder -> itself; catalog name -> its local folder or its hub snapshot
+        (downloaded, or from the HF cache when offline); 'owner/name[@revision]' -> hub snapshot.
+        The result is checked to hold config.json and safetensors weights."""
+        text = os.fspath(name_or_path)
+        local = Path(os.path.expanduser(text))
+        if local.is_dir():
+            return ResolvedCheckpoint(text, validate_checkpoint_folder(local), None)
+        if text in self.entries:
+            entry = self.entries[text]
+            if entry.path is not None:
+                if not entry.path.is_dir():
+                    raise AnnealError(f"checkpoint '{entry.name}' (catalog {entry.source}): folder "
+                                      f"{entry.path} does not exist. Create it, or fix the entry's 'path'.")
+                return ResolvedCheckpoint(entry.name, validate_checkpoint_folder(entry.path), entry)
+            if entry.repo_id is None:
+                raise AnnealError(
+                    f"checkpoint '{entry.name}' (catalog {entry.source}): its hub repo id is not known "
+                    "(unverified). Find the repo in the dots1 collection "
+                    "(https://huggingface.co/collections/rednote-hilab/dotsllm1-68246aaaaba3363374a8aa7c), "
+                    "then add an entry with the same name and its repo_id (and revision) to your own "
+                    "catalog file, or pass a local folder.")
+            path = _snapshot(entry.repo_id, entry.revision, offline, label=f"checkpoint '{entry.name}'")
+            return ResolvedCheckpoint(entry.name, validate_checkpoint_folder(path), entry)
+        looks_like_path = (text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+                           or text.endswith("/"))
+        if looks_like_path:
+            raise AnnealError(f"checkpoint '{text}': folder does not exist. Pass an existing folder "
+                              "holding config.json and *.safetensors, or a catalog name.")
+        if _HUB_ID.match(text):
+            repo_id, _, revision = text.partition("@")
+            path = _snapshot(repo_id, revision or None, offline, label=f"checkpoint '{text}'")
+            return ResolvedCheckpoint(text, validate_checkpoint_folder(path), None)
+        raise AnnealError(self._unknown_message(text))
+
+    # -- listing -----------------------------------------------------------------------------
+    def rows(self) -> list[dict[str, str]]:
+        """One dict per entry (strings, ready to print): name, stage, tokens, lr, location, verified."""
+        from anneal.schedule import format_tokens
+
+        return [{
+            "name": e.name,
+            "stage": e.stage,
+            "tokens": format_tokens(e.tokens_seen) if e.tokens_seen is not None else "?",
+            "lr": f"{e.lr:g}" if e.lr is not None else "?",
+            "location": e.location,
+            "verified": "yes" if e.verified else "no",
+        } for e in self.entries.values()]
+
+
+_COLUMNS = ("name", "stage", "tokens", "lr", "location", "verified")
+
+
+def format_catalog_table(catalog: Catalog | None = None, *, plain: bool = False):
+    """A `rich.table.Table` of the catalog (or a plain-text table when `plain=True` or rich is
+    not installed)."""
+    catalog = catalog if catalog is not None else Catalog.load()
+    rows = catalog.rows()
+    if not plain:
+        try:
+            from rich.table import Table
+        except ImportError:
+            plain = True
+    if plain:
+        widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in _COLUMNS}
+        lines = ["  ".join(c.ljust(widths[c]) for c in _COLUMNS).rstrip(),
+                 "  ".join("-" * widths[c] for c in _COLUMNS)]
+        lines += ["  ".join(r[c].ljust(widths[c]) for c in _COLUMNS).rstrip() for r in rows]
+        return "\n".join(lines)
+    table = Table(title="dots1 checkpoints", caption="verified = repo id/revision checked against the hub")
+    for c in _COLUMNS:
+        table.add_column(c, justify="right" if c in ("tokens", "lr") else "left", no_wrap=c == "name",
+                         overflow="fold")
+    for r in rows:
+        table.add_row(*(r[c] for c in _COLUMNS))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder checks and hub snapshots
+# ---------------------------------------------------------------------------------------------
+def validate_checkpoint_folder(path: str | os.PathLike) -> Path:
+    """Check `path` holds config.json and safetensors weights; returns it. Cheap (no reads of
+    the weights); `anneal.hf_io.load_hf_checkpoint` checks the tensors themselves."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise AnnealError(f"{path}: config.json is missing; a checkpoint folder needs config.json and "
+                          "*.safetensors (an HF model folder)")
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        found = f" (found {others[:3]} but no index)" if others else ""
+        raise AnnealError(f"{path}: model.safetensors (or model.safetensors.index.json with its shards) is "
+                          f"missing{found}; a checkpoint folder needs safetensors weights")
+    return path
+
+
+def _offline_from_env() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _snapshot(repo_id: str, revision: str | None, offline: bool | None, label: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = _offline_from_env() if offline is None else offline
+    rev_arg = f" --revision {revision}" if revision else ""
+    how = (f"Download it with `huggingface-cli download {repo_id}{rev_arg}` (or `hf download "
+           f"{repo_id}{rev_arg}`) on a machine with internet access and the same HF cache, or pass a "
+           "local folder instead.")
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
+                                 local_files_only=offline)
+    except Exception as e:  # hub errors differ across huggingface_hub versions; name the cause
+        kind = type(e).__name__
+        if offline:
+            raise AnnealError(f"{label}: {repo_id}{'@' + revision if revision else ''} is not in the local "
+                              f"HF cache and offline mode is on (HF_HUB_OFFLINE). {how}") from None
+        if kind in ("RepositoryNotFoundError", "GatedRepoError"):
+            raise AnnealError(f"{label}: hub repo '{repo_id}' not found or not accessible ({kind}). Check "
+                              "the repo id in the catalog, or log in (`huggingface-cli login`).") from None
+        if kind == "RevisionNotFoundError":
+            raise AnnealError(f"{label}: revision '{revision}' not found in hub repo '{repo_id}'. "
+                              "Fix the catalog entry's revision.") from None
+        raise AnnealError(f"{label}: could not download {repo_id}{'@' + revision if revision else ''} "
+                          f"and it is not in the local HF cache ({kind}: {e}). {how}") from None
+    return Path(path)
+
+
+def main() -> None:  # python -m anneal.catalog
+    try:
+        from rich.console import Console
+
+        Console().print(format_catalog_table())
+    except ImportError:
+        print(format_catalog_table(plain=True))
+
+
+if __name__ == "__main__":
+    main()
