@@ -169,6 +169,8 @@ class SourceData:
                 raise MixtureError(f"{self.where}: could not read {f} as {d.format} "
                                    f"({type(e).__name__}: {_root_msg(e)}); check the file or set "
                                    f"data.format") from e
+            if next(_json_lines(f), None) is None:
+                return None          # an empty file: reported as an empty source if all are
             bad = _first_bad_json_line(f)
             if bad is None:
                 raise MixtureError(f"{self.where}: could not read {f} as JSON lines "

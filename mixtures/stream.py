@@ -339,9 +339,9 @@ class PackedMixtureStream:
         last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
         rows_pos = idx - last_start
         return {
-            "input_ids": torch.from_numpy(np.ascontiguousarray(rows_ids)),
-            "position_ids": torch.from_numpy(np.ascontiguousarray(rows_pos)),
-            "source_ids": torch.from_numpy(np.ascontiguousarray(rows_src)),
+            "input_ids": torch.from_numpy(np.array(rows_ids, copy=True)),
+            "position_ids": torch.from_numpy(np.array(rows_pos, copy=True)),
+            "source_ids": torch.from_numpy(np.array(rows_src, copy=True)),
         }
 
     def __iter__(self):
@@ -461,8 +461,8 @@ class PackedMixtureStream:
         idx = np.broadcast_to(np.arange(L + 1), starts.shape)
         pos = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
         out = {
-            "input_ids": torch.from_numpy(np.ascontiguousarray(w(ids))),
-            "position_ids": torch.from_numpy(np.ascontiguousarray(pos)),
+            "input_ids": torch.from_numpy(np.array(w(ids), copy=True)),
+            "position_ids": torch.from_numpy(np.array(pos, copy=True)),
             "source_ids": torch.full((rows, L + 1), i, dtype=torch.long),
         }
         self._heldout_cache[key] = out
