@@ -163,12 +163,14 @@ def stacked_shapes(cfg: Dots1Config, expert_range: tuple[int, int] | None = None
 
 
 def _is_ignorable(name: str, shape: tuple[int, ...] | None, cfg: Dots1Config) -> bool:
-    if any(p.search(name) for p in IGNORABLE_PATTERNS):
-        return True
-    # transformers builds zero-width shared experts when n_shared_experts == 0 and saves them.
-    if cfg.n_shared_experts == 0 and _SHARED_RE.match(name) and shape is not None and 0 in shape:
-        return True
-    return False
+    """Tensors that hold no weights, tolerated on load."""
+    return any(p.search(name) for p in IGNORABLE_PATTERNS) or _is_empty_shared_expert(name, shape, cfg)
+
+
+def _is_empty_shared_expert(name: str, shape: tuple[int, ...] | None, cfg: Dots1Config) -> bool:
+    # transformers builds zero-width shared experts when n_shared_experts == 0 and saves them:
+    # the normal form of such a checkpoint, skipped without a warning.
+    return cfg.n_shared_experts == 0 and bool(_SHARED_RE.match(name)) and shape is not None and 0 in shape
 
 
 def _outside_expert_range(name: str, cfg: Dots1Config, start: int, stop: int) -> bool:
@@ -190,6 +192,8 @@ def _check_names(present: Mapping[str, tuple[int, ...] | None], plan: Mapping[st
     ignored, unexpected = [], []
     for name, shape in present.items():
         if name in plan or _outside_expert_range(name, cfg, *expert_range):
+            continue
+        if _is_empty_shared_expert(name, shape, cfg):
             continue
         (ignored if _is_ignorable(name, shape, cfg) else unexpected).append(name)
     if unexpected:
