@@ -1,0 +1,165 @@
+"""The `triton` experts backend against the float64 torch reference: forward and every gradient.
+
+On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1 must be set before Triton is
+imported; this module sets it when no CUDA device exists, but CI should export it) on small shapes.
+Tests marked `gpu` run the compiled kernels on larger bf16 shapes and are skipped without CUDA.
+Skipped entirely when Triton is not installed.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from moe.experts import GroupedExperts, TorchLoopBackend, available_backends, get_backend  # noqa: E402
+from moe.kernels import grouped as G  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not CUDA and not G.INTERPRET,
+                                reason="no CUDA and Triton was imported without TRITON_INTERPRET=1")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def _routing(T, K, E, mode, gen):
+    if mode == "random":
+        return torch.rand(T, E, generator=gen).topk(K, -1).indices
+    if mode == "one":  # one expert takes every row
+        assert K == 1
+        return torch.full((T, 1), E // 2, dtype=torch.long)
+    if mode == "sparse":  # most experts empty (first and last included)
+        allowed = torch.tensor([1, E // 2, E - 2])
+        assert K <= len(allowed)
+        pick = torch.rand(T, len(allowed), generator=gen).topk(K, -1).indices
+        return allowed[pick]
+    raise ValueError(mode)
+
+
+def _case(T, K, E, H, I, mode="random", dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen)
+    idx = _routing(T, K, E, mode, gen)
+    w = torch.rand(T, K, generator=gen) + 0.1
+    wgu = torch.randn(E, H, 2 * I, generator=gen) / H ** 0.5
+    wd = torch.randn(E, I, H, generator=gen) / I ** 0.5
+    dy = torch.randn(T, H, generator=gen)
+    return dict(x=x, idx=idx, w=w, wgu=wgu, wd=wd, dy=dy, dtype=dtype, device=device)
+
+
+def _run(backend, c, dtype, device, routed=True):
+    def leaf(t, dt):
+        return t.to(device=device, dtype=dt).detach().requires_grad_()
+    x, wgu, wd = leaf(c["x"], dtype), leaf(c["wgu"], dtype), leaf(c["wd"], dtype)
+    w = leaf(c["w"], torch.float32 if dtype != torch.float64 else dtype)
+    idx = c["idx"].to(device)
+    out = backend.routed(x, idx, w, wgu, wd)
+    grads = torch.autograd.grad(out, [x, w, wgu, wd], c["dy"].to(device=device, dtype=out.dtype))
+    return [t.double().cpu() for t in (out, *grads)]
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+NAMES = ["out", "dx", "dw", "dWgu", "dWd"]
+
+
+def _check(c, dtype=torch.float32, device="cpu", tol=None):
+    ours = _run(get_backend("triton"), c, dtype, device)
+    ref = _run(TorchLoopBackend(), c, torch.float64, "cpu")
+    base = _run(TorchLoopBackend(), c, dtype, device) if dtype != torch.float32 else None
+    for name, a, r, *b in zip(NAMES, ours, ref, *( [base] if base else [])):
+        assert torch.isfinite(a).all(), name
+        err = _rel(a, r)
+        if base:  # low precision: no worse than twice the torch loop at that precision (plus slack);
+            # the interpreter converts fp32 -> bf16 by truncation (twice the rounding error): 4x there
+            limit = (4 if G.INTERPRET else 2) * _rel(b[0], r) + 2e-3
+        else:
+            limit = tol or 1e-4  # interpreter dots are exact fp32; compiled fp32 dots use tf32
+        assert err < limit, f"{name}: rel err {err:.3g} >= {limit:.3g}"
+
+
+# ------------------------------------------------------------------------------------- CPU / any
+
+def test_registered():
+    assert "triton" in available_backends()
+    assert get_backend("triton").name == "triton"
+
+
+@pytest.mark.parametrize("T,K,E,H,I,mode", [
+    (13, 3, 6, 40, 24, "random"),   # odd rows, H and I not multiples of the tile
+    (9, 1, 5, 32, 16, "one"),       # one expert takes every row, the others empty
+    (11, 2, 8, 32, 32, "sparse"),   # most experts empty, first and last included
+])
+def test_routed_fp32(T, K, E, H, I, mode):
+    _check(_case(T, K, E, H, I, mode), tol=1e-4 if G.INTERPRET else 5e-3)
+
+
+def test_routed_bf16():
+    _check(_case(17, 2, 4, 32, 32, seed=3), dtype=torch.bfloat16)
+
+
+def test_grouped_mlp_with_empty_experts():
+    gen = torch.Generator().manual_seed(5)
+    E, H, I = 5, 32, 24
+    counts = torch.tensor([0, 7, 0, 3, 0])
+    x = torch.randn(int(counts.sum()), H, generator=gen)
+    wgu = torch.randn(E, H, 2 * I, generator=gen) / H ** 0.5
+    wd = torch.randn(E, I, H, generator=gen) / I ** 0.5
+    dy = torch.randn(x.shape[0], H, generator=gen)
+    res = []
+    for be, dt in ((get_backend("triton"), torch.float32), (TorchLoopBackend(), torch.float64)):
+        xs, g, d = (t.to(dt).requires_grad_() for t in (x, wgu, wd))
+        out = be.grouped_mlp(xs, counts, g, d)
+        res.append([t.double() for t in (out, *torch.autograd.grad(out, [xs, g, d], dy.to(dt)))])
+    for name, a, r in zip(["out", "dx", "dWgu", "dWd"], *res):
+        assert _rel(a, r) < 1e-4, name
+    assert (res[0][2][0] == 0).all() and (res[0][3][2] == 0).all()  # empty experts: zero gradients
+
+
+def test_no_tokens():
+    c = _case(0, 2, 4, 16, 16)
+    ours = _run(get_backend("triton"), c, torch.float32, "cpu")
+    assert ours[0].shape == (0, 16)
+    assert (ours[3] == 0).all() and (ours[4] == 0).all()
+
+
+def test_grouped_experts_module():
+    torch.manual_seed(0)
+    m = GroupedExperts(4, 32, 16, backend="triton")
+    torch.nn.init.normal_(m.w_gate_up, std=0.1)
+    torch.nn.init.normal_(m.w_down, std=0.1)
+    x = torch.randn(6, 32)
+    idx = torch.rand(6, 4).topk(2, -1).indices
+    w = torch.rand(6, 2)
+    out = m(x, idx, w)
+    out.sum().backward()
+    ref = TorchLoopBackend().routed(x, idx, w, m.w_gate_up, m.w_down)
+    assert _rel(out.double(), ref.double()) < 1e-4
+    assert m.w_gate_up.grad is not None and m.w_down.grad is not None
+
+
+# ------------------------------------------------------------------------------------- GPU only
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T,K,E,H,I,mode", [
+    (1000, 6, 32, 512, 384, "random"),
+    (333, 1, 8, 256, 192, "one"),
+    (517, 3, 16, 256, 320, "sparse"),
+    (2048, 6, 128, 1024, 176, "random"),
+])
+def test_gpu_bf16(T, K, E, H, I, mode):
+    _check(_case(T, K, E, H, I, mode), dtype=torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp32():
+    _check(_case(300, 4, 8, 256, 128), dtype=torch.float32, device="cuda", tol=5e-3)
