@@ -43,8 +43,17 @@ def _package_root() -> Path:
 
 def bundled_catalog_path() -> Path:
     """`anneal/conf/catalog.yaml` when installed; `conf/catalog.yaml` in a source checkout."""
+    import importlib.util
+
     root = _package_root()
-    for candidate in (root / "anneal" / "conf" / "catalog.yaml", root / "conf" / "catalog.yaml"):
+    candidates = [root / "anneal" / "conf" / "catalog.yaml", root / "conf" / "catalog.yaml"]
+    try:  # wherever the installer put the package `anneal.conf` (editable installs map it)
+        spec = importlib.util.find_spec("anneal.conf")
+        if spec is not None and spec.origin:
+            candidates.insert(0, Path(spec.origin).parent / "catalog.yaml")
+    except (ImportError, ValueError):
+        pass
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise AnnealError(f"bundled checkpoint catalog not found (looked in {root / 'anneal' / 'conf'} and "

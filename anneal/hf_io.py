@@ -559,12 +559,14 @@ def _write_weights(model, folder: Path, dtype: torch.dtype | None, max_shard_siz
 
 def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
                          dtype: torch.dtype | None = torch.bfloat16, max_shard_size: int | str = "2GB",
-                         extra_config: dict | None = None, overwrite: bool = False) -> Path:
+                         extra_config: dict | None = None, overwrite: bool = False,
+                         extra_files: Mapping[str, str | bytes] | None = None) -> Path:
     """Write `model` (our Dots1ForCausalLM) as an HF folder that transformers, vLLM and SGLang
     load: config.json, generation_config.json, per-expert safetensors (sharded with
     model.safetensors.index.json when over `max_shard_size`), tokenizer files from
     `tokenizer_dir`. Floating weights are cast to `dtype` (None keeps them), except
-    `e_score_correction_bias`, which stays fp32.
+    `e_score_correction_bias`, which stays fp32. `extra_files` (file name -> text or bytes, e.g.
+    the anneal's metadata JSON) are written into the folder inside the same atomic step.
 
     Atomic: everything is written into a hidden temporary folder next to `folder`, which then
     replaces `folder` with one rename; on any error the temporary folder is removed and
@@ -580,6 +582,11 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
                               "overwrite=True to replace it")
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise AnnealError(f"{tokenizer_dir}: tokenizer folder does not exist")
+    for name in extra_files or {}:
+        if Path(name).name != name or name in ("", ".", "..") or name.endswith(".safetensors") \
+                or name in ("config.json", "generation_config.json", SAFE_WEIGHTS_INDEX_NAME):
+            raise AnnealError(f"export: extra file name {name!r} must be a plain file name that is not "
+                              "config.json, generation_config.json or a weights file")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
@@ -590,6 +597,8 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
         _write_weights(model, tmp, dtype, max_shard_size)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content.encode() if isinstance(content, str) else bytes(content))
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(folder, old)

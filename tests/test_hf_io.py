@@ -203,7 +203,13 @@ def test_export_copies_tokenizer_files(base_folder, tmp_path):
         (tok / name).write_text(f"{name} contents")
     (tok / "README.md").write_text("not a tokenizer file")
     model, _ = load_hf_checkpoint(base_folder)
-    out = export_hf_checkpoint(model, tmp_path / "with_tok", tokenizer_dir=tok)
+    out = export_hf_checkpoint(model, tmp_path / "with_tok", tokenizer_dir=tok,
+                               extra_files={"anneal_meta.json": '{"lr": 1e-5}', "notes.bin": b"\x00"})
+    assert json.loads((out / "anneal_meta.json").read_text()) == {"lr": 1e-5}
+    assert (out / "notes.bin").read_bytes() == b"\x00"
+    for bad in ("config.json", "sub/x.json", "model.safetensors"):
+        with pytest.raises(AnnealError, match="extra file name"):
+            export_hf_checkpoint(model, tmp_path / "bad", extra_files={bad: "x"})
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merges.txt"):
         assert (out / name).read_text() == f"{name} contents"
     assert not (out / "README.md").exists()
