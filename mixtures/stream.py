@@ -292,6 +292,11 @@ class PackedMixtureStream:
         """``n_seqs`` packed rows: ``input_ids``, ``position_ids``, ``source_ids``, each a
         LongTensor ``[n_seqs, seq_len + 1]`` (inputs ``[:, :-1]``, labels ``[:, 1:]``)."""
         L = self.seq_len
+        if isinstance(n_seqs, bool) or not isinstance(n_seqs, int) or n_seqs < 0:
+            raise MixtureError(f"next_batch: n_seqs must be an integer >= 0, got {n_seqs!r}")
+        if n_seqs == 0:
+            empty = torch.zeros((0, L + 1), dtype=torch.long)
+            return {"input_ids": empty, "position_ids": empty.clone(), "source_ids": empty.clone()}
         need = n_seqs * L + 1
         while self._buf_tokens < need:
             self._pull_doc()

@@ -472,3 +472,51 @@ def test_background_workers_identical(demo, tok):
         bg2.load_state_dict(sd)
         rest, _ = _run(bg2, plan[9:])
     assert same(rest, ref[9:])
+
+
+# ----------------------------------------------------------------------------- plan
+def test_plan_matches_stream(demo, tok):
+    from mixtures import format_plan, plan_mixture
+    from mixtures.plan import parse_tokens
+    assert parse_tokens("20B") == 20 * 10**9 and parse_tokens("1.5M") == 1_500_000
+    assert parse_tokens("300k") == 300_000 and parse_tokens("1e6") == 10**6
+    rows = plan_mixture(demo, tok, {"stage1": "40k", "stage2": "60k"}, seq_len=100, repeat_warn=0.5)
+    assert [(r["stage"], r["source"]) for r in rows][:3] == [("stage1", n) for n in demo.source_names]
+    st = PackedMixtureStream(demo, tok, seq_len=100, seed=0, stage="stage1")
+    acc = {}
+    for stage, n in (("stage1", 400), ("stage2", 600)):
+        st.set_stage(stage)
+        for _ in range(n // 8):
+            st.next_batch(8)
+        st.next_batch(n % 8)
+        acc[stage] = st.accounting()
+    srcs = load_sources(demo)
+    enc_tokens = [sum(len(d) for d in st.encode(s.texts(s.train_idx))) for s in srcs]
+    for r in rows:
+        i = demo.source_index(r["source"])
+        assert r["docs"] == len(srcs[i].train_idx) and r["source_tokens"] == enc_tokens[i]
+        got = acc[r["stage"]][r["source"]]["tokens"]
+        if r["stage"] == "stage2":
+            got -= acc["stage1"][r["source"]]["tokens"]
+        assert abs(got - r["tokens"]) <= 12000      # within one wiki article
+    assert any(r["warning"] and "passes" in r["warning"] for r in rows)
+    text = format_plan(rows)
+    assert "humaneval" in text and "WARNING" in text
+
+
+def test_plan_cli_and_stop_warning(tmp_path, tok, capsys):
+    from mixtures import plan_mixture
+    from mixtures.plan import main
+    p = make_mixture(tmp_path, [dict(name="a", n_docs=50, weights={"s1": 1}),
+                                dict(name="few", n_docs=4, weights={"s1": 1}, on_exhausted="stop")])
+    tok.save_pretrained(tmp_path / "tk")
+    rows = plan_mixture(load_mixture(p), tok, {"s1": 1000})
+    few = [r for r in rows if r["source"] == "few"][0]
+    assert "runs out after" in few["warning"] and few["tokens"] == few["source_tokens"]
+    assert main([str(p), "--seq-len", "64", "--stage-tokens", "s1=1k", "--tokenizer", str(tmp_path / "tk"),
+                 "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "few" in out and "runs out" in out
+    assert len(json.loads((tmp_path / "plan.json").read_text())) == 2
+    assert main([str(p), "--stage-tokens", "s9=1k", "--tokenizer", str(tmp_path / "tk")]) == 2
+    assert "stage 's9' has no weights" in capsys.readouterr().err

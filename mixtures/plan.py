@@ -1,0 +1,177 @@
+"""Plan a mixture before running it: tokens per source and stage, implied epochs, warnings.
+
+    python -m mixtures.plan demo --seq-len 256 --stage-tokens stage1=2M stage2=1M --tokenizer train
+    python -m mixtures.plan my_mix.yaml --seq-len 4096 --stage-tokens stage1=20B stage2=5B \\
+        --tokenizer /ckpts/dots1.base-10T
+
+The core is :func:`plan_mixture` (the main CLI calls it); :func:`format_plan` renders the rows.
+Epochs are cumulative over the stages in the order given (the schedule's order).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+import numpy as np
+
+from ._tokenize import make_encoder
+from .errors import MixtureError
+from .sources import load_sources
+from .spec import MixtureSpec, load_mixture
+
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_tokens(s: str | int | float) -> int:
+    """'20B' -> 20_000_000_000; also k, M, T suffixes, plain numbers and 1e9."""
+    if isinstance(s, (int, float)):
+        return int(s)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgtKMBGT]?)\s*", str(s))
+    if not m:
+        raise MixtureError(f"cannot read a token count from {s!r}; use e.g. 20B, 1.5M, 300k or 1e9")
+    return int(round(float(m.group(1)) * _SUFFIX[m.group(2).lower()]))
+
+
+def source_token_counts(spec: MixtureSpec, tokenizer, max_docs: int = 20000, seed: int = 0):
+    """Per source: (training documents, tokens in one pass incl. EOS, estimated?). Sources with
+    more than ``max_docs`` training documents are estimated from a fixed random sample."""
+    encode = make_encoder(tokenizer)
+    out = []
+    for src in load_sources(spec):
+        idx = src.train_idx
+        est = len(idx) > max_docs
+        if est:
+            idx = np.sort(np.random.default_rng(seed).choice(idx, max_docs, replace=False))
+        n = 0
+        for i in range(0, len(idx), 256):
+            n += sum(len(d) for d in encode(src.texts(idx[i:i + 256])))
+        if est:
+            n = int(round(n * len(src.train_idx) / max_docs))
+        out.append((len(src.train_idx), n, est))
+    return out
+
+
+def plan_mixture(spec: MixtureSpec, tokenizer, stage_tokens: dict, *, seq_len: int | None = None,
+                 repeat_warn: float = 4.0, max_docs: int = 20000) -> list[dict]:
+    """One row per (stage, source), stages in the order of ``stage_tokens``.
+
+    Row keys: ``stage, source, docs`` (training documents), ``source_tokens`` (one pass,
+    EOS included), ``estimated`` (source_tokens from a sample), ``share`` (normalized weight),
+    ``tokens`` (share x stage tokens), ``sequences`` (tokens / seq_len, if given),
+    ``epochs`` (passes in this stage), ``cum_epochs`` (passes up to the end of this stage),
+    ``warning`` (None or text: above ``repeat_warn`` passes, or a ``stop`` source running out).
+    For a ``stop`` source that runs out, ``tokens`` is what it has left and the others' rows
+    are not re-scaled (a plan, not a simulation; the warning says so).
+    """
+    stage_tokens = {k: parse_tokens(v) for k, v in stage_tokens.items()}
+    for stage in stage_tokens:      # only the planned stages must have weights
+        spec.weights(stage)
+    counts = source_token_counts(spec, tokenizer, max_docs=max_docs)
+    used = [0.0] * len(spec.sources)
+    rows = []
+    for stage, total in stage_tokens.items():
+        shares = spec.normalized_weights(stage)
+        for i, (src, share) in enumerate(zip(spec.sources, shares)):
+            docs, ntok, est = counts[i]
+            want = share * total
+            warning = None
+            if src.on_exhausted == "stop" and used[i] + want > ntok:
+                left = max(0.0, ntok - used[i])
+                if want > 0:
+                    warning = (f"runs out after {left / want:.0%} of {stage} (on_exhausted: stop); "
+                               f"the other sources then share its weight")
+                want = left
+            used[i] += want
+            cum = used[i] / ntok if ntok else float("inf")
+            if warning is None and cum > repeat_warn and want > 0:
+                warning = (f"{cum:.1f} passes over this source by the end of {stage} "
+                           f"(> {repeat_warn:g}); repeated data, consider more data or a lower weight")
+            rows.append({
+                "stage": stage, "source": src.name, "docs": docs, "source_tokens": ntok,
+                "estimated": est, "share": share, "tokens": int(round(want)),
+                "sequences": (int(want // seq_len) if seq_len else None),
+                "epochs": want / ntok if ntok else float("inf"), "cum_epochs": cum,
+                "warning": warning,
+            })
+    return rows
+
+
+def _human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_plan(rows: list[dict]) -> str:
+    """A console table of :func:`plan_mixture` rows, then the warnings."""
+    head = (f"{'stage':<10}{'source':<16}{'docs':>9}{'src tokens':>12}{'share':>8}{'tokens':>11}"
+            f"{'epochs':>8}{'cum ep':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        st = _human(r["source_tokens"]) + ("~" if r["estimated"] else "")
+        lines.append(f"{r['stage']:<10}{r['source']:<16}{r['docs']:>9,}{st:>12}{r['share']:>8.1%}"
+                     f"{_human(r['tokens']):>11}{r['epochs']:>8.2f}{r['cum_epochs']:>8.2f}"
+                     + ("  !" if r["warning"] else ""))
+    if any(r["estimated"] for r in rows):
+        lines.append("~ estimated from a sample of the source's documents")
+    for r in rows:
+        if r["warning"]:
+            lines.append(f"WARNING {r['stage']}/{r['source']}: {r['warning']}")
+    return "\n".join(lines)
+
+
+def load_tokenizer(name: str, spec: MixtureSpec | None = None, vocab_size: int = 4096):
+    """``"train"``: :func:`build_tokenizer_from_corpus` on ``spec``; else a tokenizer folder
+    (``AutoTokenizer.from_pretrained``) or a ``tokenizer.json`` file."""
+    if name == "train":
+        from .tokenizer import build_tokenizer_from_corpus
+        return build_tokenizer_from_corpus(spec, vocab_size=vocab_size)
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if name.endswith(".json"):
+        return PreTrainedTokenizerFast(tokenizer_file=name)
+    return AutoTokenizer.from_pretrained(name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mixtures.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("mixture", help="bundled mixture name or path to a mixture YAML")
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--stage-tokens", nargs="+", required=True, metavar="STAGE=N",
+                    help="tokens per stage, e.g. stage1=20B stage2=5B (schedule order)")
+    ap.add_argument("--tokenizer", default="train",
+                    help='tokenizer folder / tokenizer.json, or "train" for the demo BPE')
+    ap.add_argument("--vocab-size", type=int, default=4096, help="with --tokenizer train")
+    ap.add_argument("--repeat-warn", type=float, default=4.0, help="warn above this many passes")
+    ap.add_argument("--max-docs", type=int, default=20000,
+                    help="count tokens on at most this many documents per source (estimate above)")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    a = ap.parse_args(argv)
+    try:
+        stages = {}
+        for item in a.stage_tokens:
+            if "=" not in item:
+                raise MixtureError(f"--stage-tokens {item!r}: write STAGE=N, e.g. stage1=20B")
+            k, v = item.split("=", 1)
+            stages[k] = parse_tokens(v)
+        spec = load_mixture(a.mixture)
+        tok = load_tokenizer(a.tokenizer, spec, a.vocab_size)
+        rows = plan_mixture(spec, tok, stages, seq_len=a.seq_len, repeat_warn=a.repeat_warn,
+                            max_docs=a.max_docs)
+    except MixtureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"mixture {spec.name} ({spec.path})"
+          + (f", seq_len {a.seq_len}" if a.seq_len else "") + ", tokens per stage: "
+          + ", ".join(f"{k}={_human(v)}" for k, v in stages.items()))
+    print(format_plan(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
