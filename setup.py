@@ -35,6 +35,10 @@ setup(
     entry_points={
         "console_scripts": [
             "anneal=anneal.cli:main",
+            "anneal-export=anneal.cli:export_main",
+            "anneal-catalog=anneal.cli:catalog_main",
+            "anneal-plot-schedule=anneal.cli:plot_schedule_main",
+            "anneal-plan=anneal.cli:plan_main",
         ]
     },
 )

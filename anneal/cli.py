@@ -20,6 +20,9 @@ from pathlib import Path
 from rich.console import Console
 
 from anneal.errors import AnnealError
+from mixtures.errors import MixtureError
+
+USER_ERRORS = (AnnealError, MixtureError)  # bad input: one clear message, no traceback
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 if not CONF_DIR.is_dir():  # installed (non-editable): conf/ is the package anneal.conf
@@ -74,7 +77,7 @@ def main() -> None:
     register_schema()
     try:
         sys.argv[1:] = _recipe_file_overrides(sys.argv[1:])
-    except AnnealError as e:
+    except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
 
@@ -88,7 +91,7 @@ def main() -> None:
         run_dir = HydraConfig.get().runtime.output_dir
         try:
             result = train(cfg, run_dir)
-        except AnnealError as e:
+        except USER_ERRORS as e:
             _report_error(e)
             sys.exit(2)
         _print_summary(result)
@@ -154,7 +157,7 @@ def plot_schedule_main(argv: list[str] | None = None) -> None:
         cfg = compose(args.overrides)
         schedule, ramp = build_schedule(cfg, _start_lr_for_tools(cfg))
         path = plot_schedule(schedule, ramp, args.out, title=f"checkpoint={cfg.checkpoint}")
-    except AnnealError as e:
+    except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
     for name in schedule.stage_names:
@@ -173,7 +176,7 @@ def catalog_main(argv: list[str] | None = None) -> None:
         from anneal.catalog import Catalog, format_catalog_table
 
         Console().print(format_catalog_table(Catalog.load(args.catalog)))
-    except AnnealError as e:
+    except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
 
@@ -192,7 +195,7 @@ def export_main(argv: list[str] | None = None) -> None:
 
         out = export_training_checkpoint(Path(args.checkpoint), Path(args.out), dtype=args.dtype,
                                          max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    except AnnealError as e:
+    except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
     Console().print(f"wrote {out}")
@@ -208,6 +211,6 @@ def plan_main(argv: list[str] | None = None) -> None:
         from anneal.planning import print_plan
 
         print_plan(compose(args.overrides), repeat_warn=args.repeat_warn)
-    except AnnealError as e:
+    except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)

@@ -25,6 +25,11 @@ def find_step_folder(path: Path) -> Path:
                       "Pass runs/<id>/ckpt/step_N or runs/<id>")
 
 
+# Written into every export: what an anneal needs to continue from it (stage, LR, tokens seen);
+# `anneal checkpoint=<folder>` starts its schedule at this LR when schedule.start_lr is null.
+META_FILE = "anneal_meta.json"
+
+
 def export_training_checkpoint(path: Path, out: Path, dtype: str = "bfloat16", max_shard_size: str = "2GB",
                                overwrite: bool = False) -> Path:
     from anneal.hf_io import export_hf_checkpoint
@@ -38,5 +43,5 @@ def export_training_checkpoint(path: Path, out: Path, dtype: str = "bfloat16", m
     meta = json.loads((step_dir / "meta.json").read_text()) if (step_dir / "meta.json").exists() else {}
     export_hf_checkpoint(model, out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
                          dtype=getattr(torch, dtype), max_shard_size=max_shard_size, overwrite=overwrite,
-                         extra_files={"anneal_meta.json": json.dumps(meta, indent=2)})
+                         extra_files={META_FILE: json.dumps(meta, indent=2)})
     return out

@@ -428,7 +428,6 @@ def load_hf_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
         raise AnnealError(f"{folder}: checkpoint folder does not exist (or is not a folder). Pass a folder "
                           "holding config.json and *.safetensors, or a catalog name.")
     cfg = Dots1Config.from_json(folder / "config.json")
-    _warn_unsupported_config(folder / "config.json")
     rng = _normalize_expert_range(cfg, expert_range)
     plan = hf_weight_plan(cfg, rng)
     tensors = _scan(folder)
@@ -454,18 +453,6 @@ def load_hf_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
                 _write(params[slot.target], slot, f.get_tensor(name), cfg.moe_intermediate_size)
     model.eval()
     return model, cfg
-
-
-def _warn_unsupported_config(path: Path) -> None:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
-    layer_types = d.get("layer_types") or []
-    if d.get("sliding_window") is not None and "sliding_attention" in layer_types:
-        warnings.warn(f"{path}: some layers use sliding-window attention (window {d['sliding_window']}); "
-                      "this model attends over the whole sequence, so results differ beyond the window.",
-                      stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,6 +136,14 @@ class Dots1ForCausalLM(nn.Module):
     def routers(self) -> dict[int, Router]:
         return {i: layer.mlp.gate for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, Dots1MoE)}
 
+    def to_dtype(self, dtype: torch.dtype) -> "Dots1ForCausalLM":
+        """Cast parameters to `dtype` but keep the routers' bias and load counters in fp32."""
+        self.to(dtype)
+        for router in self.routers().values():
+            router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
+            router.expert_load.data = router.expert_load.data.float()
+        return self
+
     def set_aux_loss_coef(self, coef: float) -> None:
         for layer in self.model.layers:
             if isinstance(layer.mlp, Dots1MoE):

@@ -115,10 +115,16 @@ class Dots1Config:
             raise AnnealError(f"{source}: rope scaling {rope.get('rope_type')!r} is not supported")
         if "rope_theta" not in kw and isinstance(rope, dict) and "rope_theta" in rope:
             kw["rope_theta"] = rope["rope_theta"]
-        if "head_dim" not in kw:
+        if kw.get("head_dim") is None:
             kw["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
         if kw.get("num_key_value_heads") is None:
             kw["num_key_value_heads"] = d["num_attention_heads"]
+        layer_types = d.get("layer_types") or [
+            "sliding_attention" if i >= d.get("max_window_layers", d["num_hidden_layers"]) else "full_attention"
+            for i in range(d["num_hidden_layers"])]
+        if d.get("sliding_window") is not None and "sliding_attention" in layer_types:
+            raise AnnealError(f"{source}: sliding-window attention is not supported (dots1 uses full attention); "
+                              "set sliding_window: null")
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
         for opt in ("n_shared_experts", "n_routed_experts", "num_experts_per_tok"):

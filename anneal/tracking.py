@@ -39,10 +39,12 @@ class Tracker:
             self.progress.start()
 
     def _init_wandb(self, run_config: dict):
+        import uuid
+
         import wandb
 
-        id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file = self.run_dir / "wandb_id"  # same W&B run across resumes
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
         return wandb.init(project=self.cfg.project, entity=self.cfg.entity, mode=self.cfg.mode,
@@ -73,4 +75,4 @@ class Tracker:
         if self.progress is not None:
             self.progress.stop()
         if self.wandb_run is not None:
-            self.wandb_run.finish(quiet=True)
+            self.wandb_run.finish()

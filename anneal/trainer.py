@@ -22,11 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from anneal import checkpointing
 from anneal.errors import AnnealError
+from anneal.export import META_FILE
 from anneal.model import Dots1ForCausalLM
 from anneal.model_config import Dots1Config
 from anneal.schedule import BatchRamp, Schedule, format_tokens, parse_tokens
 
 RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
+WSD_PHASES = ("warmup", "stable", "stage1", "stage2")
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -93,7 +95,7 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
                                      device=str(device))
     model.set_aux_loss_coef(cfg.model.aux_loss_coef)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
-    folder_meta_path = Path(resolved.path) / "anneal_meta.json"
+    folder_meta_path = Path(resolved.path) / META_FILE
     folder_meta = json.loads(folder_meta_path.read_text()) if folder_meta_path.exists() else {}
     tok_src = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(resolved.path)
     try:
@@ -236,7 +238,7 @@ class Trainer:
         resume_from = self._claim_run_dir()
         device = pick_device(cfg.trainer.device)
         p = self.prepare(device)
-        model, schedule, ramp, stream = p.model, p.schedule, p.ramp, p.stream
+        model, schedule, stream = p.model, p.schedule, p.stream
         engine = Engine(model, cfg.trainer)
 
         step, tokens, history = 0, 0, []
@@ -271,7 +273,10 @@ class Trainer:
         schedule, ramp = build_schedule(cfg, start_lr)
         check_batch_shape(ramp, cfg.data.seq_len, cfg.trainer.micro_batch_size)
         spec = load_mixture(cfg.data.mixture)
-        spec.check_stages(schedule.stage_names)
+        # A mixture may also weight the standard WSD phases a recipe does not run (one mixture file
+        # serves pretraining and anneal); any other stage name must be one of the schedule's.
+        spec.check_stages(list(schedule.stage_names) + [s for s in WSD_PHASES if s not in schedule.stage_names],
+                          active_stages=schedule.stage_names)
         stream = PackedMixtureStream(spec, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.seed,
                                      stage=schedule.stage_names[0])
         model.train()
@@ -310,7 +315,7 @@ class Trainer:
                     aux_sum += float(aux)
                     loss = loss + aux
                 engine.backward(loss / n_micro)
-                loss_sum += float(losses.mean())
+                loss_sum += float(losses.detach().mean())
                 src = batch["source_ids"][:, 1:].to(device)
                 for i, name in enumerate(source_names):
                     mask = src == i
@@ -414,7 +419,7 @@ class Trainer:
                 "annealed_from": p.checkpoint_name, "schedule": p.schedule.to_config()}
         export_hf_checkpoint(p.model, export_dir, tokenizer_dir=p.tokenizer_dir,
                              dtype=getattr(torch, cfg.export.dtype), max_shard_size=cfg.export.max_shard_size,
-                             overwrite=cfg.export.overwrite, extra_files={"anneal_meta.json": json.dumps(meta, indent=2)})
+                             overwrite=cfg.export.overwrite, extra_files={META_FILE: json.dumps(meta, indent=2)})
         return str(export_dir)
 
 

@@ -18,7 +18,8 @@ class Router(nn.Module):
         self.n_experts, self.top_k = n_experts, top_k
         self.routed_scaling_factor, self.norm_topk_prob = routed_scaling_factor, norm_topk_prob
         self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))
-        # fp32 in the released checkpoints; kept fp32 whatever the model dtype (see Dots1Model.to_dtype).
+        # fp32 in the released checkpoints; keep it fp32 (Dots1ForCausalLM.to_dtype): bias steps of 1e-3
+        # vanish in bf16 near 1.0.
         self.register_buffer("e_score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
         # Tokens routed to each expert since the last bias update (not saved in HF checkpoints).
         self.register_buffer("expert_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)

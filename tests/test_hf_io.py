@@ -3,8 +3,6 @@ so transformers loads it (same logits), sharding, dtypes, every bad-input error,
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from pathlib import Path
 
 import pytest
@@ -390,13 +388,13 @@ def test_in_memory_mapping_errors():
         hf_to_stacked(sd.__getitem__, sd.keys(), cfg)
 
 
-def test_unsupported_sliding_window_warns(base_folder, tmp_path):
+def test_unsupported_sliding_window_is_refused(base_folder, tmp_path):
     d = copy_folder(base_folder, tmp_path / "sw")
     cfg = json.loads((d / "config.json").read_text())
     cfg["sliding_window"] = 4
     cfg["layer_types"] = ["sliding_attention"] * cfg["num_hidden_layers"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.warns(UserWarning, match="sliding-window"):
+    with pytest.raises(AnnealError, match="sliding-window attention is not supported"):
         load_hf_checkpoint(d)
 
 

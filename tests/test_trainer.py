@@ -1,0 +1,148 @@
+"""The trainer end to end on CPU: pretrain -> export -> anneal from the export, exact resume,
+run-folder protection, bad-input errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from anneal.cli import compose
+from anneal.errors import AnnealError
+from anneal.trainer import train
+
+TINY_ARCH = [  # smaller than model=tiny so the tests stay fast on 2 cores
+    "model.arch.vocab_size=1024", "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
+    "model.arch.moe_intermediate_size=32", "model.arch.num_hidden_layers=3", "model.arch.num_attention_heads=2",
+    "model.arch.num_key_value_heads=2", "model.arch.n_routed_experts=8", "model.arch.num_experts_per_tok=2",
+]
+QUIET = ["logging.progress=false", "logging.plots=false", "trainer.threads=1"]
+SMALL_DATA = ["data.seq_len=64", "data.eval_seqs=2", "trainer.micro_batch_size=4", "schedule.batch_tokens=512"]
+
+
+def cfg_for(run_dir: Path, *overrides: str):
+    return compose([f"run.dir={run_dir}", "run.name=test", *QUIET, *SMALL_DATA, *overrides])
+
+
+@pytest.fixture(scope="session")
+def stable_ckpt(tmp_path_factory) -> Path:
+    """A tiny stable-phase checkpoint made the way recipes/tiny_pretrain.yaml makes the shipped one."""
+    run = tmp_path_factory.mktemp("pretrain")
+    cfg = cfg_for(run, "recipe=tiny_pretrain", "data.tokenizer_vocab_size=1024", *TINY_ARCH,
+                  "schedule.stages.0.tokens=2048", "schedule.stages.1.tokens=4096", "logging.wandb=false")
+    result = train(cfg, run)
+    assert result["export_dir"] == str(run / "hf")
+    meta = json.loads((run / "hf" / "anneal_meta.json").read_text())
+    assert meta["stage"] == "stable" and meta["lr"] == pytest.approx(3e-4)
+    return run / "hf"
+
+
+def anneal_overrides(ckpt: Path, *extra: str) -> list[str]:
+    return [f"checkpoint={ckpt}", "schedule.stages.0.tokens=3072", "schedule.stages.1.tokens=2048", *extra]
+
+
+def losses(history):
+    return [(r["step"], r["loss"]) for r in history if "loss" in r]
+
+
+def test_anneal_from_export_starts_at_checkpoint_lr_and_exports(stable_ckpt, tmp_path):
+    result = train(cfg_for(tmp_path, *anneal_overrides(stable_ckpt), "logging.wandb=false"), tmp_path)
+    hist = [r for r in result["history"] if "lr" in r]
+    assert hist[0]["lr"] == pytest.approx(3e-4)             # from anneal_meta.json of the checkpoint
+    stage2 = [r for r in hist if r["stage"] == "stage2"]
+    assert stage2[0]["lr"] == pytest.approx(3e-5)           # stage boundary exactly at 3e-5
+    assert [r["stage"] for r in hist] == ["stage1"] * 6 + ["stage2"] * 4
+    # eval at each stage end with per-source losses, and exact per-source token accounting
+    evals = [r for r in result["history"] if "eval_loss" in r]
+    assert len(evals) == 3 and {"eval_loss/wiki", "eval_loss/gsm8k"} <= set(evals[-1])
+    assert sum(v["tokens"] for v in evals[-1]["data"].values()) >= 5120
+    # the export loads in transformers and gives our logits
+    hf = transformers.AutoModelForCausalLM.from_pretrained(result["export_dir"], dtype=torch.float32).eval()
+    from anneal.hf_io import load_hf_checkpoint
+    model, _ = load_hf_checkpoint(result["export_dir"])
+    ids = torch.randint(0, 1000, (1, 16))
+    torch.testing.assert_close(model(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_router_bias_moves_with_load(stable_ckpt, tmp_path):
+    result = train(cfg_for(tmp_path, *anneal_overrides(stable_ckpt), "logging.wandb=false", "export.enabled=false"), tmp_path)
+    last = [r for r in result["history"] if "moe/bias_spread/layer1" in r][-1]
+    assert last["moe/bias_spread/layer1"] > 0   # aux-loss-free balancing moved the bias
+
+
+def test_stop_and_resume_repeats_the_uninterrupted_run(stable_ckpt, tmp_path):
+    full = train(cfg_for(tmp_path / "full", *anneal_overrides(stable_ckpt), "logging.wandb=false"), tmp_path / "full")
+    part = tmp_path / "part"
+    first = train(cfg_for(part, *anneal_overrides(stable_ckpt), "logging.wandb=false",
+                          "trainer.stop_after_steps=4"), part)
+    assert first["stopped_early"] and first["step"] == 4
+    resumed = train(cfg_for(part, *anneal_overrides(stable_ckpt), "logging.wandb=false", "run.resume=true"), part)
+    assert losses(resumed["history"]) == losses(full["history"])  # bit-identical, across the stage switch
+    a = json.loads(Path(full["export_dir"], "config.json").read_text())
+    assert a["model_type"] == "dots1"
+    from safetensors.torch import load_file
+    wa = load_file(str(Path(full["export_dir"]) / "model.safetensors"))
+    wb = load_file(str(Path(resumed["export_dir"]) / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_the_same_losses(stable_ckpt, tmp_path):
+    """A real kill: SIGKILL the `anneal` process once a checkpoint exists, resume, compare."""
+    common = [*anneal_overrides(stable_ckpt), *QUIET, *SMALL_DATA, "logging.wandb=false",
+              "export.enabled=false", "trainer.ckpt_every=512", f"run.root={tmp_path}"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    subprocess.run([sys.executable, "-m", "anneal", *common, "run.name=full"], check=True, env=env,
+                   capture_output=True, timeout=600)
+    proc = subprocess.Popen([sys.executable, "-m", "anneal", *common, "run.name=killed"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "ckpt" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_00000003"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run([sys.executable, "-m", "anneal", *common, "run.name=killed", "run.resume=true"], check=True,
+                   env=env, capture_output=True, timeout=600)
+    read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(read("killed")) == losses(read("full"))
+    assert not list((tmp_path / "killed" / "ckpt").glob(".tmp-*"))
+
+
+def test_existing_run_folder_is_not_overwritten(stable_ckpt, tmp_path):
+    args = [*anneal_overrides(stable_ckpt), "logging.wandb=false", "export.enabled=false", "trainer.stop_after_steps=1"]
+    train(cfg_for(tmp_path, *args), tmp_path)
+    with pytest.raises(AnnealError, match="already holds a run.*run.resume=true"):
+        train(cfg_for(tmp_path, *args), tmp_path)
+    train(cfg_for(tmp_path, *args, "run.overwrite=true"), tmp_path)
+
+
+def test_wandb_offline_run_is_written(stable_ckpt, tmp_path):
+    result = train(cfg_for(tmp_path, *anneal_overrides(stable_ckpt), "export.enabled=false",
+                           "trainer.stop_after_steps=2"), tmp_path)
+    run_dir = Path(result["wandb_dir"])
+    assert run_dir.name.startswith("offline-run-") and list(run_dir.glob("*.wandb"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["checkpoint=no-such-ckpt"], "no-such-ckpt"),
+    (["schedule.stages.0.tokens=-5"], "stage1"),
+    (["schedule.stages.1.lr_end=1e-3"], "rise"),
+    (["schedule.batch_tokens=500"], "multiple of"),
+])
+def test_bad_input_gives_one_clear_error(stable_ckpt, tmp_path, overrides, message):
+    base = anneal_overrides(stable_ckpt) if not overrides[0].startswith("checkpoint=") else ["schedule.stages.0.tokens=3072"]
+    with pytest.raises(AnnealError, match=message):
+        train(cfg_for(tmp_path, *base, *overrides, "logging.wandb=false"), tmp_path)
+
+
+def test_cli_reports_unknown_key_and_wrong_type(tmp_path):
+    for bad, needle in (("trainer.lrr=1", "trainer.lrr"), ("trainer.micro_batch_size=abc", "micro_batch_size")):
+        r = subprocess.run([sys.executable, "-m", "anneal", bad, f"run.root={tmp_path}"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode != 0 and needle in r.stderr + r.stdout
