@@ -36,10 +36,22 @@ def parse_tokens(s: str | int | float) -> int:
 
 def source_token_counts(spec: MixtureSpec, tokenizer, max_docs: int = 20000, seed: int = 0):
     """Per source: (training documents, tokens in one pass incl. EOS, estimated?). Sources with
-    more than ``max_docs`` training documents are estimated from a fixed random sample."""
+    more than ``max_docs`` training documents are estimated from a fixed random sample.
+    Streaming sources of unknown size: (None, None, True)."""
     encode = make_encoder(tokenizer)
     out = []
     for src in load_sources(spec):
+        if src.streaming:
+            n_docs, n_tok = 0, 0
+            for i, text in enumerate(src.train_texts(limit=max_docs + 1)):
+                if i < max_docs:
+                    n_tok += len(encode([text])[0])
+                n_docs += 1
+            if n_docs <= max_docs:       # read to the end: exact
+                out.append((n_docs, n_tok, False))
+            else:
+                out.append((None, None, True))
+            continue
         idx = src.train_idx
         est = len(idx) > max_docs
         if est:
@@ -77,6 +89,17 @@ def plan_mixture(spec: MixtureSpec, tokenizer, stage_tokens: dict, *, seq_len: i
             docs, ntok, est = counts[i]
             want = share * total
             warning = None
+            if ntok is None:        # streaming source of unknown size
+                used[i] += want
+                rows.append({
+                    "stage": stage, "source": src.name, "docs": None, "source_tokens": None,
+                    "estimated": True, "share": share, "tokens": int(round(want)),
+                    "sequences": (int(want // seq_len) if seq_len else None),
+                    "epochs": None, "cum_epochs": None,
+                    "warning": (f"streaming source larger than {max_docs} documents: size unknown, "
+                                f"epochs not computed") if want > 0 else None,
+                })
+                continue
             if src.on_exhausted == "stop" and used[i] + want > ntok:
                 left = max(0.0, ntok - used[i])
                 if want > 0:
@@ -110,11 +133,15 @@ def format_plan(rows: list[dict]) -> str:
     head = (f"{'stage':<10}{'source':<16}{'docs':>9}{'src tokens':>12}{'share':>8}{'tokens':>11}"
             f"{'epochs':>8}{'cum ep':>8}")
     lines = [head, "-" * len(head)]
+    def num(x, fmt):
+        return "?" if x is None else format(x, fmt)
+
     for r in rows:
-        st = _human(r["source_tokens"]) + ("~" if r["estimated"] else "")
-        lines.append(f"{r['stage']:<10}{r['source']:<16}{r['docs']:>9,}{st:>12}{r['share']:>8.1%}"
-                     f"{_human(r['tokens']):>11}{r['epochs']:>8.2f}{r['cum_epochs']:>8.2f}"
-                     + ("  !" if r["warning"] else ""))
+        st = ("?" if r["source_tokens"] is None else
+              _human(r["source_tokens"]) + ("~" if r["estimated"] else ""))
+        lines.append(f"{r['stage']:<10}{r['source']:<16}{num(r['docs'], ','):>9}{st:>12}"
+                     f"{r['share']:>8.1%}{_human(r['tokens']):>11}{num(r['epochs'], '.2f'):>8}"
+                     f"{num(r['cum_epochs'], '.2f'):>8}" + ("  !" if r["warning"] else ""))
     if any(r["estimated"] for r in rows):
         lines.append("~ estimated from a sample of the source's documents")
     for r in rows:

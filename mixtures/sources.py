@@ -100,7 +100,16 @@ class SourceData:
         self.heldout_idx = ho
         self.train_idx = np.nonzero(mask)[0].astype(np.int64)
 
+    streaming = False
+
     # ---------------------------------------------------------------- access
+    @property
+    def n_train(self) -> int:
+        return len(self.train_idx)
+
+    def heldout_texts(self) -> list[str]:
+        return self.texts(self.heldout_idx)
+
     @property
     def n_docs(self) -> int:
         return len(self._docs) if self._docs is not None else int(self._offsets[-1])
@@ -121,9 +130,10 @@ class SourceData:
                 out[k] = self._render({f: batch[f][j] for f in self.spec.text_fields})
         return out  # type: ignore[return-value]
 
-    def train_texts(self) -> Iterator[str]:
-        for i in range(0, len(self.train_idx), 1000):
-            yield from self.texts(self.train_idx[i:i + 1000])
+    def train_texts(self, limit: int | None = None) -> Iterator[str]:
+        idx = self.train_idx if limit is None else self.train_idx[:limit]
+        for i in range(0, len(idx), 1000):
+            yield from self.texts(idx[i:i + 1000])
 
     def _render(self, rec: dict) -> str:
         return self.spec.text.format_map(rec).strip()
@@ -133,11 +143,6 @@ class SourceData:
         d = self.spec.data
         with _quiet_datasets() as datasets:
             if d.hub is not None:
-                if d.streaming:
-                    raise MixtureError(f"{self.where}: data.streaming: true is not supported yet "
-                                       f"(the sampler needs random access for its per-epoch "
-                                       f"shuffle); set streaming: false to download {d.hub} into "
-                                       f"the HF cache")
                 try:
                     ds = datasets.load_dataset(d.hub, d.config, split=d.split, revision=d.revision)
                 except Exception as e:  # noqa: BLE001 - re-raised with context
@@ -272,13 +277,141 @@ def _root_msg(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+class StreamingSourceData:
+    """A ``data.streaming: true`` source: records read in order through a ``datasets``
+    IterableDataset (hub id or local files), never all in memory.
+
+    * held-out documents: the first ``heldout_docs`` valid documents in the source's natural
+      order (fixed; independent of the training seed); training reads the records after them.
+    * epoch ``e``: ``IterableDataset.shuffle(seed, buffer_size=data.shuffle_buffer)`` with a
+      seed from (training seed, source name, e): shard order and a buffer shuffle.
+    * position ``p`` in an epoch is reached by reading the epoch's stream from its start, so a
+      resume re-reads (does not re-tokenize) the documents before ``p`` of the current epoch:
+      exact, and the cost is reading those records again.
+    * ``n_train`` is unknown (None) until a first epoch has been read to its end.
+    """
+
+    streaming = True
+
+    def __init__(self, spec: SourceSpec, mixture: MixtureSpec):
+        self.spec = spec
+        self.where = f"{mixture.path}: source {spec.name!r}"
+        self.skipped = 0
+        self.n_train: int | None = None
+        d = spec.data
+        with _quiet_datasets() as datasets:
+            try:
+                if d.hub is not None:
+                    ds = datasets.load_dataset(d.hub, d.config, split=d.split, revision=d.revision,
+                                               streaming=True)
+                else:
+                    fmt = d.format
+                    kwargs = {"sample_by": d.sample_by} if fmt == "text" else {}
+                    if fmt == "csv" and d.csv_delimiter:
+                        kwargs["delimiter"] = d.csv_delimiter
+                    ds = datasets.load_dataset(fmt, data_files=list(d.files), split="train",
+                                               streaming=True, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                what = d.hub or ", ".join(d.files)
+                raise MixtureError(f"{self.where}: could not open {what} for streaming "
+                                   f"({_root_msg(e)})") from e
+        self._ds = ds
+        self._heldout: list[str] = []
+        raw = 0
+        it = self._records(ds)
+        for rec_no, text in it:
+            raw = rec_no + 1
+            if text is None:
+                continue
+            if len(self._heldout) < spec.heldout_docs:
+                self._heldout.append(text)
+                continue
+            break
+        else:
+            files = ", ".join(d.files) or d.hub
+            if not self._heldout:
+                raise MixtureError(f"{self.where}: no documents in {files}; check the data and "
+                                   f"`text` ({spec.text!r})")
+            raise MixtureError(f"{self.where}: heldout_docs is {spec.heldout_docs} but the source "
+                               f"has only {len(self._heldout)} documents; lower heldout_docs")
+        self._skip_raw = raw - 1      # records before the first training document
+
+    def heldout_texts(self) -> list[str]:
+        return list(self._heldout)
+
+    def _records(self, ds):
+        """(record number, text or None for a skipped record)."""
+        fields = self.spec.text_fields
+        n = -1
+        try:
+            for n, rec in enumerate(ds):
+                vals = {f: rec.get(f) for f in fields}
+                bad = [f for f, v in vals.items() if v is None]
+                if bad:
+                    if self.spec.on_bad_record == "fail":
+                        raise MixtureError(
+                            f"{self.where}: record {n} (0-based, in stream order) has no field "
+                            f"{bad[0]!r} (its fields: {sorted(rec)}); fix the data or `text: "
+                            f"{self.spec.text!r}`, or set `on_bad_record: skip`")
+                    self._skip_one()
+                    yield n, None
+                    continue
+                text = self.spec.text.format_map(vals).strip()
+                if not text:
+                    self._skip_one()
+                yield n, (text or None)
+        except MixtureError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt record inside datasets' reader
+            where = ""
+            if self.spec.data.format == "json":
+                for f in self.spec.data.files:
+                    bad = _first_bad_json_line(f)
+                    if bad:
+                        where = f" ({f} line {bad[0]}: {bad[1]})"
+                        break
+            raise MixtureError(f"{self.where}: reading record {n + 1} failed{where}: {_root_msg(e)}; "
+                               f"fix the data (on_bad_record: skip cannot skip unreadable records "
+                               f"with streaming: true; use streaming: false for that)") from e
+
+    def _skip_one(self) -> None:
+        self.skipped += 1
+        if self.skipped == 1:
+            msg = (f"{self.where}: skipping bad/empty records (on_bad_record: skip); the count is "
+                   f"in the stream's accounting")
+            log.warning(msg)
+            warnings.warn(msg, MixtureWarning, stacklevel=4)
+
+    def iter_epoch(self, seed: int, epoch: int) -> Iterator[str]:
+        """Training documents of ``epoch`` in that epoch's order."""
+        s = int(np.random.default_rng([seed, zlib.crc32(self.spec.name.encode()), epoch])
+                .integers(0, 2**32 - 1))
+        ds = self._ds.skip(self._skip_raw).shuffle(seed=s, buffer_size=self.spec.data.shuffle_buffer)
+        with _quiet_datasets():
+            for _, text in self._records(ds):
+                if text is not None:
+                    yield text
+
+    def train_texts(self, limit: int | None = 100_000) -> Iterator[str]:
+        """Training documents in natural order (at most ``limit``: for tokenizer training/plans)."""
+        n = 0
+        for _, text in self._records(self._ds.skip(self._skip_raw)):
+            if text is None:
+                continue
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield text
+
+
 _CACHE: "weakref.WeakKeyDictionary[MixtureSpec, list[SourceData]]" = weakref.WeakKeyDictionary()
 
 
-def load_sources(spec: MixtureSpec) -> list[SourceData]:
+def load_sources(spec: MixtureSpec) -> list:
     """Load every source of ``spec`` (cached per spec object)."""
     got = _CACHE.get(spec)
     if got is None:
-        got = [SourceData(s, spec) for s in spec.sources]
+        got = [StreamingSourceData(s, spec) if s.data.streaming else SourceData(s, spec)
+               for s in spec.sources]
         _CACHE[spec] = got
     return got

@@ -48,7 +48,7 @@ _COMPRESSION_EXT = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _TOP_KEYS = {"name", "description", "sources", "heldout_seed"}
 _SOURCE_KEYS = {"name", "data", "text", "weights", "on_exhausted", "on_bad_record", "heldout_docs"}
 _DATA_KEYS = {"path", "format", "split_on", "sample_by", "hub", "config", "split", "revision",
-              "streaming", "csv_delimiter"}
+              "streaming", "shuffle_buffer", "csv_delimiter"}
 DEFAULT_STAGE = "default"
 
 
@@ -69,7 +69,8 @@ class DataSpec:
     config: str | None = None
     split: str = "train"
     revision: str | None = None
-    streaming: bool = False
+    streaming: bool = False              # read through an IterableDataset (see mixtures.sources)
+    shuffle_buffer: int = 10000          # streaming: IterableDataset.shuffle buffer size per epoch
     csv_delimiter: str | None = None
 
 
@@ -366,14 +367,21 @@ def _parse_data(d: Any, w: str, base: Path) -> DataSpec:
             raise MixtureError(f"{w}: data.split_on {split_on!r} is not a valid regex ({e})") from None
         if sample_by != "line":
             raise MixtureError(f"{w}: data.split_on works on lines; drop `sample_by` or set it to line")
-    common = dict(split_on=split_on, sample_by=sample_by,
+    buf = d.get("shuffle_buffer", 10000)
+    if isinstance(buf, bool) or not isinstance(buf, int) or buf < 1:
+        raise MixtureError(f"{w}: data.shuffle_buffer must be an integer >= 1, got {buf!r}")
+    streaming = d.get("streaming", False)
+    if not isinstance(streaming, bool):
+        raise MixtureError(f"{w}: data.streaming must be true or false, got {streaming!r}")
+    if streaming and split_on is not None:
+        raise MixtureError(f"{w}: data.split_on needs the whole text file; set streaming: false")
+    common = dict(split_on=split_on, sample_by=sample_by, streaming=streaming, shuffle_buffer=buf,
                   csv_delimiter=d.get("csv_delimiter"))
     if has_hub:
         if split_on is not None and fmt not in (None, "text"):
             raise MixtureError(f"{w}: data.split_on only applies to text data")
         return DataSpec(hub=str(d["hub"]), config=d.get("config"), split=str(d.get("split", "train")),
-                        revision=d.get("revision"), streaming=bool(d.get("streaming", False)),
-                        format=fmt, **common)
+                        revision=d.get("revision"), format=fmt, **common)
     paths = d["path"] if isinstance(d["path"], list) else [d["path"]]
     files: list[str] = []
     for p in paths:
@@ -392,6 +400,4 @@ def _parse_data(d: Any, w: str, base: Path) -> DataSpec:
         fmt = kinds.pop()
     if split_on is not None and fmt != "text":
         raise MixtureError(f"{w}: data.split_on only applies to `format: text` data")
-    if d.get("streaming"):
-        raise MixtureError(f"{w}: data.streaming applies to hub datasets only")
     return DataSpec(files=tuple(files), patterns=tuple(str(p) for p in paths), format=fmt, **common)

@@ -101,6 +101,7 @@ class _Fetcher:
         self.block = block
         self._perm: dict[int, tuple[int, np.ndarray]] = {}
         self._cache: dict[int, tuple[int, int, list]] = {}   # s -> (epoch, start, docs)
+        self._readers: dict[int, list] = {}                  # streaming sources
 
     def perm(self, s: int, epoch: int) -> np.ndarray:
         got = self._perm.get(s)
@@ -114,14 +115,43 @@ class _Fetcher:
     def _texts(self, s: int, epoch: int, start: int, stop: int) -> list[str]:
         return self.sources[s].texts(self.perm(s, epoch)[start:stop])
 
-    def get(self, s: int, epoch: int, pos: int) -> np.ndarray:
+    def get(self, s: int, epoch: int, pos: int) -> np.ndarray | None:
+        """Document ``pos`` of ``epoch`` (tokens + EOS), or None past the end of the epoch."""
+        src = self.sources[s]
+        if src.streaming:
+            return self._get_streaming(s, epoch, pos)
+        if pos >= src.n_train:
+            return None
         c = self._cache.get(s)
         if c is not None and c[0] == epoch and c[1] <= pos < c[1] + len(c[2]):
             return c[2][pos - c[1]]
-        stop = min(pos + self.block, len(self.sources[s].train_idx))
+        stop = min(pos + self.block, src.n_train)
         docs = self.encode(self._texts(s, epoch, pos, stop))
         self._cache[s] = (epoch, pos, docs)
         return docs[0]
+
+    def _get_streaming(self, s: int, epoch: int, pos: int) -> np.ndarray | None:
+        # reader: [epoch, next position, iterator, lookahead texts]
+        r = self._readers.get(s)
+        if r is None or r[0] != epoch or r[1] > pos:
+            it = self.sources[s].iter_epoch(self.seed, epoch)
+            r = [epoch, 0, it, collections.deque()]
+            self._readers[s] = r
+        while r[1] < pos:                      # skip to pos (resume): read, do not tokenize
+            if r[3]:
+                r[3].popleft()
+            elif next(r[2], None) is None:
+                return None
+            r[1] += 1
+        if not r[3]:                           # read and tokenize a block of documents
+            texts = [t for _, t in zip(range(self.block), r[2])]
+            r[3].extend(self.encode(texts) if texts else [])
+        if not r[3]:
+            if self.sources[s].n_train is None:
+                self.sources[s].n_train = pos
+            return None
+        r[1] += 1
+        return r[3].popleft()
 
     def close(self) -> None:
         pass
@@ -144,6 +174,7 @@ class _BackgroundFetcher(_Fetcher):
                                         initializer=worker_init, initargs=(make_payload(tokenizer),))
         self.queues: dict[int, collections.deque] = {}
         self.stoppers = {i: s.spec.on_exhausted == "stop" for i, s in enumerate(sources)}
+        self.encode = make_encoder(tokenizer)     # for streaming sources
 
     def _next_block(self, s: int, epoch: int, b: int):
         n = len(self.sources[s].train_idx)
@@ -157,7 +188,12 @@ class _BackgroundFetcher(_Fetcher):
         fut = self.pool.submit(worker_encode, self._texts(s, epoch, start, stop))
         return (epoch, b, fut)
 
-    def get(self, s: int, epoch: int, pos: int) -> np.ndarray:
+    def get(self, s: int, epoch: int, pos: int) -> np.ndarray | None:
+        src = self.sources[s]
+        if src.streaming:          # read in order here; tokenized in this process
+            return self._get_streaming(s, epoch, pos)
+        if pos >= src.n_train:
+            return None
         b = pos // self.block
         q = self.queues.setdefault(s, collections.deque())
         while q and (q[0][0], q[0][1]) != (epoch, b):
@@ -254,38 +290,40 @@ class PackedMixtureStream:
     # ------------------------------------------------------------------ pulling documents
     def _pull_doc(self) -> None:
         active = [not d for d in self._dropped]
-        s = self.sampler.choose(self._weights, active)
-        if s < 0:
-            raise MixtureExhausted(
-                f"{self.spec.path}: every source with a weight in stage {self.stage!r} is "
-                f"exhausted (on_exhausted: stop); use `on_exhausted: repeat`, add data, or end "
-                f"the stage earlier. Accounting: {self.accounting()}")
-        epoch, pos = self._cursor[s]
-        ids = self._fetcher.get(s, epoch, pos)
+        while True:
+            s = self.sampler.choose(self._weights, active)
+            if s < 0:
+                raise MixtureExhausted(
+                    f"{self.spec.path}: every source with a weight in stage {self.stage!r} is "
+                    f"exhausted (on_exhausted: stop); use `on_exhausted: repeat`, add data, or end "
+                    f"the stage earlier. Accounting: {self.accounting()}")
+            epoch, pos = self._cursor[s]
+            ids = self._fetcher.get(s, epoch, pos)
+            if ids is not None:
+                break
+            self._end_of_epoch(s, epoch, pos)
+            active[s] = not self._dropped[s]
         self.sampler.add(s, len(ids))
         self._buf.append([s, epoch, pos, ids, 0])
         self._buf_tokens += len(ids)
-        self._advance(s)
+        self._cursor[s][1] += 1
 
-    def _advance(self, s: int) -> None:
-        c = self._cursor[s]
-        c[1] += 1
+    def _end_of_epoch(self, s: int, epoch: int, n: int) -> None:
         src = self.sources[s]
-        if c[1] < len(src.train_idx):
-            return
         name = src.spec.name
+        if n == 0:
+            raise MixtureError(f"{self.spec.path}: source {name!r} has no training documents in "
+                               f"epoch {epoch}; check its data")
         if src.spec.on_exhausted == "repeat":
-            c[0] += 1
-            c[1] = 0
-            log.info("mixture %s: source %s finished epoch %d, starting epoch %d (new shuffle)",
-                     self.spec.name, name, c[0] - 1, c[0])
+            self._cursor[s] = [epoch + 1, 0]
+            log.info("mixture %s: source %s finished epoch %d (%d documents), starting epoch %d "
+                     "(new shuffle)", self.spec.name, name, epoch, n, epoch + 1)
         else:
             self._dropped[s] = True
-            msg = (f"mixture {self.spec.name}: source {name!r} is exhausted after "
-                   f"{len(src.train_idx)} documents (on_exhausted: stop); dropped, the other "
-                   f"sources' weights are renormalized")
+            msg = (f"mixture {self.spec.name}: source {name!r} is exhausted after {n} documents "
+                   f"(on_exhausted: stop); dropped, the other sources' weights are renormalized")
             log.warning(msg)
-            warnings.warn(msg, MixtureWarning, stacklevel=4)
+            warnings.warn(msg, MixtureWarning, stacklevel=5)
 
     # ------------------------------------------------------------------ batches
     def next_batch(self, n_seqs: int) -> dict:
@@ -363,11 +401,15 @@ class PackedMixtureStream:
         passes and half of a third)."""
         out = {}
         for i, src in enumerate(self.sources):
+            n = src.n_train
             out[src.spec.name] = {
                 "tokens": self._acct_tokens[i],
                 "documents": self._acct_docs[i],
-                "epochs": self._acct_docs[i] / len(src.train_idx),
+                # streaming sources of unknown size: completed passes so far (an int)
+                "epochs": self._acct_docs[i] / n if n else self._cursor[i][0],
             }
+            if src.skipped:
+                out[src.spec.name]["skipped_records"] = src.skipped
         return out
 
     def format_accounting(self) -> str:
@@ -391,7 +433,8 @@ class PackedMixtureStream:
             "version": STATE_VERSION,
             "mixture": self.spec.name,
             "source_names": list(self.spec.source_names),
-            "n_train": [int(len(s.train_idx)) for s in self.sources],
+            "n_train": [None if s.streaming else s.n_train for s in self.sources],
+            "stream_n_train": [s.n_train if s.streaming else None for s in self.sources],
             "seed": self.seed,
             "seq_len": self.seq_len,
             "stage": self.stage,
@@ -411,11 +454,14 @@ class PackedMixtureStream:
         if sd.get("version") != STATE_VERSION:
             raise MixtureError(f"{where}: state version {sd.get('version')!r}, expected {STATE_VERSION}")
         for key, mine in (("source_names", list(self.spec.source_names)),
-                          ("n_train", [int(len(s.train_idx)) for s in self.sources]),
+                          ("n_train", [None if s.streaming else s.n_train for s in self.sources]),
                           ("seed", self.seed), ("seq_len", self.seq_len)):
             if sd[key] != mine:
                 raise MixtureError(f"{where}: the saved {key} {sd[key]!r} differs from this stream's "
                                    f"{mine!r}; resume with the same mixture, data, seed and seq_len")
+        for src, n in zip(self.sources, sd.get("stream_n_train", [])):
+            if src.streaming and n is not None:
+                src.n_train = n
         self._weights = self.spec.weights(sd["stage"])
         self.stage = sd["stage"]
         self._cursor = [list(map(int, c)) for c in sd["cursors"]]
@@ -425,6 +471,9 @@ class PackedMixtureStream:
         self._buf_tokens = 0
         for s, e, p, off in sd["buffer"]:
             d = self._fetcher.get(s, e, p)
+            if d is None:
+                raise MixtureError(f"{where}: document {p} of epoch {e} of source "
+                                   f"{self.spec.source_names[s]!r} is gone; did its data change?")
             self._buf.append([s, e, p, d, off])
             self._buf_tokens += len(d) - off
         self._sequences = int(sd["sequences"])
@@ -435,30 +484,31 @@ class PackedMixtureStream:
     def heldout_batches(self, source_name: str, n_seqs: int, seq_len: int | None = None) -> dict:
         """Fixed packed sequences from ``source_name``'s held-out documents (never used for
         training; chosen by the mixture's ``heldout_seed``, independent of the training seed),
-        in document order, packed like training batches. Returns fewer than ``n_seqs`` rows
-        (with a warning) if the held-out documents are too short to fill them."""
+        in document order, packed like training batches. Returns fewer than ``n_seqs`` rows,
+        possibly 0 (with a warning), if the held-out documents are too short to fill them or
+        the source has ``heldout_docs: 0``."""
         L = self.seq_len if seq_len is None else seq_len
         key = (source_name, n_seqs, L)
         if key in self._heldout_cache:
             return {k: v.clone() for k, v in self._heldout_cache[key].items()}
         i = self.spec.source_index(source_name)
         src = self.sources[i]
-        if len(src.heldout_idx) == 0:
-            raise MixtureError(f"{self.spec.path}: source {source_name!r} has heldout_docs: 0; set "
-                               f"heldout_docs on it to evaluate per-source held-out loss")
-        docs = self.encode(src.texts(src.heldout_idx))
+        texts = src.heldout_texts()
+        docs = self.encode(texts) if texts else []
+        n_tok = sum(len(d) for d in docs)
+        rows = min(n_seqs, max(0, (n_tok - 1) // L))
+        if rows < n_seqs:
+            why = ("has heldout_docs: 0" if not docs else
+                   f"has {len(docs)} held-out documents, {n_tok} tokens: {rows} of {n_seqs} "
+                   f"sequences of {L + 1}")
+            warnings.warn(f"{self.spec.path}: source {source_name!r} {why}; raise its heldout_docs "
+                          f"for more held-out evaluation", MixtureWarning, stacklevel=2)
+        if rows == 0:
+            empty = torch.zeros((0, L + 1), dtype=torch.long)
+            return {"input_ids": empty, "position_ids": empty.clone(), "source_ids": empty.clone()}
         ids = np.concatenate(docs).astype(np.int64)
         docstart = np.zeros(len(ids), dtype=bool)
         docstart[np.cumsum([0] + [len(d) for d in docs[:-1]])] = True
-        rows = min(n_seqs, (len(ids) - 1) // L)
-        if rows == 0:
-            raise MixtureError(f"{self.spec.path}: source {source_name!r}: its {len(docs)} held-out "
-                               f"documents have {len(ids)} tokens, fewer than one sequence of "
-                               f"{L + 1}; raise heldout_docs")
-        if rows < n_seqs:
-            warnings.warn(f"source {source_name!r}: held-out documents fill only {rows} of {n_seqs} "
-                          f"sequences of {L + 1} tokens; raise heldout_docs for more", MixtureWarning,
-                          stacklevel=2)
         need = rows * L + 1
         w = lambda a: np.lib.stride_tricks.sliding_window_view(a[:need], L + 1)[::L]  # noqa: E731
         starts = w(docstart).copy()

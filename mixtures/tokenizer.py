@@ -15,7 +15,8 @@ EOS_TOKEN = "<|endoftext|>"
 def build_tokenizer_from_corpus(spec: MixtureSpec, vocab_size: int = 4096, *,
                                 min_frequency: int = 2, eos_token: str = EOS_TOKEN):
     """Train a byte-level BPE (``tokenizers``) on every source's training documents, in spec
-    order, and wrap it as a ``transformers.PreTrainedTokenizerFast``.
+    order (streaming sources: their first 100k training documents), and wrap it as a
+    ``transformers.PreTrainedTokenizerFast``.
 
     ``eos_token`` (also used as ``pad_token``) is the only special token; there is no BOS.
     Deterministic: the same spec and vocab size give the same vocabulary and merges every run
@@ -43,6 +44,7 @@ def build_tokenizer_from_corpus(spec: MixtureSpec, vocab_size: int = 4096, *,
         for s in sources:
             yield from s.train_texts()
 
-    tok.train_from_iterator(texts(), trainer=trainer, length=sum(len(s.train_idx) for s in sources))
+    length = None if any(s.streaming for s in sources) else sum(s.n_train for s in sources)
+    tok.train_from_iterator(texts(), trainer=trainer, length=length)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=eos_token,
                                    model_max_length=1 << 30, clean_up_tokenization_spaces=False)

@@ -454,7 +454,7 @@ def test_heldout_disjoint_and_fixed(demo, tok):
     first_doc = tok.decode(flat[: int((flat == tok.eos_token_id).nonzero()[0])])
     assert first_doc == srcs[1].texts(srcs[1].heldout_idx[:1])[0]
     assert torch.equal(hb["input_ids"], st.heldout_batches("gsm8k", 4, 128)["input_ids"])
-    with pytest.warns(MixtureWarning, match="fill only"):
+    with pytest.warns(MixtureWarning, match="raise its heldout_docs"):
         assert st.heldout_batches("humaneval", 1000, 128)["input_ids"].shape[0] < 1000
 
 
@@ -520,3 +520,45 @@ def test_plan_cli_and_stop_warning(tmp_path, tok, capsys):
     assert len(json.loads((tmp_path / "plan.json").read_text())) == 2
     assert main([str(p), "--stage-tokens", "s9=1k", "--tokenizer", str(tmp_path / "tk")]) == 2
     assert "stage 's9' has no weights" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- streaming
+def test_streaming_source_resume_repeat_heldout(tmp_path, tok):
+    from mixtures import plan_mixture
+    p = make_mixture(tmp_path, [
+        dict(name="mem", n_docs=100, weights={"s1": 1, "s2": 1}),
+        dict(name="st", n_docs=30, weights={"s1": 1, "s2": 3}, heldout_docs=3,
+             data={"path": "st.jsonl", "streaming": True, "shuffle_buffer": 8}),
+    ])
+    spec = load_mixture(p)
+    srcs = load_sources(spec)
+    assert srcs[1].streaming and srcs[1].n_train is None
+    held = srcs[1].heldout_texts()
+    assert [h.split(":")[0] for h in held] == ["st doc 0", "st doc 1", "st doc 2"]
+    plan = [("s1", n) for n in (2, 1, 3, 2)] + [("s2", n) for n in (1, 4, 2, 3, 2, 2)]
+    ref, _ = _run(PackedMixtureStream(spec, tok, seq_len=32, seed=3, stage="s1", block_docs=4), plan)
+    for cut in (1, 3, 4, 6, 8):
+        a = PackedMixtureStream(spec, tok, seq_len=32, seed=3, stage="s1", block_docs=4)
+        _, sd = _run(a, plan[: cut + 1], save_at=cut)
+        b = PackedMixtureStream(spec, tok, seq_len=32, seed=3, stage="s1", block_docs=5)
+        b.load_state_dict(sd)
+        rest, _ = _run(b, plan[cut:])
+        assert same(rest, ref[cut:]), cut
+    st = PackedMixtureStream(spec, tok, seq_len=32, seed=3, stage="s2")
+    docs = _stream_texts(st, tok, 30)
+    st_docs = [d for d in docs if d.startswith("st doc")]
+    assert not set(st_docs) & set(held)
+    assert len(set(st_docs[:27])) == 27 and st_docs[:27] != st_docs[27:54]   # epoch, reshuffled
+    assert srcs[1].n_train == 27 and st.accounting()["st"]["epochs"] > 1
+    rows = plan_mixture(spec, tok, {"s1": 1000})
+    assert rows[1]["docs"] == 27 and rows[1]["source_tokens"] > 0
+
+
+def test_streaming_background_identical(tmp_path, tok):
+    p = make_mixture(tmp_path, [dict(name="mem", n_docs=60, weights={"s": 1}),
+                                dict(name="st", n_docs=40, weights={"s": 1},
+                                     data={"path": "st.jsonl", "streaming": True})])
+    spec = load_mixture(p)
+    ref = batches(PackedMixtureStream(spec, tok, seq_len=32, seed=1), [4] * 20)
+    with PackedMixtureStream(spec, tok, seq_len=32, seed=1, num_workers=1, block_docs=8) as bg:
+        assert same(batches(bg, [4] * 20), ref)
