@@ -89,6 +89,7 @@ def breakdown(d):
     h, gu = G.gate_up_fwd(x, None, wgu, c32, M, save_gu=True)
     out = torch.empty(M, H, device=x.device, dtype=x.dtype)
     dgu, hw, _ = G.down_bwd(dy, None, wd, gu, None, c32, M)
+    hw = h if hw is None else hw  # unweighted rows: the Wd gradient uses the forward's h
     gu_t = (wgu.stride(0), wgu.stride(2), wgu.stride(1))
     wd_s = (wd.stride(0), wd.stride(1), wd.stride(2))
     o1, o2 = torch.empty_like(wgu), torch.empty_like(wd)
@@ -118,6 +119,31 @@ def breakdown(d):
         except Exception as e:  # noqa: BLE001
             res.append(dict(kernel=name, ms=float("nan"), tflops=float("nan"), error=repr(e)[:200]))
     return res
+
+
+def profile_step(fn, d, steps=5):
+    """Device time per kernel inside the real fwd+bwd step (torch.profiler), ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+    x, counts, wgu, wd, dy = d["x"], d["counts"], d["wgu"], d["wd"], d["dy"]
+    xs, g, w = (t.detach().requires_grad_() for t in (x, wgu, wd))
+
+    def step():
+        out = fn(xs, counts, g, w)
+        torch.autograd.grad(out, [xs, g, w], dy)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append(dict(kernel=evt.key[:70], ms=t / 1e3 / steps, calls=evt.count / steps))
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:12]
 
 
 def bench_routed(case, device, dtype, seed=1):
@@ -217,6 +243,8 @@ def main():
             print(f"{case:6s} {name:12s} fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms", flush=True)
         if args.breakdown:
             extra.setdefault("breakdown", {})[case] = breakdown(d)
+            if case == "t8k":
+                extra["profile"] = {n: profile_step(fn, d) for n, fn in impls if n in ("grouped_mm", "triton")}
         del d
         torch.cuda.empty_cache()
     M, r = bench_routed("t8k", device, dtype)
@@ -255,6 +283,10 @@ def main():
         print(f"\nper-kernel ({case}):")
         for b in br:
             print(f"  {b['kernel']:28s} {b['ms']:8.3f} ms {b['tflops']:7.1f} TFLOP/s")
+    for impl, prof in extra.get("profile", {}).items():
+        print(f"\nprofiled fwd+bwd step, t8k, {impl} (device ms per step, top kernels):")
+        for p_ in prof:
+            print(f"  {p_['ms']:8.3f} ms  x{p_['calls']:.0f}  {p_['kernel']}")
     if isinstance(extra.get("autotune"), dict):
         print("\nautotune:")
         for n, cache in extra["autotune"].items():

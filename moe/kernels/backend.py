@@ -39,18 +39,22 @@ class _GroupedSwiGLU(torch.autograd.Function):
         else:
             out = torch.empty(M, H, device=x.device, dtype=x.dtype)
             G.rows_gemm(h, w_down, wd_strides, H, I, counts, out, scale=w_sorted)
-        ctx.save_for_backward(x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu)
+        # unweighted rows (grouped_mlp): the backward's Wd gradient needs h itself; keep it
+        ctx.save_for_backward(x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu,
+                              h if (w_sorted is None and save) else None)
         ctx.top_k, ctx.n_tokens, ctx.M = top_k, n_tokens, M
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu = ctx.saved_tensors
+        x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu, h = ctx.saved_tensors
         need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
         M, top_k, n_tokens = ctx.M, ctx.top_k, ctx.n_tokens
         E, H, two_i = w_gate_up.shape
         dout = dout.contiguous()
         dgu, hw, dw = G.down_bwd(dout, tok, w_down, gu, w_sorted, counts, M)
+        if hw is None:
+            hw = h
         dx = dWgu = dWd = None
         if need_x:
             gu_strides = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1))  # B_e = Wgu_e^T

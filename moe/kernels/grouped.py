@@ -186,7 +186,7 @@ def _rows_gemm(a_ptr, b_ptr, out_ptr, counts_ptr, scale_ptr, pos_ptr,
 
 @_jit
 def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_ptr, counts_ptr,
-              M, E, N, K, ROWS_HINT,
+              M, E, N, K, ROWS_HINT, N_DWP,
               stride_dym, stride_we, stride_wn, stride_wk, stride_gum, stride_dgum, stride_hwm, stride_dwpm,
               HAS_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
               E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -255,13 +255,20 @@ def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_p
     if HAS_SCALE:
         s = tl.load(scale_ptr + rm_c).to(tl.float32)
         part = tl.sum(tl.where(mask, acc * h, 0.0), 1)
-        tl.store(dwp_ptr + rm64 * stride_dwpm + pid_n, part, mask=mrow)
+        # dwp has one column per 16 columns of I; this program owns BLOCK_N // 16 of them: its partial
+        # goes in the first, zeros in the rest, so every column is written whatever the config
+        # (the autotuner runs several configs on the same buffer)
+        SUB: tl.constexpr = BLOCK_N // 16
+        sub = tl.arange(0, SUB)
+        cols = pid_n * SUB + sub
+        vals = tl.where(sub[None, :] == 0, part[:, None], 0.0)
+        tl.store(dwp_ptr + rm64[:, None] * stride_dwpm + cols[None, :], vals,
+                 mask=mrow[:, None] & (cols[None, :] < N_DWP))
         dh = acc * s[:, None]
         hw = h * s[:, None]
+        tl.store(hw_ptr + rm64[:, None] * stride_hwm + rn[None, :], hw.to(hw_ptr.dtype.element_ty), mask=mask)
     else:
-        dh = acc
-        hw = h
-    tl.store(hw_ptr + rm64[:, None] * stride_hwm + rn[None, :], hw.to(hw_ptr.dtype.element_ty), mask=mask)
+        dh = acc  # unweighted rows: the Wd gradient uses the h saved by the forward
     du = dh * silu
     dg = dh * u * sig * (1.0 + g * (1.0 - sig))
     d_ptrs = dgu_ptr + rm64[:, None] * stride_dgum + rn[None, :]
@@ -345,19 +352,37 @@ _DOWN_BWD_CONFIGS = [
     _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
 ]
 _WGRAD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(256, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 32, 4, 4), _cfg(128, 128, 32, 4, 6), _cfg(128, 256, 32, 8, 4),
+    _cfg(128, 128, 64, 4, 3),
 ]
 # the interpreter: one small configuration (tl.dot needs every dimension >= 16)
 _INTERP = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+
+_SMEM_LIMIT = 220 * 1024
+
+
+def _pruner(first_arg: str, n_b: int):
+    """Drop configs whose pipelined A/B tiles exceed shared memory (fp32 inputs); keep one that fits."""
+    def prune(configs, named_args, **kwargs):
+        esize = named_args[first_arg].element_size()
+        def smem(c):
+            k = c.kwargs
+            return (k["BLOCK_M"] * k["BLOCK_K"] + n_b * k["BLOCK_K"] * k["BLOCK_N"]) * esize * c.num_stages
+        kept = [c for c in configs if smem(c) <= _SMEM_LIMIT]
+        return kept or [_cfg(64, 64, 32, 4, 2)]
+    return prune
+
 
 _KEYS = ["N", "K", "ROWS_HINT"]
 if INTERPRET:
     _k_gate_up, _k_rows, _k_down_bwd, _k_wgrad = _gate_up_fwd, _rows_gemm, _down_bwd, _wgrad
 else:
-    _k_gate_up = triton.autotune(_GATE_UP_CONFIGS, key=_KEYS)(_gate_up_fwd)
-    _k_rows = triton.autotune(_ROWS_CONFIGS, key=_KEYS)(_rows_gemm)
-    _k_down_bwd = triton.autotune(_DOWN_BWD_CONFIGS, key=_KEYS)(_down_bwd)
-    _k_wgrad = triton.autotune(_WGRAD_CONFIGS, key=["P", "Q", "ROWS_HINT"])(_wgrad)
+    def _tuned(configs, keys, first_arg, n_b):
+        return triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": _pruner(first_arg, n_b)})
+    _k_gate_up = _tuned(_GATE_UP_CONFIGS, _KEYS, "x_ptr", 2)(_gate_up_fwd)
+    _k_rows = _tuned(_ROWS_CONFIGS, _KEYS, "a_ptr", 1)(_rows_gemm)
+    _k_down_bwd = _tuned(_DOWN_BWD_CONFIGS, _KEYS, "dy_ptr", 1)(_down_bwd)
+    _k_wgrad = _tuned(_WGRAD_CONFIGS, ["P", "Q", "ROWS_HINT"], "a_ptr", 1)(_wgrad)
 
 
 def _meta():
@@ -413,21 +438,20 @@ def rows_gemm(a, b, b_strides, N, K, counts, out, scale=None, pos=None):
 
 
 def down_bwd(dy, tok, w_down, gu, scale, counts, M):
+    """-> (dgu [M, 2I], w*h [M, I] or None when scale is None, routing-weight grad [M] fp32 or None)."""
     E, I, H = w_down.shape
     dgu = torch.empty(M, 2 * I, device=dy.device, dtype=dy.dtype)
-    hw = torch.empty(M, I, device=dy.device, dtype=dy.dtype)
-    dwp = None
+    hw = torch.empty(M, I, device=dy.device, dtype=dy.dtype) if scale is not None else None
     if M == 0:
         return dgu, hw, (torch.zeros(0, device=dy.device, dtype=torch.float32) if scale is not None else None)
-    n_blocks_max = triton.cdiv(I, 16)
-    if scale is not None:
-        dwp = torch.zeros(M, n_blocks_max, device=dy.device, dtype=torch.float32)
+    n_dwp = triton.cdiv(I, 16)
+    dwp = torch.empty(M, n_dwp, device=dy.device, dtype=torch.float32) if scale is not None else None
     _k_down_bwd[_grid_rows(M, E, I)](
-        dy, tok if tok is not None else counts, w_down, gu, scale if scale is not None else gu, dgu, hw,
-        dwp if dwp is not None else hw, counts,
-        M, E, I, H, _rows_hint(M, E),
+        dy, tok if tok is not None else counts, w_down, gu, scale if scale is not None else gu, dgu,
+        hw if hw is not None else dgu, dwp if dwp is not None else dgu, counts,
+        M, E, I, H, _rows_hint(M, E), n_dwp,
         dy.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), gu.stride(0), dgu.stride(0),
-        hw.stride(0), dwp.stride(0) if dwp is not None else 0,
+        hw.stride(0) if hw is not None else 0, dwp.stride(0) if dwp is not None else 0,
         HAS_GATHER=tok is not None, HAS_SCALE=scale is not None, EVEN_K=_even_k(H),
         E_PAD=_e_pad(E), **_meta())
     dw = dwp.sum(1) if dwp is not None else None
