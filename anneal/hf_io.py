@@ -584,6 +584,8 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
         _write_weights(model, tmp, dtype, max_shard_size)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
+        for f in tmp.iterdir():  # some writers create 0600 files; an export is for others to read
+            os.chmod(f, 0o644)
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content.encode() if isinstance(content, str) else bytes(content))
         if folder.exists():

@@ -85,6 +85,7 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
         model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, cfg.model.gradient_checkpointing)
         model.init_weights(seed=cfg.model.init_seed)
         tokenizer = _tokenizer_for_random_init(cfg, tokenizer_dir)
+        mcfg.eos_token_id = tokenizer.eos_token_id  # model.arch cannot know the trained tokenizer's ids
         return model.to(device), mcfg, tokenizer, tokenizer_dir, None, None, {}
 
     from anneal.catalog import Catalog
@@ -416,7 +417,7 @@ class Trainer:
         last_stage = p.schedule.stage_names[-1]
         meta = {"stage": last_stage, "lr": p.schedule.lr_at(tokens),
                 "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + tokens,
-                "annealed_from": p.checkpoint_name, "schedule": p.schedule.to_config()}
+                "started_from": p.checkpoint_name, "schedule": p.schedule.to_config()}
         export_hf_checkpoint(p.model, export_dir, tokenizer_dir=p.tokenizer_dir,
                              dtype=getattr(torch, cfg.export.dtype), max_shard_size=cfg.export.max_shard_size,
                              overwrite=cfg.export.overwrite, extra_files={META_FILE: json.dumps(meta, indent=2)})
