@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from anneal.errors import AnnealError
+from anneal.paths import conf_dir, package_root
 
 STAGES = ("stable", "pre-anneal", "post-anneal", "long-context", "sft")
 FIELDS = ("name", "repo_id", "path", "revision", "tokens_seen", "stage", "lr", "verified", "notes")
@@ -33,31 +34,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _TRUE = {"1", "on", "yes", "true"}
 
 
-def _package_root() -> Path:
-    """Folder that holds the `anneal` package (site-packages, or the repo root in a checkout):
-    bundled entries' relative paths such as `anneal/assets/tiny-stable` resolve against it."""
-    import anneal
-
-    return Path(anneal.__file__).resolve().parent.parent
-
-
 def bundled_catalog_path() -> Path:
     """`anneal/conf/catalog.yaml` when installed; `conf/catalog.yaml` in a source checkout."""
-    import importlib.util
-
-    root = _package_root()
-    candidates = [root / "anneal" / "conf" / "catalog.yaml", root / "conf" / "catalog.yaml"]
-    try:  # wherever the installer put the package `anneal.conf` (editable installs map it)
-        spec = importlib.util.find_spec("anneal.conf")
-        if spec is not None and spec.origin:
-            candidates.insert(0, Path(spec.origin).parent / "catalog.yaml")
-    except (ImportError, ValueError):
-        pass
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise AnnealError(f"bundled checkpoint catalog not found (looked in {root / 'anneal' / 'conf'} and "
-                      f"{root / 'conf'}); reinstall the package")
+    path = conf_dir() / "catalog.yaml"
+    if not path.is_file():
+        raise AnnealError(f"bundled checkpoint catalog not found at {path}; reinstall the package")
+    return path
 
 
 @dataclass(frozen=True)
@@ -197,7 +179,7 @@ class Catalog:
     @classmethod
     def load(cls, extra_files: Iterable[str | os.PathLike] = ()) -> "Catalog":
         """The bundled catalog plus user catalog files (later files override earlier by name)."""
-        entries = {e.name: e for e in read_catalog_file(bundled_catalog_path(), base_dir=_package_root())}
+        entries = {e.name: e for e in read_catalog_file(bundled_catalog_path(), base_dir=package_root())}
         for f in extra_files:
             entries.update({e.name: e for e in read_catalog_file(f)})
         return cls(entries)

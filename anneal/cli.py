@@ -20,15 +20,12 @@ from pathlib import Path
 from rich.console import Console
 
 from anneal.errors import AnnealError
+from anneal.paths import conf_dir
 from mixtures.errors import MixtureError
 
 USER_ERRORS = (AnnealError, MixtureError)  # bad input: one clear message, no traceback
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-if not CONF_DIR.is_dir():  # installed (non-editable): conf/ is the package anneal.conf
-    import anneal.conf as _conf
-
-    CONF_DIR = Path(_conf.__file__).resolve().parent
+CONF_DIR = conf_dir()
 
 err_console = Console(stderr=True)
 
