@@ -294,7 +294,6 @@ class Trainer:
         total = schedule.total_tokens
         stage_ends = {schedule.stage_end(n) for n in schedule.stage_names}
         routers = model.routers()
-        source_names = list(p.spec.source_names)
         if step == 0 and not tracker.history:
             tracker.log({"tokens": 0, **self.evaluate(p, device, autocast)}, step=0)
 
@@ -306,37 +305,17 @@ class Trainer:
             n_seqs = p.ramp.batch_at(tokens) // seq_len
             n_micro = n_seqs // mbs
 
-            loss_sum, src_sums, src_counts, aux_sum = 0.0, {}, {}, 0.0
-            for _ in range(n_micro):
-                batch = stream.next_batch(mbs)
-                losses = token_losses(model, batch, device, autocast)
-                loss = losses.mean()
-                aux = model.aux_loss()
-                if aux is not None:
-                    aux_sum += float(aux)
-                    loss = loss + aux
-                engine.backward(loss / n_micro)
-                loss_sum += float(losses.detach().mean())
-                src = batch["source_ids"][:, 1:].to(device)
-                for i, name in enumerate(source_names):
-                    mask = src == i
-                    if mask.any():
-                        src_sums[name] = src_sums.get(name, 0.0) + float(losses.detach()[mask].sum())
-                        src_counts[name] = src_counts.get(name, 0) + int(mask.sum())
-            grad_norm = engine.step(lr)
+            metrics = self._train_step(p, engine, device, autocast, n_micro, lr)
             moe_stats = self._update_router_biases(routers)
             step += 1
             tokens += n_seqs * seq_len
-            train_loss = loss_sum / n_micro
+            train_loss = metrics["loss"]
 
             now = time.perf_counter()
             tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
             t_last, tokens_last = now, tokens
-            row = {"tokens": tokens, "loss": train_loss, "lr": lr, "stage": stage.name,
-                   "grad_norm": grad_norm, "tokens_per_s": tps, "batch_tokens": n_seqs * seq_len,
-                   **{f"loss/{k}": src_sums[k] / src_counts[k] for k in src_sums}, **moe_stats}
-            if aux_sum:
-                row["aux_loss"] = aux_sum / n_micro
+            row = {"tokens": tokens, "lr": lr, "stage": stage.name, "tokens_per_s": tps,
+                   "batch_tokens": n_seqs * seq_len, **metrics, **moe_stats}
             crossed = lambda every: every > 0 and tokens // every != (tokens - n_seqs * seq_len) // every  # noqa: E731
             at_stage_end = tokens in stage_ends or tokens >= total or \
                 schedule.stage_at(tokens).name != stage.name
@@ -361,6 +340,34 @@ class Trainer:
         return result
 
     # -- pieces --------------------------------------------------------------------------------
+    def _train_step(self, p: Prepared, engine: Engine, device: torch.device, autocast, n_micro: int,
+                    lr: float) -> dict:
+        """Gradient accumulation over `n_micro` micro-batches, then one optimizer step. Per-source
+        loss sums stay on the device until the end of the step (one sync per step)."""
+        n_src = len(p.spec.source_names)
+        loss_sum = torch.zeros(n_src, device=device, dtype=torch.float64)
+        count = torch.zeros(n_src, device=device, dtype=torch.float64)
+        aux_sum = torch.zeros((), device=device)
+        for _ in range(n_micro):
+            batch = p.stream.next_batch(self.cfg.trainer.micro_batch_size)
+            losses = token_losses(p.model, batch, device, autocast)
+            loss = losses.mean()
+            aux = p.model.aux_loss()
+            if aux is not None:
+                aux_sum += aux.detach()
+                loss = loss + aux
+            engine.backward(loss / n_micro)
+            src = batch["source_ids"][:, 1:].to(device).reshape(-1)
+            loss_sum.scatter_add_(0, src, losses.detach().reshape(-1).double())
+            count += torch.bincount(src, minlength=n_src).double()
+        grad_norm = engine.step(lr)
+        sums, counts = loss_sum.tolist(), count.tolist()
+        out = {"loss": sum(sums) / sum(counts), "grad_norm": grad_norm,
+               **{f"loss/{name}": s / c for name, s, c in zip(p.spec.source_names, sums, counts) if c}}
+        if aux is not None:
+            out["aux_loss"] = float(aux_sum) / n_micro
+        return out
+
     def _update_router_biases(self, routers: dict) -> dict:
         """Aux-loss-free balancing after each optimizer step; returns per-layer load statistics."""
         stats, max_over_mean = {}, []
