@@ -234,14 +234,16 @@ class PackedMixtureStream:
         seed: training data seed (per-epoch document order). Held-out documents do not depend on it.
         stage: initial stage (default: the mixture's first stage).
         num_workers: 0 = tokenize in this process (reference path); >0 = background worker
-            processes (same batches).
-        block_docs: documents tokenized together per source.
+            processes (same batches). Workers are *spawned*: a script that creates such a
+            stream at import time needs the usual ``if __name__ == "__main__":`` guard.
+            Call :meth:`close` (or use ``with``) to stop them.
+        block_docs: documents tokenized together per source (default 32, or 8 with workers).
         prefetch_blocks: blocks per source kept in flight with ``num_workers > 0``.
     """
 
     def __init__(self, spec: MixtureSpec, tokenizer, seq_len: int, seed: int = 0,
-                 stage: str | None = None, *, num_workers: int = 0, block_docs: int = 32,
-                 prefetch_blocks: int = 4):
+                 stage: str | None = None, *, num_workers: int = 0, block_docs: int | None = None,
+                 prefetch_blocks: int = 32):
         if not isinstance(seq_len, int) or seq_len < 1:
             raise MixtureError(f"seq_len must be a positive integer, got {seq_len!r}")
         self.spec = spec
@@ -251,6 +253,8 @@ class PackedMixtureStream:
         self.sources = load_sources(spec)
         self.encode = make_encoder(tokenizer)
         n = len(self.sources)
+        if block_docs is None:
+            block_docs = 8 if num_workers > 0 else 32
         if num_workers > 0:
             self._fetcher: _Fetcher = _BackgroundFetcher(self.sources, tokenizer, self.seed, block_docs,
                                                          num_workers, max(1, prefetch_blocks))
