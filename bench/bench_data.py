@@ -106,6 +106,7 @@ def main():
     ap.add_argument("--json", default="bench/bench_data.json")
     a = ap.parse_args()
     n_tokens = parse_tokens(a.tokens)
+    load_before = os.getloadavg()
     spec = load_mixture("demo")
     stage = "stable"
 
@@ -179,7 +180,11 @@ def main():
                      "tokenizers": tokenizers.__version__, "datasets": datasets.__version__,
                      "numpy": np.__version__},
         "args": vars(a),
+        # other processes on a shared machine skew these numbers: keep the load with them
+        "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+        "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
     }
+    print(f"load average before {meta['loadavg_1_5_15_before']}, after {meta['loadavg_1_5_15_after']}")
     try:
         import tiktoken
         meta["versions"]["tiktoken"] = tiktoken.__version__

@@ -147,7 +147,9 @@ class SourceData:
                     ds = datasets.load_dataset(d.hub, d.config, split=d.split, revision=d.revision)
                 except Exception as e:  # noqa: BLE001 - re-raised with context
                     raise MixtureError(f"{self.where}: could not load hub dataset {d.hub!r} "
-                                       f"(config {d.config!r}, split {d.split!r}): {e}") from e
+                                       f"(config {d.config!r}, split {d.split!r}): {_root_msg(e)}; "
+                                       f"it needs the internet or the HF cache (offline: point "
+                                       f"data.path at local files)") from e
                 self._add_table(ds, f"hub dataset {d.hub}", None)
             elif d.format == "text":
                 self._load_text(datasets)
@@ -313,8 +315,10 @@ class StreamingSourceData:
                                                streaming=True, **kwargs)
             except Exception as e:  # noqa: BLE001
                 what = d.hub or ", ".join(d.files)
+                hint = (f"; a hub dataset needs the internet or the HF cache (offline: point "
+                        f"data.path at local files)" if d.hub else "")
                 raise MixtureError(f"{self.where}: could not open {what} for streaming "
-                                   f"({_root_msg(e)})") from e
+                                   f"({_root_msg(e)}){hint}") from e
         self._ds = ds
         self._heldout: list[str] = []
         raw = 0

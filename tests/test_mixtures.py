@@ -562,3 +562,17 @@ def test_streaming_background_identical(tmp_path, tok):
     ref = batches(PackedMixtureStream(spec, tok, seq_len=32, seed=1), [4] * 20)
     with PackedMixtureStream(spec, tok, seq_len=32, seed=1, num_workers=1, block_docs=8) as bg:
         assert same(batches(bg, [4] * 20), ref)
+
+
+def test_bundled_template_offline():
+    import datasets
+    from mixtures import bundled_mixtures
+    assert {"demo", "dots1_template"} <= set(bundled_mixtures())
+    spec = load_mixture("dots1_template")
+    spec.check_stages(["stage1", "stage2"])
+    w = spec.normalized_weights("stage2")
+    assert w[spec.source_index("math_web")] + w[spec.source_index("code")] > 0.5
+    if not datasets.config.HF_HUB_OFFLINE:
+        pytest.skip("would go to the hub")
+    with pytest.raises(MixtureError, match=r"source 'web_edu'.*HuggingFaceFW/fineweb-edu.*internet or the HF cache"):
+        load_sources(spec)
