@@ -222,6 +222,21 @@ def test_tokenizer_deterministic(demo, tok, tmp_path):
     assert tok.decode(tok(s, add_special_tokens=False)["input_ids"]) == s
 
 
+def test_tokenizer_deterministic_across_processes(tok):
+    """Rust hash maps are seeded per process: build the tokenizer in a fresh interpreter too."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    code = ("import hashlib; from mixtures import load_mixture, build_tokenizer_from_corpus; "
+            "t = build_tokenizer_from_corpus(load_mixture('demo'), vocab_size=4096); "
+            "print(hashlib.sha256(t.backend_tokenizer.to_str().encode()).hexdigest())")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""), RAYON_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().splitlines()[-1] == hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- packing
 def test_batch_format_and_packing(demo, tok):
     st = PackedMixtureStream(demo, tok, seq_len=64, seed=1, stage="stage2")
