@@ -13,7 +13,7 @@ Cases (tokens/s = tokens returned by next_batch per wall second, after one warm-
   bg wait @ C ms       background w=1 while the main process sleeps C ms per batch (a stand-in for a
                        training step): mean time next_batch still blocks, per batch
 
-    PYTHONPATH=. python bench/bench_data.py --json bench/bench_data.json [--seq-len 2048 --batch 8 --tokens 4M]
+    PYTHONPATH=. python bench/bench_data.py --json /tmp/bench_data.json [--seq-len 2048 --batch 8 --tokens 4M]
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="sequences per next_batch call")
     ap.add_argument("--tokens", default="4M", help="tokens per measurement")
     ap.add_argument("--compute-ms", type=float, default=50.0, help="simulated step for the wait case")
-    ap.add_argument("--json", default="bench/bench_data.json")
+    ap.add_argument("--json", default=None, help="write meta + rows here")
     a = ap.parse_args()
     n_tokens = parse_tokens(a.tokens)
     load_before = os.getloadavg()
