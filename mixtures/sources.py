@@ -218,26 +218,50 @@ class SourceData:
                 n = 0
             else:
                 ds = ds.select_columns(list(fields))
-                keep = []
+                valid = self._valid_rows(ds, label, file)
+        self._tables.append((ds, valid))
+        self._offsets = np.append(self._offsets, self._offsets[-1] + len(valid))
+
+    def _valid_rows(self, ds, label: str, file: str | None) -> np.ndarray:
+        """Rows whose template fields are all present and whose text is not empty, checked with
+        Arrow compute (no Python loop over the records)."""
+        import string as _string
+
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        fields = self.spec.text_fields
+        tbl = ds.with_format("arrow")[:]
+        n = tbl.num_rows
+        null = np.zeros(n, dtype=bool)
+        for f in fields:
+            null |= pc.is_null(tbl.column(f)).to_numpy(zero_copy_only=False)
+        if null.any():
+            first = int(np.argmax(null))
+            if self.spec.on_bad_record == "fail":
+                missing = [f for f in fields if tbl.column(f)[first].as_py() is None][0]
+                raise MixtureError(
+                    f"{self.where}: {label} {self._locate(file, first)} has no field {missing!r}; "
+                    f"fix the record, fix `text: {self.spec.text!r}`, or set `on_bad_record: skip`")
+            self.skipped += int(null.sum())
+        literal = "".join(lit for lit, _, _, _ in _string.Formatter().parse(self.spec.text))
+        empty = np.zeros(n, dtype=bool)
+        if not literal.strip():
+            # the text can only be empty if every field renders to whitespace: only strings can
+            cols = [tbl.column(f) for f in fields]
+            if all(pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in cols):
+                empty[:] = True
+                for col in cols:
+                    filled = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0)
+                    empty &= ~pc.fill_null(filled, False).to_numpy(zero_copy_only=False)
+            else:   # other types (numbers, datasets' Json columns of mixed values): render in Python
                 for start in range(0, n, 4096):
                     batch = ds[start:start + 4096]
                     for j in range(len(batch[fields[0]])):
-                        rec = {f: batch[f][j] for f in fields}
-                        bad = [f for f, v in rec.items() if v is None]
-                        if bad:
-                            if self.spec.on_bad_record == "fail":
-                                raise MixtureError(
-                                    f"{self.where}: {label} {self._locate(file, start + j)} has no "
-                                    f"field {bad[0]!r}; fix the record, fix `text: "
-                                    f"{self.spec.text!r}`, or set `on_bad_record: skip`")
-                            self.skipped += 1
-                        elif self._render(rec):
-                            keep.append(start + j)
-                        else:
-                            self.skipped += 1  # renders to empty text
-                valid = np.asarray(keep, dtype=np.int64)
-        self._tables.append((ds, valid))
-        self._offsets = np.append(self._offsets, self._offsets[-1] + len(valid))
+                        if not null[start + j]:
+                            empty[start + j] = not self._render({f: batch[f][j] for f in fields})
+            empty &= ~null
+            self.skipped += int(empty.sum())
+        return np.nonzero(~(null | empty))[0].astype(np.int64)
 
     def _locate(self, file: str | None, row: int) -> str:
         if file and self.spec.data.format == "json":

@@ -144,6 +144,24 @@ def test_missing_field_error_names_file_and_line(tmp_path, tok):
         PackedMixtureStream(load_mixture(p), tok, seq_len=8)
 
 
+def test_missing_field_and_empty_text_skip(tmp_path):
+    f = tmp_path / "qa.jsonl"
+    rows = [{"q": "q1", "a": "a1"}, {"q": "q2"}, {"q": "  ", "a": "\n"}, {"q": "q4", "a": 4},
+            {"q": "", "a": ""}, {"q": "q6", "a": "a6"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = write_yaml(tmp_path, {"sources": [{"name": "qa", "data": {"path": "qa.jsonl"}, "text": "{q}\n{a}",
+                                           "weights": {"s": 1}, "on_bad_record": "skip"}]})
+    with pytest.warns(MixtureWarning, match=r"skipped 3 bad record\(s\).*3 documents kept"):
+        src = load_sources(load_mixture(p))[0]
+    assert src.texts(range(3)) == ["q1\na1", "q4\n4", "q6\na6"]
+    # a template with literal text is never empty: only the missing field is skipped
+    p = write_yaml(tmp_path, {"sources": [{"name": "qa", "data": {"path": "qa.jsonl"},
+                                           "text": "Q: {q} A: {a}", "weights": {"s": 1},
+                                           "on_bad_record": "skip"}]})
+    with pytest.warns(MixtureWarning, match=r"skipped 1 bad record"):
+        assert load_sources(load_mixture(p))[0].n_docs == 5
+
+
 def test_corrupt_jsonl_fail_and_skip(tmp_path, tok):
     f = tmp_path / "c.jsonl"
     f.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n[1, 2]\n{"text": "four"}\n')
