@@ -60,10 +60,27 @@ def _with_eos(ids, eos: int) -> np.ndarray:
     return a
 
 
-def worker_init(payload: bytes) -> None:
-    global _WORKER_ENCODE
+_WORKER_SOURCES = None
+
+
+def worker_init(payload: bytes, spec_payload: bytes | None = None) -> None:
+    """Runs once in each worker: rebuild the encoder and, if given the mixture spec, load its
+    sources (from the `datasets` cache: memory-mapped Arrow, so cheap) to render texts here."""
+    global _WORKER_ENCODE, _WORKER_SOURCES
     _WORKER_ENCODE = encoder_from_payload(payload)
+    if spec_payload is not None:
+        import logging
+        import warnings
+        logging.getLogger("mixtures").setLevel(logging.ERROR)   # the main process already warned
+        warnings.simplefilter("ignore")
+        from .sources import load_sources
+        _WORKER_SOURCES = load_sources(pickle.loads(spec_payload))
 
 
 def worker_encode(texts: list[str]) -> list[np.ndarray]:
     return _WORKER_ENCODE(texts)
+
+
+def worker_encode_docs(s: int, idx) -> list[np.ndarray]:
+    """Render documents ``idx`` of source ``s`` and tokenize them (+ EOS)."""
+    return _WORKER_ENCODE(_WORKER_SOURCES[s].texts(idx))

@@ -35,7 +35,8 @@ tokenization is deterministic). A stream loaded from it yields exactly the batch
 uninterrupted stream would have yielded.
 
 Background tokenization (``num_workers > 0``) only changes *where* documents are tokenized:
-documents of each source are tokenized ahead, in blocks, in spawned worker processes; the
+documents of each source are rendered and tokenized ahead, in blocks, in spawned worker
+processes (streaming sources: read here, tokenized here); the
 order of documents in a source does not depend on the sampler, so the batches are identical
 to the synchronous path (which stays the reference; tested).
 """
@@ -50,7 +51,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ._tokenize import make_encoder, make_payload, worker_encode, worker_init
+from ._tokenize import make_encoder, make_payload, worker_encode_docs, worker_init
 from .errors import MixtureError, MixtureExhausted
 from .sources import MixtureWarning, SourceData, load_sources
 from .spec import MixtureSpec
@@ -162,16 +163,20 @@ class _BackgroundFetcher(_Fetcher):
 
     Per source, blocks ``[b*block, (b+1)*block)`` of an epoch are submitted to a process pool
     ``depth`` blocks ahead of the one being read (continuing into the next epoch for
-    ``repeat`` sources). Texts are rendered here (cheap); workers only tokenize.
+    ``repeat`` sources). Only document indices go to the workers: each worker loads the
+    mixture's sources itself (once, from the `datasets` cache) and renders and tokenizes there,
+    so this process does nothing but sample and pack.
     """
 
-    def __init__(self, sources, tokenizer, seed, block, num_workers: int, depth: int):
+    def __init__(self, sources, tokenizer, seed, block, num_workers: int, depth: int, spec):
         super().__init__(sources, None, seed, block)
         import multiprocessing as mp
+        import pickle
         from concurrent.futures import ProcessPoolExecutor
         self.depth = depth
         self.pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=mp.get_context("spawn"),
-                                        initializer=worker_init, initargs=(make_payload(tokenizer),))
+                                        initializer=worker_init,
+                                        initargs=(make_payload(tokenizer), pickle.dumps(spec)))
         self.queues: dict[int, collections.deque] = {}
         self.stoppers = {i: s.spec.on_exhausted == "stop" for i, s in enumerate(sources)}
         self.encode = make_encoder(tokenizer)     # for streaming sources
@@ -185,7 +190,7 @@ class _BackgroundFetcher(_Fetcher):
     def _submit(self, s: int, epoch: int, b: int):
         n = len(self.sources[s].train_idx)
         start, stop = b * self.block, min((b + 1) * self.block, n)
-        fut = self.pool.submit(worker_encode, self._texts(s, epoch, start, stop))
+        fut = self.pool.submit(worker_encode_docs, s, self.perm(s, epoch)[start:stop])
         return (epoch, b, fut)
 
     def get(self, s: int, epoch: int, pos: int) -> np.ndarray | None:
@@ -257,7 +262,7 @@ class PackedMixtureStream:
             block_docs = 8 if num_workers > 0 else 32
         if num_workers > 0:
             self._fetcher: _Fetcher = _BackgroundFetcher(self.sources, tokenizer, self.seed, block_docs,
-                                                         num_workers, max(1, prefetch_blocks))
+                                                         num_workers, max(1, prefetch_blocks), spec)
         else:
             self._fetcher = _Fetcher(self.sources, self.encode, self.seed, block_docs)
         self.num_workers = num_workers
