@@ -30,8 +30,14 @@ setup(
         "rich>=13",
         "matplotlib>=3.7",
         "pyyaml>=6",
+        "numpy>=1.24",
+        "pyarrow>=15",
     ],
-    extras_require={"test": ["pytest>=8"], "triton": ["triton>=3.1"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        "triton": ["triton>=3.1"],
+        "bench": ["tiktoken>=0.7", "dashscope>=1.20"],  # the Qwen 151,643-token BPE for bench/bench_data.py
+    },
     entry_points={
         "console_scripts": [
             "anneal=anneal.cli:main",
@@ -39,6 +45,7 @@ setup(
             "anneal-catalog=anneal.cli:catalog_main",
             "anneal-plot-schedule=anneal.cli:plot_schedule_main",
             "anneal-plan=anneal.cli:plan_main",
+            "mixtures-plan=mixtures.plan:main",
         ]
     },
 )
