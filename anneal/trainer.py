@@ -256,8 +256,10 @@ class Trainer:
             tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)")
         try:
             result = self._loop(p, engine, tracker, device, step, tokens)
+            tracker.print(p.stream.format_accounting(), markup=False, highlight=False)
         finally:
             tracker.close()
+            p.stream.close()
         result["wandb_dir"] = tracker.wandb_dir
         return result
 
@@ -279,7 +281,7 @@ class Trainer:
         spec.check_stages(list(schedule.stage_names) + [s for s in WSD_PHASES if s not in schedule.stage_names],
                           active_stages=schedule.stage_names)
         stream = PackedMixtureStream(spec, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.seed,
-                                     stage=schedule.stage_names[0])
+                                     stage=schedule.stage_names[0], num_workers=cfg.data.num_workers)
         model.train()
         return Prepared(model, mcfg.to_hf_dict(), tokenizer, tok_dir, schedule, ramp, stream, spec,
                         ckpt_name, folder_meta)
