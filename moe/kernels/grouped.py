@@ -39,14 +39,13 @@ _DOT_F32 = tl.constexpr(INTERPRET)
 # ----------------------------------------------------------------------------------------------
 
 @_jit
-def _gate_up_fwd(x_ptr, tok_ptr, w_ptr, gu_ptr, h_ptr, counts_ptr,
-                 M, E, N, K, ROWS_HINT,
-                 stride_xm, stride_we, stride_wk, stride_wn, stride_gum, stride_hm,
-                 HAS_GATHER: tl.constexpr, SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr,
-                 E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # N = I (per half); w is [E, K=H, 2N]: gate columns [0, N), up columns [N, 2N).
-    pid = tl.program_id(0)
+def _expert_row_tile(pid, counts_ptr, M, E, N, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map a program id to (expert e, column block, first row, end of the expert's rows).
+
+    Row tiles are laid out expert after expert (each expert's rows rounded up to BLOCK_M), grouped
+    GROUP_M tiles at a time for L2 reuse; the grid has cdiv(M, BLOCK_M) + E row tiles, and programs
+    past the last expert's tiles get e >= E (the caller returns)."""
     num_pid_m = tl.cdiv(M, BLOCK_M) + E
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_pid_n
@@ -60,8 +59,6 @@ def _gate_up_fwd(x_ptr, tok_ptr, w_ptr, gu_ptr, h_ptr, counts_ptr,
     tiles = (cnt + BLOCK_M - 1) // BLOCK_M
     tile_end = tl.cumsum(tiles, 0)
     e = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
-    if e >= E:
-        return
     row_end_all = tl.cumsum(cnt, 0)
     sel = e_ar == e
     n_e = tl.sum(tl.where(sel, cnt, 0), 0)
@@ -69,6 +66,21 @@ def _gate_up_fwd(x_ptr, tok_ptr, w_ptr, gu_ptr, h_ptr, counts_ptr,
     t0 = tl.sum(tl.where(sel, tile_end - tiles, 0), 0)
     row0 = start + (pid_m - t0) * BLOCK_M
     row_end = start + n_e
+    return e, pid_n, row0, row_end
+
+
+@_jit
+def _gate_up_fwd(x_ptr, tok_ptr, w_ptr, gu_ptr, h_ptr, counts_ptr,
+                 M, E, N, K, ROWS_HINT,
+                 stride_xm, stride_we, stride_wk, stride_wn, stride_gum, stride_hm,
+                 HAS_GATHER: tl.constexpr, SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr,
+                 E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # N = I (per half); w is [E, K=H, 2N]: gate columns [0, N), up columns [N, 2N).
+    e, pid_n, row0, row_end = _expert_row_tile(tl.program_id(0), counts_ptr, M, E, N,
+                                               E_PAD, BLOCK_M, BLOCK_N, GROUP_M)
+    if e >= E:
+        return
 
     rm = row0 + tl.arange(0, BLOCK_M)
     mrow = rm < row_end
@@ -126,29 +138,10 @@ def _rows_gemm(a_ptr, b_ptr, out_ptr, counts_ptr, scale_ptr, pos_ptr,
                E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # out[pos[r], :] = scale[r] * (A[r, :] @ B[e]) for the rows r of expert e (A rows sorted).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M) + E
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-
-    e_ar = tl.arange(0, E_PAD)
-    cnt = tl.load(counts_ptr + e_ar, mask=e_ar < E, other=0).to(tl.int32)
-    tiles = (cnt + BLOCK_M - 1) // BLOCK_M
-    tile_end = tl.cumsum(tiles, 0)
-    e = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
+    e, pid_n, row0, row_end = _expert_row_tile(tl.program_id(0), counts_ptr, M, E, N,
+                                               E_PAD, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
-    row_end_all = tl.cumsum(cnt, 0)
-    sel = e_ar == e
-    n_e = tl.sum(tl.where(sel, cnt, 0), 0)
-    start = tl.sum(tl.where(sel, row_end_all - cnt, 0), 0)
-    t0 = tl.sum(tl.where(sel, tile_end - tiles, 0), 0)
-    row0 = start + (pid_m - t0) * BLOCK_M
-    row_end = start + n_e
 
     rm = row0 + tl.arange(0, BLOCK_M)
     mrow = rm < row_end
@@ -192,29 +185,10 @@ def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_p
               E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # dh_unw[r, i] = sum_k dy[tok[r], k] * Wd[e][i, k]  (N = I, K = H)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M) + E
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-
-    e_ar = tl.arange(0, E_PAD)
-    cnt = tl.load(counts_ptr + e_ar, mask=e_ar < E, other=0).to(tl.int32)
-    tiles = (cnt + BLOCK_M - 1) // BLOCK_M
-    tile_end = tl.cumsum(tiles, 0)
-    e = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
+    e, pid_n, row0, row_end = _expert_row_tile(tl.program_id(0), counts_ptr, M, E, N,
+                                               E_PAD, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
-    row_end_all = tl.cumsum(cnt, 0)
-    sel = e_ar == e
-    n_e = tl.sum(tl.where(sel, cnt, 0), 0)
-    start = tl.sum(tl.where(sel, row_end_all - cnt, 0), 0)
-    t0 = tl.sum(tl.where(sel, tile_end - tiles, 0), 0)
-    row0 = start + (pid_m - t0) * BLOCK_M
-    row_end = start + n_e
 
     rm = row0 + tl.arange(0, BLOCK_M)
     mrow = rm < row_end
