@@ -11,27 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 
 import numpy as np
+
+from anneal.errors import AnnealError
+from anneal.schedule import parse_tokens  # the one parser of '20B'-style token counts
 
 from ._tokenize import make_encoder
 from .errors import MixtureError
 from .sources import load_sources
 from .spec import MixtureSpec, load_mixture
-
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-
-
-def parse_tokens(s: str | int | float) -> int:
-    """'20B' -> 20_000_000_000; also k, M, T suffixes, plain numbers and 1e9."""
-    if isinstance(s, (int, float)):
-        return int(s)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgtKMBGT]?)\s*", str(s))
-    if not m:
-        raise MixtureError(f"cannot read a token count from {s!r}; use e.g. 20B, 1.5M, 300k or 1e9")
-    return int(round(float(m.group(1)) * _SUFFIX[m.group(2).lower()]))
 
 
 def source_token_counts(spec: MixtureSpec, tokenizer, max_docs: int = 20000, seed: int = 0):
@@ -187,7 +177,7 @@ def main(argv=None) -> int:
         tok = load_tokenizer(a.tokenizer, spec, a.vocab_size)
         rows = plan_mixture(spec, tok, stages, seq_len=a.seq_len, repeat_warn=a.repeat_warn,
                             max_docs=a.max_docs)
-    except MixtureError as e:
+    except (MixtureError, AnnealError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"mixture {spec.name} ({spec.path})"

@@ -339,8 +339,8 @@ class StreamingSourceData:
                                                streaming=True, **kwargs)
             except Exception as e:  # noqa: BLE001
                 what = d.hub or ", ".join(d.files)
-                hint = (f"; a hub dataset needs the internet or the HF cache (offline: point "
-                        f"data.path at local files)" if d.hub else "")
+                hint = ("; a hub dataset needs the internet or the HF cache (offline: point "
+                        "data.path at local files)" if d.hub else "")
                 raise MixtureError(f"{self.where}: could not open {what} for streaming "
                                    f"({_root_msg(e)}){hint}") from e
         self._ds = ds

@@ -348,7 +348,6 @@ class PackedMixtureStream:
         while self._buf_tokens < need:
             self._pull_doc()
         ids = np.empty(need, dtype=np.int64)
-        pos = np.empty(need, dtype=np.int64)
         src = np.empty(need, dtype=np.int64)
         docstart = np.zeros(need, dtype=bool)
         at = 0

@@ -2,7 +2,6 @@
 exhaustion, held-out split, tokenizer determinism, background tokenization."""
 from __future__ import annotations
 
-import gzip
 import json
 import random
 from pathlib import Path
