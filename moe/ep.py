@@ -1,0 +1,312 @@
+"""Dropless expert parallelism (EP): each rank of an EP group owns `E / ep_size` routed experts.
+
+One MoE layer's routed path under EP, for the T tokens of this rank:
+
+1. route locally (our sigmoid router, unchanged), sort the T*K (token, expert) rows by expert
+   (`moe.dispatch.permute`) -> rows already ordered by destination rank, since rank r owns the
+   contiguous experts [r*E_local, (r+1)*E_local);
+2. exchange the per-expert row counts (`all_to_all_single` of an [ep, E_local] int tensor), so
+   every rank knows how many rows it sends to and receives from each peer;
+3. variable-split `all_to_all_single` of the rows (autograd-capable: the backward is the
+   reverse all-to-all of the gradients);
+4. received rows come ordered (source rank, local expert); regroup them by local expert, run
+   the experts backend's `grouped_mlp`, undo the regrouping;
+5. all-to-all back (reverse splits) and the weighted combine (`moe.dispatch.unpermute`).
+
+No capacity factor, nothing dropped: the splits are whatever the router chose.
+
+Process groups (same layout as DeepSpeed's `groups._create_expert_and_data_parallel` without
+`use_data_before_expert_parallel_`, so a model sharded here is consistent with the groups the
+DeepSpeed engine reduces over): with world size W and EP size P,
+- EP groups are consecutive ranks  {0..P-1}, {P..2P-1}, ...  (all-to-all happens there);
+- expert-data-parallel (EDP) groups are strided ranks {i, i+P, i+2P, ...}: the ranks that hold
+  the same experts; expert gradients are reduced there, dense gradients over the whole world.
+
+Gradient scaling (what DeepSpeed does, and `allreduce_gradients` here for engine-free use): with
+each rank's loss a mean over its own tokens and the global loss the mean over ranks, dense grads
+are averaged over the world; an expert's grad on its owner already sums the contributions of
+every rank of its EP group (the all-to-all backward brought them), so it is summed over the EDP
+group and divided by the world size.
+
+The aux-loss-free bias update must see the *global* expert load: `allreduce_expert_load`
+sums the routers' `expert_load` counters over the whole world (every rank routes its own tokens
+over all E experts) before `Router.update_bias`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe.dispatch import permute, unpermute
+from moe.experts import ExpertsBackend, GroupedExperts
+
+# DeepSpeed's name for the EP/EDP group pair of a given EP size; expert params carry it as
+# `param.group_name` (with `param.allreduce = False`), which is how DeepSpeed's engine and ZeRO
+# optimizer recognize expert parameters and pick the EDP group to reduce them over.
+def ds_group_name(ep_size: int) -> str:
+    return f"ep_size_{ep_size}"
+
+
+class EPError(ValueError):
+    """Bad expert-parallel layout (EP size vs expert count or world size)."""
+
+
+# --------------------------------------------------------------------------------------- groups
+@dataclass
+class EPGroups:
+    """This rank's place in a DP x EP layout."""
+    ep_size: int
+    ep_rank: int
+    ep_group: object            # ProcessGroup of the EP group (None when ep_size == 1 and no dist)
+    edp_size: int
+    edp_rank: int
+    edp_group: object           # ProcessGroup of the expert-data-parallel group
+    world_size: int
+
+    @property
+    def group_name(self) -> str:
+        return ds_group_name(self.ep_size)
+
+
+def check_ep_size(ep_size: int, n_experts: int, world_size: int) -> None:
+    if ep_size < 1:
+        raise EPError(f"parallel.ep_size={ep_size} must be >= 1")
+    if n_experts % ep_size:
+        raise EPError(f"parallel.ep_size={ep_size} does not divide the routed expert count {n_experts}; "
+                      f"choose a divisor of {n_experts}")
+    if world_size % ep_size:
+        raise EPError(f"parallel.ep_size={ep_size} does not divide the world size {world_size} "
+                      f"(ranks = data-parallel size x EP size)")
+
+
+def build_ep_groups(ep_size: int, n_experts: int | None = None) -> EPGroups:
+    """Create the EP and EDP process groups (collective: call on every rank, same arguments).
+
+    Uses DeepSpeed's groups when DeepSpeed has already created them for this EP size (so both
+    agree), else creates them with `torch.distributed.new_group` in DeepSpeed's layout."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    check_ep_size(ep_size, n_experts if n_experts is not None else ep_size, world)
+    ds = _deepspeed_groups(ep_size)
+    if ds is not None:
+        ep_group, edp_group = ds
+    else:
+        ep_group = edp_group = None
+        for start in range(0, world, ep_size):  # every rank must call new_group for every group
+            ranks = list(range(start, start + ep_size))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                ep_group = g
+        for i in range(ep_size):
+            ranks = list(range(i, world, ep_size))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                edp_group = g
+    return EPGroups(ep_size=ep_size, ep_rank=dist.get_rank(ep_group), ep_group=ep_group,
+                    edp_size=world // ep_size, edp_rank=dist.get_rank(edp_group), edp_group=edp_group,
+                    world_size=world)
+
+
+def _deepspeed_groups(ep_size: int):
+    try:
+        from deepspeed.utils import groups
+    except ImportError:
+        return None
+    name = ds_group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        return None
+    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+
+
+# ------------------------------------------------------------------------------------ all-to-all
+class AllToAll(torch.autograd.Function):
+    """Variable-split all_to_all_single whose backward is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        x = x.contiguous()
+        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x, output_split_sizes=output_splits, input_split_sizes=input_splits,
+                               group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        output_splits, input_splits = ctx.splits
+        grad = grad.contiguous()
+        out = grad.new_empty((sum(input_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(out, grad, output_split_sizes=input_splits, input_split_sizes=output_splits,
+                               group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    return AllToAll.apply(x, output_splits, input_splits, group)
+
+
+def exchange_counts(tokens_per_expert: torch.Tensor, ep_size: int, group) -> torch.Tensor:
+    """[E] rows this rank sends to each global expert -> [ep_size, E_local] rows this rank receives
+    from each source rank for each of its local experts."""
+    send = tokens_per_expert.reshape(ep_size, -1).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv
+
+
+def _regroup_index(counts: torch.Tensor) -> torch.Tensor:
+    """counts [S, E_local] of rows laid out (source, expert) -> the index that reorders them
+    (expert, source), i.e. grouped by local expert with sources in rank order inside a group."""
+    s, e = counts.shape
+    flat = counts.reshape(-1)
+    starts = torch.cumsum(flat, 0) - flat                      # start of block (src, exp)
+    block_ids = torch.arange(s * e, device=counts.device).view(s, e).t().reshape(-1)  # (exp, src) order
+    lens = flat[block_ids]
+    total = int(lens.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long, device=counts.device)
+    block_start = starts[block_ids]
+    out_starts = torch.cumsum(lens, 0) - lens
+    # position j in the regrouped layout -> block b; offset inside it = j - out_starts[b]
+    which = torch.repeat_interleave(torch.arange(len(lens), device=counts.device), lens)
+    return block_start[which] + (torch.arange(total, device=counts.device) - out_starts[which])
+
+
+# ----------------------------------------------------------------------------------- EP dispatch
+def ep_routed(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate_up: torch.Tensor,
+              w_down: torch.Tensor, backend: ExpertsBackend, n_experts: int, ep_size: int, group) -> torch.Tensor:
+    """The routed path under EP: x [T, H], global topk_idx [T, K], topk_weight [T, K]; local expert
+    weights w_gate_up [E_local, H, 2I], w_down [E_local, I, H] -> [T, H] (sum_k w * expert_k(x))."""
+    x_sorted, tokens_per_expert, order = permute(x, topk_idx, n_experts)
+    recv_counts = exchange_counts(tokens_per_expert, ep_size, group)       # [ep, E_local]
+    input_splits = tokens_per_expert.view(ep_size, -1).sum(1).tolist()
+    output_splits = recv_counts.sum(1).tolist()
+    recv = all_to_all(x_sorted, output_splits, input_splits, group)       # (source, local expert)
+    idx = _regroup_index(recv_counts)
+    inv = torch.empty_like(idx)
+    inv[idx] = torch.arange(len(idx), device=idx.device)
+    x_local = recv[idx]
+    y = backend.grouped_mlp(x_local, recv_counts.sum(0), w_gate_up, w_down)
+    if x_local.shape[0] == 0 and x_local.requires_grad:
+        # No rows for this rank: keep `recv` on the autograd path anyway, so that this rank too runs
+        # the reverse all-to-all in backward (the collective needs every rank of the group).
+        y = y + 0 * x_local.sum()
+    back = all_to_all(y[inv], input_splits, output_splits, group)         # rows as x_sorted
+    return unpermute(back, order, topk_weight)
+
+
+class EPBackend(ExpertsBackend):
+    """Wraps an experts backend: `routed` dispatches over the EP group, the inner backend's
+    `grouped_mlp` computes the local experts. Installed by `shard_experts`."""
+
+    def __init__(self, inner: ExpertsBackend, n_experts: int, groups: EPGroups):
+        self.inner, self.n_experts, self.groups = inner, n_experts, groups
+        self.name = f"ep{groups.ep_size}+{inner.name}"
+
+    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down):
+        return self.inner.grouped_mlp(x, tokens_per_expert, w_gate_up, w_down)
+
+    def routed(self, x, topk_idx, topk_weight, w_gate_up, w_down):
+        if self.groups.ep_size == 1:
+            return self.inner.routed(x, topk_idx, topk_weight, w_gate_up, w_down)
+        return ep_routed(x, topk_idx, topk_weight, w_gate_up, w_down, self.inner, self.n_experts,
+                         self.groups.ep_size, self.groups.ep_group)
+
+
+# ------------------------------------------------------------------------------- model sharding
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    from moe.layer import Dots1MoE
+    return [m for m in model.modules() if isinstance(m, Dots1MoE)]
+
+
+def local_expert_range(n_experts: int, groups: EPGroups) -> tuple[int, int]:
+    n_local = n_experts // groups.ep_size
+    return groups.ep_rank * n_local, (groups.ep_rank + 1) * n_local
+
+
+def mark_expert_param(p: nn.Parameter, groups: EPGroups) -> None:
+    """DeepSpeed's marks of an expert parameter: not all-reduced over the DP group, reduced over
+    the EDP group named `group_name` instead."""
+    p.allreduce = False
+    p.group_name = groups.group_name
+
+
+def shard_experts(model: nn.Module, groups: EPGroups) -> tuple[int, int]:
+    """Make every MoE layer of `model` expert-parallel: keep only this rank's experts (a model
+    holding all experts is sliced; one loaded with `load_hf_checkpoint(expert_range=...)` must
+    already hold exactly this rank's range), install the EP dispatch and mark the expert params.
+    Returns the global expert range [start, stop) of this rank."""
+    layers = moe_layers(model)
+    if not layers:
+        raise EPError("shard_experts: the model has no MoE layer")
+    n_experts = layers[0].gate.n_experts
+    check_ep_size(groups.ep_size, n_experts, groups.world_size)
+    start, stop = local_expert_range(n_experts, groups)
+    have = getattr(model, "expert_range", (0, n_experts))
+    for layer in layers:
+        ex: GroupedExperts = layer.experts
+        rows = ex.w_gate_up.shape[0]
+        if rows == n_experts and tuple(have) == (0, n_experts):
+            if stop - start != n_experts:
+                ex.w_gate_up = nn.Parameter(ex.w_gate_up.detach()[start:stop].clone())
+                ex.w_down = nn.Parameter(ex.w_down.detach()[start:stop].clone())
+        elif tuple(have) != (start, stop) or rows != stop - start:
+            raise EPError(f"shard_experts: rank {dist.get_rank()} (EP rank {groups.ep_rank}) owns experts "
+                          f"[{start}, {stop}) but the model holds {tuple(have)} ({rows} rows); load with "
+                          f"expert_range=({start}, {stop})")
+        inner = ex.backend.inner if isinstance(ex.backend, EPBackend) else ex.backend
+        ex.backend = EPBackend(inner, n_experts, groups)
+        ex.n_local_experts, ex.expert_offset = stop - start, start
+        mark_expert_param(ex.w_gate_up, groups)
+        mark_expert_param(ex.w_down, groups)
+    model.expert_range = (start, stop)
+    model.ep_groups = groups
+    return start, stop
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    return getattr(p, "allreduce", True) is False
+
+
+# ------------------------------------------------------------------------- reductions (no engine)
+@torch.no_grad()
+def allreduce_expert_load(routers, group=None) -> torch.Tensor | None:
+    """Sum every router's `expert_load` over `group` (default: the whole world) in place, with one
+    collective; returns the stacked global loads [n_layers, E] (None without routers)."""
+    routers = list(routers.values()) if isinstance(routers, dict) else list(routers)
+    if not routers:
+        return None
+    loads = torch.stack([r.expert_load for r in routers])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(loads, group=group)
+        for r, load in zip(routers, loads):
+            r.expert_load.copy_(load)
+    return loads
+
+
+@torch.no_grad()
+def allreduce_gradients(model: nn.Module, groups: EPGroups) -> None:
+    """Engine-free gradient reduction for DP x EP, as DeepSpeed does it: dense grads averaged over
+    the world; expert grads summed over the EDP group and divided by the world size."""
+    world = groups.world_size
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if is_expert_param(p):
+            if groups.edp_size > 1:
+                dist.all_reduce(p.grad, group=groups.edp_group)
+        elif world > 1:
+            dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
+def gather_experts(t: torch.Tensor, groups: EPGroups) -> torch.Tensor:
+    """Stacked local expert tensor [E_local, ...] -> all experts [E, ...] (all-gather over the EP
+    group, in EP-rank order); for export and tests."""
+    if groups.ep_size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(groups.ep_size)]
+    dist.all_gather(parts, t.contiguous(), group=groups.ep_group)
+    return torch.cat(parts)

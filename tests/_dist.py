@@ -1,0 +1,37 @@
+"""Run a function in N CPU processes with a gloo process group (tests of EP and the DeepSpeed engine)."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args, env: dict) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), **env})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, *args, env: dict | None = None) -> None:
+    """Spawn `world` processes running fn(rank, world, *args) under a gloo group; re-raises a
+    failure of any of them. `fn` must be importable (a module-level function)."""
+    mp.spawn(_entry, args=(world, free_port(), fn, args, env or {}), nprocs=world, join=True)
