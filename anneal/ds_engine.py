@@ -1,0 +1,251 @@
+"""The DeepSpeed engine behind the trainer's `Engine` seam: ZeRO stage 1/2, bf16 on GPU, gradient
+clipping, expert parameters in MoE param groups reduced over the expert-data-parallel group.
+
+What we take from DeepSpeed (and what we do not):
+- `deepspeed.initialize`: the engine, the ZeRO stage 1/2 optimizer wrapper (partitioned fp32
+  master weights and optimizer state, reduce-scatter of gradients), bf16 mixed precision,
+  gradient clipping with a global grad norm;
+- `deepspeed.utils.groups`: the EP and expert-data-parallel (EDP) process groups
+  (`_create_expert_and_data_parallel`), which `moe.ep` then uses for its all-to-all;
+- DeepSpeed's MoE parameter handling: expert params carry `allreduce=False` and
+  `group_name="ep_size_<P>"`; `deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer`
+  puts them in param groups marked `moe=True`, and the engine/ZeRO then reduce their gradients
+  over the EDP group only (divided by the whole DP world size, see `moe.ep`).
+  The engine only does this when the model holds a `deepspeed.moe.layer.MoE` module, so our
+  `Dots1MoE` layers are given that base class (`DeepSpeedDots1MoE`) without any of its code:
+  DeepSpeed's `TopKGate` (softmax top-k with a capacity factor) and einsum dispatch are not
+  used; routing is our sigmoid router and dispatch is `moe.ep` (dropless all-to-all).
+- Not used: DeepSpeed's optimizer section and LR scheduler (the trainer owns AdamW's
+  hyper-parameters and the token-indexed schedule: `step(lr)` sets the LR), DeepSpeed's
+  gradient-accumulation counter (`managed_gradient_accumulation: false`: the trainer's step is the
+  boundary, whatever the number of micro-batches of the batch ramp), and DeepSpeed's
+  `save_checkpoint` (its MoE checkpoint writer expects DeepSpeed's per-expert module names
+  `deepspeed_moe.experts.deepspeed_experts.<i>`; our experts are stacked tensors). Checkpoints are
+  per-rank `state_dict()`s of the ZeRO optimizer plus the model's own state (see docs/deepspeed.md).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from anneal.errors import AnnealError
+from moe import ep
+from moe.layer import Dots1MoE
+
+try:
+    import deepspeed
+    from deepspeed.moe.layer import MoE as _DSMoE
+except ImportError:  # pragma: no cover - exercised only without the extra installed
+    deepspeed = None
+    _DSMoE = None
+
+
+def _require_deepspeed() -> None:
+    if deepspeed is None:
+        raise AnnealError("trainer.engine=deepspeed needs DeepSpeed: pip install --no-build-isolation "
+                          "'dots-anneal[deepspeed]' (or deepspeed==0.19.8)")
+
+
+if _DSMoE is not None:
+    class DeepSpeedDots1MoE(Dots1MoE, _DSMoE):
+        """Our MoE layer, recognized by DeepSpeed's engine as an MoE layer (`isinstance(m, MoE)`).
+
+        Only the attributes the engine reads are set (num_experts, ep_size, expert_group_name,
+        num_local_experts); forward is Dots1MoE's. Process groups are created before
+        `deepspeed.initialize`, so `set_deepspeed_parallelism` has nothing to do."""
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass
+
+        forward = Dots1MoE.forward
+
+
+def adopt_moe_layers(model: torch.nn.Module, groups: ep.EPGroups) -> int:
+    """Give every Dots1MoE of `model` DeepSpeed's MoE base class; returns the number of layers."""
+    _require_deepspeed()
+    n = 0
+    for layer in ep.moe_layers(model):
+        if not isinstance(layer, DeepSpeedDots1MoE):
+            layer.__class__ = DeepSpeedDots1MoE
+        layer.num_experts = layer.gate.n_experts
+        layer.ep_size = groups.ep_size
+        layer.expert_group_name = groups.group_name
+        layer.num_local_experts = layer.gate.n_experts // groups.ep_size
+        layer.enable_expert_tensor_parallelism = False
+        layer.use_residual = False
+        n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------- config
+# Keys the trainer's (Hydra) config decides. A user's extra DeepSpeed keys may add anything else,
+# and may repeat one of these only with the same value.
+OPTIMIZER_OWNED = ("optimizer", "scheduler")
+
+
+def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = None) -> dict:
+    """The DeepSpeed config from the trainer config (one source of truth) + the user's extra keys.
+
+    `tcfg` is `Config.trainer` (micro_batch_size, grad_clip); AdamW's hyper-parameters and the LR
+    stay with the trainer (a client optimizer), so `optimizer`/`scheduler` sections are refused."""
+    if zero_stage not in (1, 2):
+        raise AnnealError(f"parallel.zero_stage={zero_stage}: the DeepSpeed engine supports ZeRO stage 1 and 2 "
+                          "(stage 3 partitions the expert weights that expert parallelism already shards)")
+    base = {
+        "train_micro_batch_size_per_gpu": int(tcfg.micro_batch_size),
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,  # the trainer's step() is the accumulation boundary
+        "gradient_clipping": float(tcfg.grad_clip),
+        "zero_optimization": {"stage": int(zero_stage), "contiguous_gradients": True, "reduce_scatter": True},
+        "bf16": {"enabled": bool(bf16)},
+        "zero_allow_untested_optimizer": True,   # our client torch AdamW
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    extra = dict(extra or {})
+    for key in OPTIMIZER_OWNED:
+        if key in extra:
+            raise AnnealError(f"trainer.deepspeed.{key}: the optimizer and LR schedule come from the anneal config "
+                              "(trainer.betas/eps/weight_decay, schedule.*); remove this DeepSpeed key")
+    for key in ("train_batch_size",):
+        if key in extra:
+            raise AnnealError(f"trainer.deepspeed.{key}: the batch size comes from schedule.batch_tokens and "
+                              "trainer.micro_batch_size; remove this DeepSpeed key")
+    return _merge(base, extra, "trainer.deepspeed")
+
+
+_SOURCE = {
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_clipping": "trainer.grad_clip",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "bf16.enabled": "trainer.bf16 (and the device)",
+    "gradient_accumulation_steps": "the schedule's batch ramp (set per step by the trainer)",
+    "managed_gradient_accumulation": "the trainer (it drives accumulation boundaries)",
+}
+
+
+def _merge(base: dict, extra: dict, where: str, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        key = f"{prefix}{k}"
+        if k in out and isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = _merge(out[k], v, where, key + ".")
+        elif k in out and out[k] != v and not (isinstance(out[k], dict) or isinstance(v, dict)) and \
+                not (isinstance(out[k], (int, float)) and isinstance(v, (int, float)) and float(out[k]) == float(v)):
+            src = _SOURCE.get(key, "the anneal config")
+            raise AnnealError(f"{where}.{key}={v!r} contradicts {src} (which gives {out[k]!r}); "
+                              f"set it there instead, or drop the DeepSpeed key")
+        elif k in out and isinstance(out[k], dict) != isinstance(v, dict):
+            raise AnnealError(f"{where}.{key}: expected {'a section' if isinstance(out[k], dict) else 'a value'}")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- init
+def init_distributed(device: torch.device | str = "cpu") -> None:
+    """Join the process group the launcher (deepspeed / torchrun) set up through the environment:
+    gloo on CPU, nccl on CUDA. Idempotent."""
+    _require_deepspeed()
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise AnnealError("trainer.engine=deepspeed: no distributed launch found (RANK unset); start with "
+                              "`deepspeed -m anneal ...` or `torchrun --nproc-per-node N -m anneal ...`")
+        dist.init_process_group(backend)
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def ensure_ep_groups(ep_size: int, n_experts: int) -> ep.EPGroups:
+    """Create DeepSpeed's EP/EDP groups for `ep_size` (collective) and describe this rank's place."""
+    from deepspeed.utils import groups
+
+    ep.check_ep_size(ep_size, n_experts, dist.get_world_size())
+    if ep.ds_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return ep.build_ep_groups(ep_size, n_experts)
+
+
+# -------------------------------------------------------------------------------------- engine
+class DeepSpeedEngine:
+    """Same interface as `anneal.trainer.Engine`: backward(loss), step(lr) -> grad_norm,
+    state_dict()/load_state_dict() (this rank's ZeRO partition), plus reduce_expert_load(routers).
+
+    The model may hold all experts (they are sliced to this rank's range) or only this rank's
+    (loaded with `load_hf_checkpoint(expert_range=...)`). Call after `init_distributed`."""
+
+    def __init__(self, model: torch.nn.Module, tcfg, *, ep_size: int = 1, zero_stage: int = 1,
+                 extra_config: dict | None = None, bf16: bool | None = None):
+        _require_deepspeed()
+        if not dist.is_initialized():
+            raise AnnealError("DeepSpeedEngine: call anneal.ds_engine.init_distributed() first")
+        layers = ep.moe_layers(model)
+        n_experts = layers[0].gate.n_experts if layers else ep_size
+        self.groups = ensure_ep_groups(ep_size, n_experts)
+        if layers:
+            if not isinstance(layers[0].experts.backend, ep.EPBackend):
+                ep.shard_experts(model, self.groups)
+            adopt_moe_layers(model, self.groups)
+        device = next(model.parameters()).device
+        if bf16 is None:
+            bf16 = bool(getattr(tcfg, "bf16", False)) and device.type == "cuda"
+        if bf16 and device.type != "cuda":
+            raise AnnealError("trainer.bf16 with the DeepSpeed engine needs CUDA; on CPU use trainer.bf16=false")
+        self.config = deepspeed_config(tcfg, zero_stage=zero_stage, bf16=bf16, extra=extra_config)
+
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        param_groups = [{"params": decay, "weight_decay": float(tcfg.weight_decay), "name": "decay"},
+                        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        param_groups = [g for g in split_params_into_different_moe_groups_for_optimizer(param_groups) if g["params"]]
+        optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
+                                      fused=(device.type == "cuda") or None)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=copy.deepcopy(self.config), dist_init_required=False)
+        self.model = model
+
+    # -- the Engine interface -------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, lr: float) -> float:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def reduce_expert_load(self, routers) -> None:
+        """Global expert load (sum over all ranks) into each router's `expert_load`, before the
+        trainer's bias update."""
+        ep.allreduce_expert_load(routers)
+
+    def state_dict(self) -> dict:
+        """This rank's ZeRO partition (fp32 master weights and AdamW state) and the layout it was
+        written under; resume needs the same layout (see `load_state_dict`)."""
+        return {"zero": self.engine.optimizer.state_dict(), "layout": self.layout()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("layout") != self.layout():
+            raise AnnealError(f"checkpoint written with parallel layout {sd.get('layout')} cannot resume under "
+                              f"{self.layout()}: ZeRO partitions and expert shards depend on the world and EP size")
+        self.engine.optimizer.load_state_dict([sd["zero"]], load_from_fp32_weights=True)
+
+    def layout(self) -> dict:
+        return {"world_size": dist.get_world_size(), "ep_size": self.groups.ep_size,
+                "zero_stage": self.config["zero_optimization"]["stage"]}
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def config_summary(cfg: dict[str, Any]) -> str:
+    z = cfg["zero_optimization"]
+    return f"DeepSpeed ZeRO-{z['stage']}, bf16={cfg['bf16']['enabled']}, clip={cfg['gradient_clipping']}"
