@@ -235,7 +235,12 @@ class DeepSpeedEngine:
         if sd.get("layout") != self.layout():
             raise AnnealError(f"checkpoint written with parallel layout {sd.get('layout')} cannot resume under "
                               f"{self.layout()}: ZeRO partitions and expert shards depend on the world and EP size")
-        self.engine.optimizer.load_state_dict([sd["zero"]], load_from_fp32_weights=True)
+        # ZeRO's loader indexes the list of every rank's partition by DP rank; a rigid (same layout)
+        # checkpoint only reads this rank's entry, so the others need not be read from disk.
+        opt = self.engine.optimizer
+        parts = [None] * dist.get_world_size(opt.dp_process_group)
+        parts[dist.get_rank(opt.dp_process_group)] = sd["zero"]
+        opt.load_state_dict(parts, load_from_fp32_weights=True)
 
     def layout(self) -> dict:
         return {"world_size": dist.get_world_size(), "ep_size": self.groups.ep_size,

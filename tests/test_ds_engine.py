@@ -43,17 +43,9 @@ def _reference(world: int):
     return model, out
 
 
-def _worker(rank, world, ep_size, zero_stage):
-    from anneal import ds_engine
-
-    ds_engine.init_distributed("cpu")
-    ref_model, ref = _reference(world)
-    model = tiny_model()
-    engine = ds_engine.DeepSpeedEngine(model, TCFG, ep_size=ep_size, zero_stage=zero_stage)
-    assert engine.engine.has_moe_layers
-    assert any(g.get("moe") for g in engine.engine.optimizer.param_groups)
+def _train_steps(engine, model, rank, world, steps, check=None):
     data = _data(world)
-    for s in range(STEPS):
+    for s in steps:
         losses = []
         for m in range(2):
             loss = _loss(model, data[s, rank, m])
@@ -65,8 +57,28 @@ def _worker(rank, world, ep_size, zero_stage):
             r.update_bias(RATE, r.expert_load)
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean)
-        assert abs(float(mean) / world - ref[s][0]) < 1e-5, (s, float(mean) / world, ref[s][0])
-        assert abs(norm - ref[s][1]) < 1e-4 * max(1.0, ref[s][1]), (s, norm, ref[s][1])
+        if check is not None:
+            assert abs(float(mean) / world - check[s][0]) < 1e-5, (s, float(mean) / world, check[s][0])
+            assert abs(norm - check[s][1]) < 1e-4 * max(1.0, check[s][1]), (s, norm, check[s][1])
+
+
+def _worker(rank, world, ep_size, zero_stage):
+    import io
+
+    from anneal import ds_engine
+
+    ds_engine.init_distributed("cpu")
+    ref_model, ref = _reference(world)
+    model = tiny_model()
+    engine = ds_engine.DeepSpeedEngine(model, TCFG, ep_size=ep_size, zero_stage=zero_stage)
+    assert engine.engine.has_moe_layers
+    assert any(g.get("moe") for g in engine.engine.optimizer.param_groups)
+    _train_steps(engine, model, rank, world, range(STEPS - 1), ref)
+    # what a per-rank checkpoint holds: model state (local experts, router biases) + ZeRO partition
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "engine": engine.state_dict()}, buf)
+    _train_steps(engine, model, rank, world, [STEPS - 1], ref)
+
     start, stop = model.expert_range
     ref_params = dict(ref_model.named_parameters())
     for n, p in model.named_parameters():
@@ -77,7 +89,17 @@ def _worker(rank, world, ep_size, zero_stage):
     for (i, r), rr in zip(model.routers().items(), ref_model.routers().values()):
         torch.testing.assert_close(r.e_score_correction_bias, rr.e_score_correction_bias)
 
-    # resume: this rank's ZeRO partition into a fresh engine over a copy of the model
+    # resume into a fresh model and engine, repeat the last step: same result
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    model2 = tiny_model(seed=7)
+    engine2 = ds_engine.DeepSpeedEngine(model2, TCFG, ep_size=ep_size, zero_stage=zero_stage)
+    model2.load_state_dict(saved["model"])
+    engine2.load_state_dict(saved["engine"])
+    _train_steps(engine2, model2, rank, world, [STEPS - 1], ref)
+    for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
+        torch.testing.assert_close(q.detach(), p.detach(), atol=1e-6, rtol=1e-6, msg=lambda m: f"resumed {n}: {m}")
+
     sd = engine.state_dict()
     assert sd["layout"] == {"world_size": world, "ep_size": ep_size, "zero_stage": zero_stage}
     bad = {**sd, "layout": {**sd["layout"], "world_size": 2 * world}}
@@ -106,3 +128,8 @@ def test_config_from_trainer_config_and_extra_keys():
         deepspeed_config(TCFG, zero_stage=1, bf16=False, extra={"optimizer": {"type": "Adam"}})
     with pytest.raises(AnnealError, match="supports ZeRO stage 1 and 2"):
         deepspeed_config(TCFG, zero_stage=3, bf16=False)
+
+
+def test_dp2_x_ep2_zero2_matches_single_process_engine():
+    """4 ranks: EP groups {0,1},{2,3}; expert grads reduced over the EDP groups {0,2},{1,3}."""
+    run_distributed(_worker, 4, 2, 2)
