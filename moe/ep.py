@@ -310,3 +310,13 @@ def gather_experts(t: torch.Tensor, groups: EPGroups) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(groups.ep_size)]
     dist.all_gather(parts, t.contiguous(), group=groups.ep_group)
     return torch.cat(parts)
+
+
+def full_state_dict(model: nn.Module, groups: EPGroups) -> dict[str, torch.Tensor]:
+    """The model's state dict with every expert tensor gathered over the EP group (collective: call
+    on every rank), in the layout of the unsharded model (checkpoints, HF export)."""
+    expert_names = {n for n, p in model.named_parameters() if is_expert_param(p)}
+    out = {}
+    for name, t in model.state_dict().items():
+        out[name] = gather_experts(t.detach(), groups) if name in expert_names else t.detach()
+    return out

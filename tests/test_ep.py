@@ -191,6 +191,10 @@ def _worker_model(rank, world, ep_size):
             _close(ep.gather_experts(p.grad, groups), want, f"grad {n} (gathered)")
         else:
             _close(p.grad, want, f"grad {n}")
+    full_sd = ep.full_state_dict(model, groups)
+    for n, t in ref.state_dict().items():
+        if "expert_load" not in n:
+            torch.testing.assert_close(full_sd[n], t, msg=lambda m: f"full_state_dict {n}: {m}")
     loads = ep.allreduce_expert_load(model.routers())
     _close(loads, torch.stack([r.expert_load for r in ref.routers().values()]), "global expert load")
 
