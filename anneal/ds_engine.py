@@ -254,3 +254,39 @@ def is_rank0() -> bool:
 def config_summary(cfg: dict[str, Any]) -> str:
     z = cfg["zero_optimization"]
     return f"DeepSpeed ZeRO-{z['stage']}, bf16={cfg['bf16']['enabled']}, clip={cfg['gradient_clipping']}"
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def rank_state_path(ckpt_root, step: int, rank: int):
+    from pathlib import Path
+
+    return Path(ckpt_root) / "zero" / f"step_{step:08d}" / f"rank_{rank:05d}.pt"
+
+
+def save_rank_state(ckpt_root, step: int, rank: int, state: dict) -> None:
+    """This rank's engine state, written atomically (tmp file + rename). The step's checkpoint is
+    complete only once rank 0 has renamed the step folder into place after every rank wrote."""
+    path = rank_state_path(ckpt_root, step, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_rank_state(ckpt_root, step: int, rank: int) -> dict:
+    path = rank_state_path(ckpt_root, step, rank)
+    if not path.exists():
+        raise AnnealError(f"resume: {path} is missing: the checkpoint of step {step} was written by fewer ranks "
+                          "(another parallel layout) or by the native engine; resume with the layout it was "
+                          "written under")
+    return torch.load(path, weights_only=False)
+
+
+def prune_rank_states(ckpt_root) -> None:
+    """Drop the per-rank states of steps whose step folder is gone (pruned by checkpointing)."""
+    import shutil
+    from pathlib import Path
+
+    for d in (Path(ckpt_root) / "zero").glob("step_*"):
+        if not (Path(ckpt_root) / d.name).is_dir():
+            shutil.rmtree(d, ignore_errors=True)
