@@ -133,3 +133,51 @@ def test_config_from_trainer_config_and_extra_keys():
 def test_dp2_x_ep2_zero2_matches_single_process_engine():
     """4 ranks: EP groups {0,1},{2,3}; expert grads reduced over the EDP groups {0,2},{1,3}."""
     run_distributed(_worker, 4, 2, 2)
+
+
+# ------------------------------------------------------------------ the trainer under DeepSpeed
+def _trainer_supports_deepspeed() -> bool:
+    import anneal.config
+
+    return hasattr(anneal.config, "ParallelCfg")  # added by docs/ep_integration.patch
+
+
+@pytest.mark.skipif(not _trainer_supports_deepspeed(), reason="trainer integration (docs/ep_integration.patch) not applied")
+def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
+    """`torchrun --nproc-per-node 2 -m anneal trainer.engine=deepspeed parallel.ep_size=2`: the same
+    losses as the one-process run, exact resume, and a resume under another layout is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from _dist import free_port
+
+    common = ["trainer.device=cpu", "trainer.micro_batch_size=4", "trainer.ckpt_every=8192", "logging.wandb=false",
+              "logging.progress=false", "logging.plots=false", f"run.root={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def anneal(*args, world=1):
+        launcher = [sys.executable, "-m", "anneal"] if world == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+             "--master-port", str(free_port()), "-m", "anneal"]
+        return subprocess.run(launcher + common + list(args), env=env, capture_output=True, text=True, timeout=300)
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+    ds = ["trainer.engine=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=2"]
+    r = anneal("trainer.stop_after_steps=3", "run.name=native")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = anneal("trainer.stop_after_steps=2", "run.name=ds", *ds, world=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = anneal("trainer.stop_after_steps=3", "run.name=ds", "run.resume=true", *ds, world=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, got = losses("native"), losses("ds")
+    assert [s for s, _, _ in got] == [1, 2, 3]
+    for (s, lw, gw), (_, lg, gg) in zip(want, got):
+        assert abs(lw - lg) < 1e-5 and abs(gw - gg) < 1e-4, (s, lw, lg, gw, gg)
+    r = anneal("trainer.stop_after_steps=4", "run.name=ds", "run.resume=true",
+               "trainer.engine=deepspeed", "parallel.ep_size=1", world=2)
+    assert r.returncode != 0 and "cannot resume" in r.stdout + r.stderr
