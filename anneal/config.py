@@ -51,7 +51,7 @@ class ScheduleCfg:
 
 @dataclass
 class TrainerCfg:
-    engine: str = "native"                 # native (one process); deepspeed comes with expert parallelism
+    engine: str = "native"                 # native (one process) | deepspeed (launch with deepspeed/torchrun)
     device: str = "auto"                   # auto | cpu | cuda
     micro_batch_size: int = 8              # sequences per forward/backward
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -65,6 +65,13 @@ class TrainerCfg:
     log_every: int = 1                     # optimizer steps between metric logs
     stop_after_steps: Optional[int] = None  # stop early (as if killed after that step's checkpoint)
     threads: Optional[int] = None          # torch CPU threads; null = torch's default
+    deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config keys (engine=deepspeed); see docs/deepspeed.md
+
+
+@dataclass
+class ParallelCfg:
+    ep_size: int = 1                       # expert-parallel size; divides the expert count and the world size
+    zero_stage: int = 1                    # ZeRO stage of the DeepSpeed engine: 1 or 2
 
 
 @dataclass
@@ -104,6 +111,7 @@ class Config:
     data: DataCfg = field(default_factory=DataCfg)
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     trainer: TrainerCfg = field(default_factory=TrainerCfg)
+    parallel: ParallelCfg = field(default_factory=ParallelCfg)
     logging: LoggingCfg = field(default_factory=LoggingCfg)
     run: RunCfg = field(default_factory=RunCfg)
     export: ExportCfg = field(default_factory=ExportCfg)

@@ -150,9 +150,17 @@ class Dots1ForCausalLM(nn.Module):
                 layer.mlp.aux_loss_coef = coef
 
     def set_experts_backend(self, name: str) -> None:
+        """Pick the experts backend; under expert parallelism (moe.ep) the EP dispatch is kept
+        and only the local experts' backend changes."""
+        from moe.experts import get_backend
+
         for layer in self.model.layers:
             if isinstance(layer.mlp, Dots1MoE):
-                layer.mlp.experts.set_backend(name)
+                experts = layer.mlp.experts
+                if hasattr(experts.backend, "inner"):  # moe.ep.EPBackend
+                    experts.backend.inner = get_backend(name)
+                else:
+                    experts.set_backend(name)
 
     # -- init -----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -140,14 +141,65 @@ def build_schedule(cfg: DictConfig, start_lr: float) -> tuple[Schedule, BatchRam
     return schedule, ramp
 
 
-def check_batch_shape(ramp: BatchRamp, seq_len: int, micro_batch_size: int) -> None:
+def check_batch_shape(ramp: BatchRamp, seq_len: int, micro_batch_size: int, world_size: int = 1) -> None:
     for start, batch_tokens in ramp.points:
-        per_micro = seq_len * micro_batch_size
+        per_micro = seq_len * micro_batch_size * world_size
         if batch_tokens % per_micro:
+            ranks = f" × {world_size} ranks" if world_size > 1 else ""
             raise AnnealError(
                 f"schedule.batch_tokens: {batch_tokens} tokens (from token {start}) is not a multiple of "
-                f"data.seq_len × trainer.micro_batch_size = {seq_len} × {micro_batch_size} = {per_micro}; "
-                "change one of them so each step is a whole number of micro-batches")
+                f"data.seq_len × trainer.micro_batch_size{ranks} = {per_micro}; "
+                "change one of them so each step is a whole number of micro-batches on every rank")
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank_and_world() -> tuple[int, int]:
+    d = _dist()
+    return (d.get_rank(), d.get_world_size()) if d else (0, 1)
+
+
+def rank0_first(fn, others=None):
+    """Run fn() on rank 0, then `others` (default fn) on the other ranks, so rank 0 creates shared
+    files first. An AnnealError on rank 0 is raised on every rank (one message, all ranks exit
+    non-zero)."""
+    d = _dist()
+    if d is None:
+        return fn()
+    msg, out = [None], None
+    if d.get_rank() == 0:
+        try:
+            out = fn()
+        except AnnealError as e:
+            msg[0] = str(e)
+    d.broadcast_object_list(msg, src=0)
+    if msg[0] is not None:
+        raise AnnealError(msg[0])
+    return (others or fn)() if d.get_rank() != 0 else out
+
+
+class NullTracker:
+    """The tracker of ranks other than 0: no console, no W&B, no files."""
+
+    def __init__(self, history=None):
+        self.history, self.wandb_dir = list(history or []), None
+
+    def log(self, row: dict, step: int) -> None:
+        self.history.append({"step": step, **row})
+
+    def print(self, *a, **k) -> None:
+        pass
+
+    def update_progress(self, *a, **k) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -236,22 +288,48 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
-        resume_from = self._claim_run_dir()
         device = pick_device(cfg.trainer.device)
-        p = self.prepare(device)
+        if cfg.trainer.engine == "deepspeed":
+            from anneal import ds_engine
+
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(device)
+            ds_engine.init_distributed(device)
+            # every rank uses rank 0's run folder (Hydra's timestamped name may differ between ranks)
+            folder = [str(self.run_dir)]
+            _dist().broadcast_object_list(folder, src=0)
+            self.run_dir, self.ckpt_root = Path(folder[0]), Path(folder[0]) / "ckpt"
+        elif cfg.trainer.engine != "native":
+            raise AnnealError(f"trainer.engine={cfg.trainer.engine!r}: use native or deepspeed")
+        self.rank, self.world = rank_and_world()
+        resume_from = rank0_first(self._claim_run_dir, lambda: checkpointing.latest_checkpoint(self.ckpt_root)
+                                  if cfg.run.resume else None)
+        p = rank0_first(lambda: self.prepare(device))
         model, schedule, stream = p.model, p.schedule, p.stream
-        engine = Engine(model, cfg.trainer)
 
         step, tokens, history = 0, 0, []
-        if resume_from is not None:
-            state = checkpointing.load_checkpoint(resume_from, model)
-            engine.load_state_dict(state["optimizer"])
+        state = checkpointing.load_checkpoint(resume_from, model) if resume_from is not None else None
+        if cfg.trainer.engine == "deepspeed":
+            engine = ds_engine.DeepSpeedEngine(
+                model, cfg.trainer, ep_size=cfg.parallel.ep_size, zero_stage=cfg.parallel.zero_stage,
+                extra_config=OmegaConf.to_container(cfg.trainer.deepspeed, resolve=True) or None)
+        else:
+            engine = Engine(model, cfg.trainer)
+        if state is not None:
+            if cfg.trainer.engine == "deepspeed":
+                engine.load_state_dict(ds_engine.load_rank_state(self.ckpt_root, state["step"], self.rank))
+            else:
+                engine.load_state_dict(state["optimizer"])
             stream.load_state_dict(state["data"])
             checkpointing.set_rng_state(state["rng"])
             step, tokens, history = state["step"], state["tokens"], state["history"]
 
         run_config = OmegaConf.to_container(cfg, resolve=True)
-        tracker = Tracker(self.run_dir, cfg.logging, run_config, schedule.total_tokens, tokens, history)
+        if self.rank == 0:
+            tracker = Tracker(self.run_dir, cfg.logging, run_config, schedule.total_tokens, tokens, history)
+        else:
+            tracker = NullTracker(history)
         if resume_from is not None:
             tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)")
         try:
@@ -274,7 +352,7 @@ class Trainer:
                               f"{mcfg.vocab_size}; use the checkpoint's own tokenizer")
         start_lr = resolve_start_lr(cfg, entry_lr, folder_meta)
         schedule, ramp = build_schedule(cfg, start_lr)
-        check_batch_shape(ramp, cfg.data.seq_len, cfg.trainer.micro_batch_size)
+        check_batch_shape(ramp, cfg.data.seq_len, cfg.trainer.micro_batch_size, rank_and_world()[1])
         spec = load_mixture(cfg.data.mixture)
         # A mixture may also weight the standard WSD phases a recipe does not run (one mixture file
         # serves pretraining and anneal); any other stage name must be one of the schedule's.
@@ -296,6 +374,7 @@ class Trainer:
         total = schedule.total_tokens
         stage_ends = {schedule.stage_end(n) for n in schedule.stage_names}
         routers = model.routers()
+        self._engine_reduce_load = getattr(engine, "reduce_expert_load", None) or (lambda r: None)
         if step == 0 and not tracker.history:
             tracker.log({"tokens": 0, **self.evaluate(p, device, autocast)}, step=0)
 
@@ -350,8 +429,15 @@ class Trainer:
         loss_sum = torch.zeros(n_src, device=device, dtype=torch.float64)
         count = torch.zeros(n_src, device=device, dtype=torch.float64)
         aux_sum = torch.zeros((), device=device)
+        mbs = self.cfg.trainer.micro_batch_size
+        rank, world = rank_and_world()
+        # Every rank reads the same stream (same seed, same state: one data cursor in the checkpoint)
+        # and keeps its own rows of each global micro-batch.
+        n_micro //= world
         for _ in range(n_micro):
-            batch = p.stream.next_batch(self.cfg.trainer.micro_batch_size)
+            batch = p.stream.next_batch(mbs * world)
+            if world > 1:
+                batch = {k: v[rank * mbs:(rank + 1) * mbs] for k, v in batch.items()}
             losses = token_losses(p.model, batch, device, autocast)
             loss = losses.mean()
             aux = p.model.aux_loss()
@@ -363,6 +449,10 @@ class Trainer:
             loss_sum.scatter_add_(0, src, losses.detach().reshape(-1).double())
             count += torch.bincount(src, minlength=n_src).double()
         grad_norm = engine.step(lr)
+        if world > 1:
+            sums_counts = torch.stack([loss_sum, count, aux_sum.double().expand(n_src)]).cpu()
+            _dist().all_reduce(sums_counts)
+            loss_sum, count, aux_sum = sums_counts[0], sums_counts[1], sums_counts[2, 0] / world
         sums, counts = loss_sum.tolist(), count.tolist()
         out = {"loss": sum(sums) / sum(counts), "grad_norm": grad_norm,
                **{f"loss/{name}": s / c for name, s, c in zip(p.spec.source_names, sums, counts) if c}}
@@ -373,6 +463,8 @@ class Trainer:
     def _update_router_biases(self, routers: dict) -> dict:
         """Aux-loss-free balancing after each optimizer step; returns per-layer load statistics."""
         stats, max_over_mean = {}, []
+        if routers and hasattr(self, "_engine_reduce_load"):
+            self._engine_reduce_load(routers)  # global expert load under data/expert parallelism
         for layer, router in routers.items():
             load = router.expert_load
             ratio = float(load.max() / load.mean().clamp_min(1e-9))
@@ -403,15 +495,42 @@ class Trainer:
         return out
 
     def save(self, p: Prepared, engine: Engine, step: int, tokens: int, history: list, stage: str, lr: float) -> Path:
-        state = {"step": step, "tokens": tokens, "optimizer": engine.state_dict(), "data": p.stream.state_dict(),
-                 "rng": checkpointing.rng_state(), "history": list(history)}
         meta = {"step": step, "tokens": tokens, "stage": stage, "lr": lr, "checkpoint": p.checkpoint_name,
                 "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + tokens}
+        if self.cfg.trainer.engine == "deepspeed":
+            return self._save_distributed(p, engine, step, tokens, history, meta)
+        state = {"step": step, "tokens": tokens, "optimizer": engine.state_dict(), "data": p.stream.state_dict(),
+                 "rng": checkpointing.rng_state(), "history": list(history)}
         return checkpointing.save_checkpoint(self.ckpt_root, step, p.model, p.hf_config, state, meta,
                                              keep=self.cfg.trainer.keep_checkpoints)
 
+    def _save_distributed(self, p: Prepared, engine, step: int, tokens: int, history: list, meta: dict) -> Path:
+        """Each rank writes its ZeRO partition (ckpt/zero/step_N/rank_R.pt); then rank 0 writes the
+        step folder (experts gathered into the unsharded layout) atomically: the commit point."""
+        from anneal import ds_engine
+        from moe import ep
+
+        d = _dist()
+        ds_engine.save_rank_state(self.ckpt_root, step, self.rank, engine.state_dict())
+        full = ep.full_state_dict(p.model, engine.groups)  # collective
+        d.barrier()
+        final = self.ckpt_root / f"step_{step:08d}"
+        if self.rank == 0:
+            state = {"step": step, "tokens": tokens, "optimizer": None, "layout": engine.layout(),
+                     "data": p.stream.state_dict(), "rng": checkpointing.rng_state(), "history": list(history)}
+            final = checkpointing.save_checkpoint(self.ckpt_root, step, _StateDictView(full), p.hf_config, state,
+                                                  meta, keep=self.cfg.trainer.keep_checkpoints)
+            ds_engine.prune_rank_states(self.ckpt_root)
+        d.barrier()
+        return final
+
     def finish(self, p: Prepared, tracker, tokens: int) -> str | None:
         """Export the annealed model as an HF folder, and draw the loss/schedule plots."""
+        if self.cfg.trainer.engine == "deepspeed":
+            return self._finish_distributed(p, tracker, tokens)
+        return self._plot_and_export(p, tracker, tokens)
+
+    def _plot_and_export(self, p: Prepared, tracker, tokens: int) -> str | None:
         cfg = self.cfg
         if cfg.logging.plots:
             from anneal.plots import plot_losses, plot_schedule
@@ -431,6 +550,32 @@ class Trainer:
                              dtype=getattr(torch, cfg.export.dtype), max_shard_size=cfg.export.max_shard_size,
                              overwrite=cfg.export.overwrite, extra_files={META_FILE: json.dumps(meta, indent=2)})
         return str(export_dir)
+
+    def _finish_distributed(self, p: Prepared, tracker, tokens: int) -> str | None:
+        """Gather the experts (collective), then rank 0 plots and exports an unsharded model."""
+        from moe import ep
+
+        full = ep.full_state_dict(p.model, p.model.ep_groups)
+        out = None
+        if self.rank == 0:
+            from anneal.model_config import Dots1Config
+
+            whole = Dots1ForCausalLM(Dots1Config.from_hf_dict(dict(p.hf_config)))
+            whole.load_state_dict(full, strict=True)
+            out = self._plot_and_export(Prepared(**{**p.__dict__, "model": whole}), tracker, tokens)
+        folder = [out]
+        _dist().broadcast_object_list(folder, src=0)
+        return folder[0]
+
+
+class _StateDictView:
+    """Something with a state_dict(): what checkpointing/export read from a model."""
+
+    def __init__(self, sd: dict):
+        self._sd = sd
+
+    def state_dict(self) -> dict:
+        return self._sd
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:

@@ -181,3 +181,34 @@ def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
     r = anneal("trainer.stop_after_steps=4", "run.name=ds", "run.resume=true",
                "trainer.engine=deepspeed", "parallel.ep_size=1", world=2)
     assert r.returncode != 0 and "cannot resume" in r.stdout + r.stderr
+
+
+def test_anneal_under_torchrun_runs_to_the_end_and_exports_the_whole_model(tmp_path):
+    """Both anneal stages under DeepSpeed with EP=2, then the gathered export: the same weights as the
+    one-process run's export, loadable by transformers."""
+    import os
+    import subprocess
+    import sys
+
+    import transformers
+    from _dist import free_port
+    from safetensors.torch import load_file
+
+    common = ["trainer.device=cpu", "trainer.micro_batch_size=4", "logging.wandb=false", "logging.progress=false",
+              "logging.plots=false", "export.dtype=float32", "schedule.stages.0.tokens=8192",
+              "schedule.stages.1.tokens=4096", f"run.root={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "anneal", *common, "run.name=native"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), "-m", "anneal", *common, "run.name=ds", "trainer.engine=deepspeed",
+                        "parallel.ep_size=2"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(str(tmp_path / "native" / "hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ds" / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ds" / "hf")
+    assert hf.config.n_routed_experts == 16
