@@ -83,6 +83,14 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
-    """Load weights into `model` (strict) and return the trainer state."""
-    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    """Load weights into `model` (strict) and return the trainer state. A model that holds only
+    its rank's experts (`model.expert_range`, expert parallelism) gets its slice of the stacked
+    expert tensors, which checkpoints keep whole."""
+    tensors = load_file(str(path / "model.safetensors"))
+    start, stop = getattr(model, "expert_range", (None, None))
+    if start is not None:
+        for name in tensors:
+            if name.endswith(("mlp.experts.w_gate_up", "mlp.experts.w_down")):
+                tensors[name] = tensors[name][start:stop]
+    model.load_state_dict(tensors, strict=True)
     return torch.load(path / "trainer_state.pt", weights_only=False)

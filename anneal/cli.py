@@ -60,8 +60,14 @@ def bundled_recipes() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
 
 
+def _is_rank0() -> bool:
+    """Launchers (deepspeed, torchrun) set RANK; only rank 0 talks to the user."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _report_error(e: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {e}")
+    if _is_rank0():
+        err_console.print(f"[bold red]error:[/] {e}")
 
 
 # ---------------------------------------------------------------------------------------------- anneal
@@ -91,7 +97,8 @@ def main() -> None:
         except USER_ERRORS as e:
             _report_error(e)
             sys.exit(2)
-        _print_summary(result)
+        if _is_rank0():
+            _print_summary(result)
 
     _run()
 

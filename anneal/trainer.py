@@ -94,7 +94,7 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
 
     resolved = Catalog.load(list(cfg.catalog_files)).resolve(cfg.checkpoint)
     model, mcfg = load_hf_checkpoint(resolved.path, dtype=torch.float32, experts_backend=backend,
-                                     device=str(device))
+                                     device=str(device), expert_range=rank_expert_range(cfg, resolved.path))
     model.set_aux_loss_coef(cfg.model.aux_loss_coef)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     folder_meta_path = Path(resolved.path) / META_FILE
@@ -109,6 +109,28 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
         tokenizer.save_pretrained(str(tokenizer_dir))
     entry_lr = getattr(resolved.entry, "lr", None) if resolved.entry is not None else None
     return model, mcfg, tokenizer, tokenizer_dir, resolved.name, entry_lr, folder_meta
+
+
+def rank_expert_range(cfg: DictConfig, folder) -> tuple[int, int] | None:
+    """Under expert parallelism each rank reads only its own experts from the safetensors files
+    (DeepSpeed's layout: EP groups are consecutive ranks, so EP rank = rank % ep_size)."""
+    if cfg.trainer.engine != "deepspeed" or cfg.parallel.ep_size <= 1:
+        return None
+    rank, world = rank_and_world()
+    n_experts = Dots1Config.from_json(Path(folder) / "config.json").n_routed_experts
+    if n_experts % cfg.parallel.ep_size or world % cfg.parallel.ep_size:
+        raise AnnealError(f"parallel.ep_size={cfg.parallel.ep_size} must divide the expert count ({n_experts}) "
+                          f"and the number of ranks ({world})")
+    n_local = n_experts // cfg.parallel.ep_size
+    ep_rank = rank % cfg.parallel.ep_size
+    return ep_rank * n_local, (ep_rank + 1) * n_local
+
+
+def peak_host_memory_gb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _tokenizer_for_random_init(cfg: DictConfig, tokenizer_dir: Path):
@@ -307,6 +329,7 @@ class Trainer:
                                   if cfg.run.resume else None)
         p = rank0_first(lambda: self.prepare(device))
         model, schedule, stream = p.model, p.schedule, p.stream
+        load_peak_gb = self._gather_peak_memory()
 
         step, tokens, history = 0, 0, []
         state = checkpointing.load_checkpoint(resume_from, model) if resume_from is not None else None
@@ -332,6 +355,7 @@ class Trainer:
             tracker = NullTracker(history)
         if resume_from is not None:
             tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)")
+        tracker.print(f"model ready: peak host memory per rank {', '.join(f'{g:.2f}' for g in load_peak_gb)} GB")
         try:
             result = self._loop(p, engine, tracker, device, step, tokens)
             tracker.print(p.stream.format_accounting(), markup=False, highlight=False)
@@ -340,6 +364,16 @@ class Trainer:
             p.stream.close()
         result["wandb_dir"] = tracker.wandb_dir
         return result
+
+    def _gather_peak_memory(self) -> list[float]:
+        """Peak host memory of every rank after loading the model (what sharded loading saves)."""
+        mine = peak_host_memory_gb()
+        d = _dist()
+        if d is None:
+            return [mine]
+        out = [None] * d.get_world_size()
+        d.all_gather_object(out, mine)
+        return out
 
     def prepare(self, device: torch.device) -> Prepared:
         from mixtures import PackedMixtureStream, load_mixture

@@ -146,3 +146,25 @@ def test_cli_reports_unknown_key_and_wrong_type(tmp_path):
         r = subprocess.run([sys.executable, "-m", "anneal", bad, f"run.root={tmp_path}"], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode != 0 and needle in r.stderr + r.stdout
+
+
+def test_rank_with_a_share_of_the_experts_loads_its_slice_of_a_checkpoint(tmp_path):
+    """Expert parallelism: a rank built with expert_range reads only its experts from the HF files
+    and takes its slice of the (whole) stacked tensors of a training checkpoint on resume."""
+    from anneal import checkpointing
+    from anneal.hf_io import load_hf_checkpoint
+    from anneal.paths import package_root
+
+    folder = package_root() / "anneal" / "assets" / "tiny-stable"
+    full, cfg = load_hf_checkpoint(folder)
+    part, _ = load_hf_checkpoint(folder, expert_range=(8, 16))
+    assert part.model.layers[1].mlp.experts.w_gate_up.shape[0] == 8
+    torch.testing.assert_close(part.model.layers[1].mlp.experts.w_down, full.model.layers[1].mlp.experts.w_down[8:16])
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(1.0)  # a checkpoint that differs from the HF folder
+    ckpt = checkpointing.save_checkpoint(tmp_path, 3, full, cfg.to_hf_dict(), {"step": 3}, {})
+    assert checkpointing.load_checkpoint(ckpt, part)["step"] == 3
+    torch.testing.assert_close(part.model.layers[2].mlp.experts.w_gate_up,
+                               full.model.layers[2].mlp.experts.w_gate_up[8:16])
+    torch.testing.assert_close(part.lm_head.weight, full.lm_head.weight)
