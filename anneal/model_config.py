@@ -101,6 +101,14 @@ class Dots1Config:
                 total += 3 * h * self.intermediate_size
         return total
 
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs of one training token (forward + backward): 6 × active non-embedding
+        parameters + 12 × layers × attention width × seq_len (causal attention counted whole, as
+        the PaLM/Megatron MFU convention does)."""
+        active = self.num_parameters(active=True) - self.vocab_size * self.hidden_size  # embedding lookup is free
+        attn = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        return 6.0 * active + attn
+
     # -- HF config.json -----------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "Dots1Config":

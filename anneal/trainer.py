@@ -48,6 +48,17 @@ class Prepared:
     meta: dict = field(default_factory=dict)
 
 
+# Dense bf16 peak (TFLOP/s, no sparsity) by GPU name, for MFU; unknown devices log no MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -408,6 +419,8 @@ class Trainer:
         total = schedule.total_tokens
         stage_ends = {schedule.stage_end(n) for n in schedule.stage_names}
         routers = model.routers()
+        flops_per_token = Dots1Config.from_hf_dict(p.hf_config).train_flops_per_token(seq_len)
+        peak_tflops = device_peak_tflops(device)
         self._engine_reduce_load = getattr(engine, "reduce_expert_load", None) or (lambda r: None)
         if step == 0 and not tracker.history:
             tracker.log({"tokens": 0, **self.evaluate(p, device, autocast)}, step=0)
@@ -429,7 +442,10 @@ class Trainer:
             now = time.perf_counter()
             tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
             t_last, tokens_last = now, tokens
+            device_tflops = tps * flops_per_token / 1e12 / self.world
             row = {"tokens": tokens, "lr": lr, "stage": stage.name, "tokens_per_s": tps,
+                   "model_tflops_per_device": device_tflops,
+                   **({"mfu": device_tflops / peak_tflops} if peak_tflops else {}),
                    "batch_tokens": n_seqs * seq_len, **metrics, **moe_stats}
             crossed = lambda every: every > 0 and tokens // every != (tokens - n_seqs * seq_len) // every  # noqa: E731
             at_stage_end = tokens in stage_ends or tokens >= total or \

@@ -57,6 +57,7 @@ def test_anneal_from_export_starts_at_checkpoint_lr_and_exports(stable_ckpt, tmp
     stage2 = [r for r in hist if r["stage"] == "stage2"]
     assert stage2[0]["lr"] == pytest.approx(3e-5)           # stage boundary exactly at 3e-5
     assert [r["stage"] for r in hist] == ["stage1"] * 6 + ["stage2"] * 4
+    assert all(r["model_tflops_per_device"] > 0 for r in hist) and "mfu" not in hist[0]  # no MFU on CPU
     # eval at each stage end with per-source losses, and exact per-source token accounting
     evals = [r for r in result["history"] if "eval_loss" in r]
     assert len(evals) == 3 and {"eval_loss/wiki", "eval_loss/gsm8k"} <= set(evals[-1])
