@@ -38,5 +38,5 @@ def print_plan(cfg, repeat_warn: float = 4.0) -> list[dict]:
     console = Console()
     console.print(f"mixture {spec.name!r}, seq_len {cfg.data.seq_len}, stages: "
                   + ", ".join(f"{k}={format_tokens(v)}" for k, v in stage_tokens.items()))
-    console.print(format_plan(rows), markup=False, highlight=False)
+    print(format_plan(rows))  # a fixed-width table: plain print, never wrapped
     return rows

@@ -95,3 +95,10 @@ def test_export_command_from_a_training_checkpoint(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert hf.config.num_hidden_layers == 4
     assert (out / "tokenizer.json").exists()
+
+
+def test_plan_command_prints_shares_and_epochs(tmp_path):
+    r = run([sys.executable, "-c", "from anneal.cli import plan_main; plan_main(['recipe=demo'])"], tmp_path)
+    assert "stage1=393.2K, stage2=98.3K" in r.stdout
+    lines = {tuple(line.split()[:2]): line.split() for line in r.stdout.splitlines() if line.startswith("stage")}
+    assert lines[("stage1", "wiki")][4] == "80.0%" and lines[("stage2", "gsm8k")][4] == "50.0%"
