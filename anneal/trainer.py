@@ -261,6 +261,9 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
+    def reduce_expert_load(self, routers: dict) -> None:
+        """One process: the local expert load is the global one."""
+
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()
 
@@ -321,47 +324,20 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
-        device = pick_device(cfg.trainer.device)
-        if cfg.trainer.engine == "deepspeed":
-            from anneal import ds_engine
-
-            if device.type == "cuda":
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                torch.cuda.set_device(device)
-            ds_engine.init_distributed(device)
-            # every rank uses rank 0's run folder (Hydra's timestamped name may differ between ranks)
-            folder = [str(self.run_dir)]
-            _dist().broadcast_object_list(folder, src=0)
-            self.run_dir, self.ckpt_root = Path(folder[0]), Path(folder[0]) / "ckpt"
-        elif cfg.trainer.engine != "native":
-            raise AnnealError(f"trainer.engine={cfg.trainer.engine!r}: use native or deepspeed")
-        self.rank, self.world = rank_and_world()
+        device = self._setup_processes(pick_device(cfg.trainer.device))
         resume_from = rank0_first(self._claim_run_dir, lambda: checkpointing.latest_checkpoint(self.ckpt_root)
                                   if cfg.run.resume else None)
         p = rank0_first(lambda: self.prepare(device))
-        model, schedule, stream = p.model, p.schedule, p.stream
         load_peak_gb = self._gather_peak_memory()
-
+        state = checkpointing.load_checkpoint(resume_from, p.model) if resume_from is not None else None
+        engine = self._make_engine(p.model)
         step, tokens, history = 0, 0, []
-        state = checkpointing.load_checkpoint(resume_from, model) if resume_from is not None else None
-        if cfg.trainer.engine == "deepspeed":
-            engine = ds_engine.DeepSpeedEngine(
-                model, cfg.trainer, ep_size=cfg.parallel.ep_size, zero_stage=cfg.parallel.zero_stage,
-                extra_config=OmegaConf.to_container(cfg.trainer.deepspeed, resolve=True) or None)
-        else:
-            engine = Engine(model, cfg.trainer)
         if state is not None:
-            if cfg.trainer.engine == "deepspeed":
-                engine.load_state_dict(ds_engine.load_rank_state(self.ckpt_root, state["step"], self.rank))
-            else:
-                engine.load_state_dict(state["optimizer"])
-            stream.load_state_dict(state["data"])
-            checkpointing.set_rng_state(state["rng"])
-            step, tokens, history = state["step"], state["tokens"], state["history"]
+            step, tokens, history = self._restore(state, engine, p.stream)
 
         run_config = OmegaConf.to_container(cfg, resolve=True)
         if self.rank == 0:
-            tracker = Tracker(self.run_dir, cfg.logging, run_config, schedule.total_tokens, tokens, history)
+            tracker = Tracker(self.run_dir, cfg.logging, run_config, p.schedule.total_tokens, tokens, history)
         else:
             tracker = NullTracker(history)
         if resume_from is not None:
@@ -375,6 +351,47 @@ class Trainer:
             p.stream.close()
         result["wandb_dir"] = tracker.wandb_dir
         return result
+
+    def _setup_processes(self, device: torch.device) -> torch.device:
+        """Under DeepSpeed: join the process group, pick this rank's GPU, and share rank 0's run
+        folder (Hydra's timestamped name may differ between ranks). Sets self.rank/self.world."""
+        cfg = self.cfg
+        if cfg.trainer.engine == "deepspeed":
+            from anneal import ds_engine
+
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(device)
+            ds_engine.init_distributed(device)
+            folder = [str(self.run_dir)]
+            _dist().broadcast_object_list(folder, src=0)
+            self.run_dir, self.ckpt_root = Path(folder[0]), Path(folder[0]) / "ckpt"
+        elif cfg.trainer.engine != "native":
+            raise AnnealError(f"trainer.engine={cfg.trainer.engine!r}: use native or deepspeed")
+        self.rank, self.world = rank_and_world()
+        return device
+
+    def _make_engine(self, model: Dots1ForCausalLM):
+        cfg = self.cfg
+        if cfg.trainer.engine != "deepspeed":
+            return Engine(model, cfg.trainer)
+        from anneal import ds_engine
+
+        return ds_engine.DeepSpeedEngine(
+            model, cfg.trainer, ep_size=cfg.parallel.ep_size, zero_stage=cfg.parallel.zero_stage,
+            extra_config=OmegaConf.to_container(cfg.trainer.deepspeed, resolve=True) or None)
+
+    def _restore(self, state: dict, engine, stream) -> tuple[int, int, list]:
+        """Optimizer, data cursor and RNG from a checkpoint (weights are already loaded)."""
+        if self.cfg.trainer.engine == "deepspeed":
+            from anneal import ds_engine
+
+            engine.load_state_dict(ds_engine.load_rank_state(self.ckpt_root, state["step"], self.rank))
+        else:
+            engine.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["data"])
+        checkpointing.set_rng_state(state["rng"])
+        return state["step"], state["tokens"], state["history"]
 
     def _gather_peak_memory(self) -> list[float]:
         """Peak host memory of every rank after loading the model (what sharded loading saves)."""
@@ -421,7 +438,6 @@ class Trainer:
         routers = model.routers()
         flops_per_token = Dots1Config.from_hf_dict(p.hf_config).train_flops_per_token(seq_len)
         peak_tflops = device_peak_tflops(device)
-        self._engine_reduce_load = getattr(engine, "reduce_expert_load", None) or (lambda r: None)
         if step == 0 and not tracker.history:
             tracker.log({"tokens": 0, **self.evaluate(p, device, autocast)}, step=0)
 
@@ -434,7 +450,7 @@ class Trainer:
             n_micro = n_seqs // mbs
 
             metrics = self._train_step(p, engine, device, autocast, n_micro, lr)
-            moe_stats = self._update_router_biases(routers)
+            moe_stats = self._update_router_biases(routers, engine)
             step += 1
             tokens += n_seqs * seq_len
             train_loss = metrics["loss"]
@@ -510,11 +526,12 @@ class Trainer:
             out["aux_loss"] = float(aux_sum) / n_micro
         return out
 
-    def _update_router_biases(self, routers: dict) -> dict:
-        """Aux-loss-free balancing after each optimizer step; returns per-layer load statistics."""
+    def _update_router_biases(self, routers: dict, engine) -> dict:
+        """Aux-loss-free balancing after each optimizer step, from the global expert load (summed
+        over ranks by the engine); returns per-layer load statistics."""
         stats, max_over_mean = {}, []
-        if routers and hasattr(self, "_engine_reduce_load"):
-            self._engine_reduce_load(routers)  # global expert load under data/expert parallelism
+        if routers:
+            engine.reduce_expert_load(routers)
         for layer, router in routers.items():
             load = router.expert_load
             ratio = float(load.max() / load.mean().clamp_min(1e-9))
