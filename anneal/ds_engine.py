@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -245,15 +244,6 @@ class DeepSpeedEngine:
     def layout(self) -> dict:
         return {"world_size": dist.get_world_size(), "ep_size": self.groups.ep_size,
                 "zero_stage": self.config["zero_optimization"]["stage"]}
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def config_summary(cfg: dict[str, Any]) -> str:
-    z = cfg["zero_optimization"]
-    return f"DeepSpeed ZeRO-{z['stage']}, bf16={cfg['bf16']['enabled']}, clip={cfg['gradient_clipping']}"
 
 
 # ---------------------------------------------------------------------------------- checkpoints

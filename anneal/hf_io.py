@@ -31,7 +31,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -600,7 +600,3 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
         raise
     return folder
 
-
-def iter_checkpoint_files(folder: str | os.PathLike) -> Iterator[Path]:
-    """The safetensors files of a checkpoint folder (index shards or the single file)."""
-    yield from _safetensors_files(Path(folder))

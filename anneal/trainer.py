@@ -282,16 +282,6 @@ def token_losses(model: Dots1ForCausalLM, batch: dict, device: torch.device, aut
     return losses.view(ids.shape[0], -1)
 
 
-def per_source_means(losses: torch.Tensor, source_ids: torch.Tensor, names: list[str]) -> dict[str, float]:
-    out = {}
-    src = source_ids[:, 1:].to(losses.device)
-    for i, name in enumerate(names):
-        mask = src == i
-        if mask.any():
-            out[name] = float(losses[mask].mean())
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path):

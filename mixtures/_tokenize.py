@@ -77,10 +77,6 @@ def worker_init(payload: bytes, spec_payload: bytes | None = None) -> None:
         _WORKER_SOURCES = load_sources(pickle.loads(spec_payload))
 
 
-def worker_encode(texts: list[str]) -> list[np.ndarray]:
-    return _WORKER_ENCODE(texts)
-
-
 def worker_encode_docs(s: int, idx) -> list[np.ndarray]:
     """Render documents ``idx`` of source ``s`` and tokenize them (+ EOS)."""
     return _WORKER_ENCODE(_WORKER_SOURCES[s].texts(idx))

@@ -430,10 +430,6 @@ class PackedMixtureStream:
                          f"{a['documents']:>10,}{a['epochs']:>9.3f}")
         return "\n".join(lines)
 
-    @property
-    def tokens_emitted(self) -> int:
-        return sum(self._acct_tokens)
-
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         """JSON-able state; see the module docstring."""
