@@ -18,6 +18,7 @@ class ModelCfg:
     aux_loss_coef: float = 0.0             # sequence-wise balance loss; 0 = aux-loss-free only
     bias_update_rate: float = 1e-3         # aux-loss-free bias step per optimizer step (DeepSeek-V3)
     gradient_checkpointing: bool = False
+    compile: Optional[bool] = None         # torch.compile each decoder layer + the loss head; null = on for CUDA
     arch: Optional[dict] = None            # HF config.json fields; only used when checkpoint is null
     init_seed: int = 0
 
@@ -29,7 +30,7 @@ class DataCfg:
     eval_seqs: int = 4                     # held-out sequences per source for eval loss
     tokenizer: Optional[str] = None        # null: the checkpoint's; "train": train a BPE on the mixture
     tokenizer_vocab_size: int = 4096
-    num_workers: int = 0                   # background tokenization processes (0 = in the trainer)
+    num_workers: Optional[int] = None      # background tokenization processes (0 = in the trainer); null = 1 on CUDA, 0 on CPU
 
 
 @dataclass
@@ -58,7 +59,7 @@ class TrainerCfg:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    bf16: bool = True                      # autocast to bf16 on CUDA (ignored on CPU)
+    bf16: bool = True                      # bf16 compute weights, fp32 masters/grads/optimizer (anneal.precision); CUDA only
     eval_every: str = "0"                  # tokens between evals; 0 = only at stage ends
     ckpt_every: str = "0"                  # tokens between resumable checkpoints; 0 = stage ends only
     keep_checkpoints: int = 2

@@ -112,9 +112,10 @@ class Dots1ForCausalLM(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, S] -> logits [B, S, V]. position_ids (restarting per packed document) only
-        move RoPE; attention stays causal over the whole packed row."""
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, S] -> final-normed hidden states [B, S, H] in the model's compute dtype.
+        position_ids (restarting per packed document) only move RoPE; attention stays causal over
+        the whole packed row."""
         bsz, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(bsz, seq)
@@ -125,7 +126,32 @@ class Dots1ForCausalLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, V] (in the model's compute dtype)."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids))
+
+    def token_losses(self, input_ids: torch.Tensor, targets: torch.Tensor,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token next-token cross-entropy [B, S] in fp32 (the loss is fp32 whatever the compute
+        dtype). The head and the loss are one compiled region under `compile_layers`, so the fp32
+        upcast of the logits fuses into the softmax instead of materializing [B, S, V] in fp32."""
+        return self._head_loss(self.hidden_states(input_ids, position_ids), targets)
+
+    def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        return losses.view(targets.shape)
+
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """Regional compilation (as torchtitan does it): each decoder layer, and the head + loss,
+        compiled on their own. Layers of one kind share one graph; parameter names and the state
+        dict are unchanged (`nn.Module.compile` works in place). `backend` is torch.compile's
+        (tests use "aot_eager" to check tracing without code generation)."""
+        for layer in self.model.layers:
+            layer.compile(backend=backend)
+        self._head_loss = torch.compile(self._head_loss, backend=backend)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE layers' sequence-wise balance losses from the last forward (or None)."""
@@ -137,7 +163,8 @@ class Dots1ForCausalLM(nn.Module):
         return {i: layer.mlp.gate for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, Dots1MoE)}
 
     def to_dtype(self, dtype: torch.dtype) -> "Dots1ForCausalLM":
-        """Cast parameters to `dtype` but keep the routers' bias and load counters in fp32."""
+        """Cast parameters to `dtype` (the compute weights of the mixed-precision policy) but keep the
+        routers' correction bias and load counters in fp32: bias steps of 1e-3 vanish in bf16 near 1."""
         self.to(dtype)
         for router in self.routers().values():
             router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()

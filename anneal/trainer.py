@@ -9,7 +9,6 @@ engine plugs in for expert parallelism.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -18,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from anneal import checkpointing
@@ -26,6 +24,7 @@ from anneal.errors import AnnealError
 from anneal.export import META_FILE
 from anneal.model import Dots1ForCausalLM
 from anneal.model_config import Dots1Config
+from anneal.precision import MasterWeights, PrecisionPolicy
 from anneal.schedule import BatchRamp, Schedule, format_tokens, parse_tokens
 
 RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
@@ -65,6 +64,20 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise AnnealError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto")
     return torch.device(name)
+
+
+def compile_enabled(setting: bool | None, device: torch.device) -> bool:
+    """model.compile: null = on for CUDA (measured faster: bench/RESULTS.md), off on CPU, where
+    compiling costs more start-up time than a short run saves."""
+    return device.type == "cuda" if setting is None else bool(setting)
+
+
+def data_workers(setting: int | None, device: torch.device) -> int:
+    """data.num_workers: null = 1 background tokenizer on CUDA, 0 on CPU. On a GPU the main process
+    must keep launching kernels: tokenizing in it would stall the GPU between micro-batches, and one
+    worker (1-2M tokens/s) stays ahead of a GPU step (bench/RESULTS.md). On CPU a worker only takes
+    cores from the training threads."""
+    return (1 if device.type == "cuda" else 0) if setting is None else setting
 
 
 def resolve_start_lr(cfg: DictConfig, entry_lr: float | None, folder_meta: dict) -> float:
@@ -237,17 +250,23 @@ class NullTracker:
 
 # ---------------------------------------------------------------------------------------------- engine
 class Engine:
-    """AdamW + clipping for one process. Same interface as the DeepSpeed engine wrapper will have:
-    backward(loss), step(lr) -> grad_norm, state_dict()/load_state_dict()."""
+    """AdamW + clipping for one process, under the mixed-precision policy (anneal.precision): with a
+    bf16 policy the optimizer steps fp32 masters fed by fp32 gradient accumulators and the model
+    holds bf16 compute weights. Same interface as the DeepSpeed engine: backward(loss),
+    step(lr) -> grad_norm, state_dict()/load_state_dict(), model_state_dict()."""
 
-    def __init__(self, model: torch.nn.Module, tcfg):
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        fused = next(model.parameters()).is_cuda
+    def __init__(self, model: torch.nn.Module, tcfg, policy: PrecisionPolicy = PrecisionPolicy()):
+        self.model, self.grad_clip = model, tcfg.grad_clip
+        self.masters = MasterWeights(model, policy.compute_dtype) if policy.mixed else None
+        named = (list(zip(self.masters.names, self.masters.masters)) if self.masters
+                 else [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        self.params = [p for _, p in named]
+        decay = [p for _, p in named if p.ndim >= 2]
+        no_decay = [p for _, p in named if p.ndim < 2]
+        fused = self.params[0].is_cuda
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=0.0, betas=tuple(tcfg.betas), eps=tcfg.eps, fused=fused or None)
-        self.model, self.grad_clip = model, tcfg.grad_clip
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -256,13 +275,26 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters:
+            self.masters.after_step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
     def reduce_expert_load(self, routers: dict) -> None:
         """One process: the local expert load is the global one."""
+
+    def model_state_dict(self) -> dict:
+        """Weights to checkpoint: the fp32 masters under a bf16 policy."""
+        return self.masters.state_dict(self.model) if self.masters else self.model.state_dict()
+
+    def full_precision_model(self) -> torch.nn.Module:
+        """The model with its fp32 weights (the masters put back): for the final export."""
+        if self.masters:
+            self.masters.restore_fp32(self.model)
+        return self.model
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()
@@ -272,14 +304,43 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------------------------- loss
-def token_losses(model: Dots1ForCausalLM, batch: dict, device: torch.device, autocast) -> torch.Tensor:
-    """Per-token next-token cross-entropy [B, S] for a packed batch of S+1 tokens per row."""
-    ids = batch["input_ids"].to(device)
-    pos = batch["position_ids"][:, :-1].to(device)
-    with autocast():
-        logits = model(ids[:, :-1], position_ids=pos)
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    return losses.view(ids.shape[0], -1)
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Host batch -> device without blocking the host (pinned memory, asynchronous copies)."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def token_losses(model: Dots1ForCausalLM, batch: dict) -> torch.Tensor:
+    """Per-token next-token cross-entropy [B, S] (fp32) for a packed batch of S+1 tokens per row
+    already on the model's device."""
+    ids = batch["input_ids"]
+    return model.token_losses(ids[:, :-1], ids[:, 1:], position_ids=batch["position_ids"][:, :-1])
+
+
+def accumulate(model: Dots1ForCausalLM, engine, batches, n_micro: int, n_sources: int, device: torch.device) -> dict:
+    """Forward + backward over the `n_micro` micro-batches that `batches` yields (gradients
+    accumulate, no optimizer step).
+    Nothing here waits on the GPU: per-source loss sums and token counts stay on the device
+    (tested under CUDA's sync debug mode); the caller reads them once, after the step."""
+    loss_sum = torch.zeros(n_sources, device=device, dtype=torch.float64)
+    count = torch.zeros(n_sources, device=device, dtype=torch.float64)
+    aux_sum = torch.zeros((), device=device)
+    has_aux = False
+    for batch in batches:
+        batch = to_device(batch, device)
+        losses = token_losses(model, batch)
+        loss = losses.mean()
+        aux = model.aux_loss()
+        if aux is not None:
+            has_aux = True
+            aux_sum += aux.detach()
+            loss = loss + aux
+        engine.backward(loss / n_micro)
+        src = batch["source_ids"][:, 1:].reshape(-1)
+        loss_sum.scatter_add_(0, src, losses.detach().reshape(-1).double())
+        count.scatter_add_(0, src, torch.ones_like(src, dtype=torch.float64))
+    return {"loss_sum": loss_sum, "count": count, "aux_sum": aux_sum if has_aux else None}
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -320,7 +381,11 @@ class Trainer:
         p = rank0_first(lambda: self.prepare(device))
         load_peak_gb = self._gather_peak_memory()
         state = checkpointing.load_checkpoint(resume_from, p.model) if resume_from is not None else None
-        engine = self._make_engine(p.model)
+        notes: list[str] = []
+        policy = PrecisionPolicy.for_device(cfg.trainer.bf16, device, note=notes.append)
+        engine = self._make_engine(p.model, policy)  # casts the model to the policy's compute dtype
+        if compile_enabled(cfg.model.compile, device):
+            p.model.compile_layers()
         step, tokens, history = 0, 0, []
         if state is not None:
             step, tokens, history = self._restore(state, engine, p.stream)
@@ -330,6 +395,8 @@ class Trainer:
             tracker = Tracker(self.run_dir, cfg.logging, run_config, p.schedule.total_tokens, tokens, history)
         else:
             tracker = NullTracker(history)
+        for note in notes:
+            tracker.print(note)
         if resume_from is not None:
             tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)")
         tracker.print(f"model ready: peak host memory per rank {', '.join(f'{g:.2f}' for g in load_peak_gb)} GB")
@@ -361,14 +428,14 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         return device
 
-    def _make_engine(self, model: Dots1ForCausalLM):
+    def _make_engine(self, model: Dots1ForCausalLM, policy: PrecisionPolicy):
         cfg = self.cfg
         if cfg.trainer.engine != "deepspeed":
-            return Engine(model, cfg.trainer)
+            return Engine(model, cfg.trainer, policy)
         from anneal import ds_engine
 
         return ds_engine.DeepSpeedEngine(
-            model, cfg.trainer, ep_size=cfg.parallel.ep_size, zero_stage=cfg.parallel.zero_stage,
+            model, cfg.trainer, ep_size=cfg.parallel.ep_size, zero_stage=cfg.parallel.zero_stage, bf16=policy.mixed,
             extra_config=OmegaConf.to_container(cfg.trainer.deepspeed, resolve=True) or None)
 
     def _restore(self, state: dict, engine, stream) -> tuple[int, int, list]:
@@ -411,7 +478,7 @@ class Trainer:
         spec.check_stages(list(schedule.stage_names) + [s for s in WSD_PHASES if s not in schedule.stage_names],
                           active_stages=schedule.stage_names)
         stream = PackedMixtureStream(spec, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.seed,
-                                     stage=schedule.stage_names[0], num_workers=cfg.data.num_workers)
+                                     stage=schedule.stage_names[0], num_workers=data_workers(cfg.data.num_workers, device))
         model.train()
         return Prepared(model, mcfg.to_hf_dict(), tokenizer, tok_dir, schedule, ramp, stream, spec,
                         ckpt_name, folder_meta)
@@ -419,8 +486,6 @@ class Trainer:
     def _loop(self, p: Prepared, engine: Engine, tracker, device: torch.device, step: int, tokens: int) -> dict:
         cfg, model, schedule, stream = self.cfg, p.model, p.schedule, p.stream
         seq_len, mbs = cfg.data.seq_len, cfg.trainer.micro_batch_size
-        use_bf16 = device.type == "cuda" and cfg.trainer.bf16
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         eval_every = parse_tokens(cfg.trainer.eval_every, "trainer.eval_every")
         ckpt_every = parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every")
         total = schedule.total_tokens
@@ -429,7 +494,7 @@ class Trainer:
         flops_per_token = Dots1Config.from_hf_dict(p.hf_config).train_flops_per_token(seq_len)
         peak_tflops = device_peak_tflops(device)
         if step == 0 and not tracker.history:
-            tracker.log({"tokens": 0, **self.evaluate(p, device, autocast)}, step=0)
+            tracker.log({"tokens": 0, **self.evaluate(p, device)}, step=0)
 
         t_last, tokens_last, stopped_early = time.perf_counter(), tokens, False
         while tokens < total:
@@ -439,7 +504,7 @@ class Trainer:
             n_seqs = p.ramp.batch_at(tokens) // seq_len
             n_micro = n_seqs // mbs
 
-            metrics = self._train_step(p, engine, device, autocast, n_micro, lr)
+            metrics = self._train_step(p, engine, device, n_micro, lr)
             moe_stats = self._update_router_biases(routers, engine)
             step += 1
             tokens += n_seqs * seq_len
@@ -453,11 +518,13 @@ class Trainer:
                    "model_tflops_per_device": device_tflops,
                    **({"mfu": device_tflops / peak_tflops} if peak_tflops else {}),
                    "batch_tokens": n_seqs * seq_len, **metrics, **moe_stats}
+            if device.type == "cuda":
+                row["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             crossed = lambda every: every > 0 and tokens // every != (tokens - n_seqs * seq_len) // every  # noqa: E731
             at_stage_end = tokens in stage_ends or tokens >= total or \
                 schedule.stage_at(tokens).name != stage.name
             if crossed(eval_every) or at_stage_end:
-                row.update(self.evaluate(p, device, autocast))
+                row.update(self.evaluate(p, device))
                 row["data"] = stream.accounting()
             if step % cfg.trainer.log_every == 0 or "eval_loss" in row:
                 tracker.log(row, step=step)
@@ -473,69 +540,64 @@ class Trainer:
         result = {"step": step, "tokens": tokens, "run_dir": str(self.run_dir), "history": tracker.history,
                   "stopped_early": stopped_early, "export_dir": None}
         if not stopped_early:
-            result["export_dir"] = self.finish(p, tracker, tokens)
+            result["export_dir"] = self.finish(p, engine, tracker, tokens)
         return result
 
     # -- pieces --------------------------------------------------------------------------------
-    def _train_step(self, p: Prepared, engine: Engine, device: torch.device, autocast, n_micro: int,
-                    lr: float) -> dict:
-        """Gradient accumulation over `n_micro` micro-batches, then one optimizer step. Per-source
-        loss sums stay on the device until the end of the step (one sync per step)."""
-        n_src = len(p.spec.source_names)
-        loss_sum = torch.zeros(n_src, device=device, dtype=torch.float64)
-        count = torch.zeros(n_src, device=device, dtype=torch.float64)
-        aux_sum = torch.zeros((), device=device)
+    def _train_step(self, p: Prepared, engine: Engine, device: torch.device, n_micro: int, lr: float) -> dict:
+        """Gradient accumulation over `n_micro` global micro-batches, then one optimizer step; the
+        step's statistics are read from the device once, after the step."""
         mbs = self.cfg.trainer.micro_batch_size
         rank, world = rank_and_world()
-        # Every rank reads the same stream (same seed, same state: one data cursor in the checkpoint)
-        # and keeps its own rows of each global micro-batch.
         n_micro //= world
-        for _ in range(n_micro):
-            batch = p.stream.next_batch(mbs * world)
-            if world > 1:
-                batch = {k: v[rank * mbs:(rank + 1) * mbs] for k, v in batch.items()}
-            losses = token_losses(p.model, batch, device, autocast)
-            loss = losses.mean()
-            aux = p.model.aux_loss()
-            if aux is not None:
-                aux_sum += aux.detach()
-                loss = loss + aux
-            engine.backward(loss / n_micro)
-            src = batch["source_ids"][:, 1:].to(device).reshape(-1)
-            loss_sum.scatter_add_(0, src, losses.detach().reshape(-1).double())
-            count += torch.bincount(src, minlength=n_src).double()
+        n_src = len(p.spec.source_names)
+
+        def batches():
+            # Every rank reads the same stream (same seed, same state: one data cursor in the
+            # checkpoint) and keeps its own rows of each global micro-batch.
+            for _ in range(n_micro):
+                batch = p.stream.next_batch(mbs * world)
+                yield {k: v[rank * mbs:(rank + 1) * mbs] for k, v in batch.items()} if world > 1 else batch
+
+        sums = accumulate(p.model, engine, batches(), n_micro, n_src, device)
         grad_norm = engine.step(lr)
+        aux = sums["aux_sum"]
+        stats = torch.stack([sums["loss_sum"], sums["count"],
+                             (aux.double() if aux is not None else sums["count"].new_zeros(())).expand(n_src)])
         if world > 1:
-            sums_counts = torch.stack([loss_sum, count, aux_sum.double().expand(n_src)]).cpu()
-            _dist().all_reduce(sums_counts)
-            loss_sum, count, aux_sum = sums_counts[0], sums_counts[1], sums_counts[2, 0] / world
-        sums, counts = loss_sum.tolist(), count.tolist()
-        out = {"loss": sum(sums) / sum(counts), "grad_norm": grad_norm,
-               **{f"loss/{name}": s / c for name, s, c in zip(p.spec.source_names, sums, counts) if c}}
+            stats = stats.cpu()
+            _dist().all_reduce(stats)
+            stats[2] /= world
+        loss_sum, count, aux_mean = stats.tolist()
+        out = {"loss": sum(loss_sum) / sum(count), "grad_norm": grad_norm,
+               **{f"loss/{name}": s / c for name, s, c in zip(p.spec.source_names, loss_sum, count) if c}}
         if aux is not None:
-            out["aux_loss"] = float(aux_sum) / n_micro
+            out["aux_loss"] = aux_mean[0] / n_micro
         return out
 
     def _update_router_biases(self, routers: dict, engine) -> dict:
         """Aux-loss-free balancing after each optimizer step, from the global expert load (summed
-        over ranks by the engine); returns per-layer load statistics."""
-        stats, max_over_mean = {}, []
-        if routers:
-            engine.reduce_expert_load(routers)
-        for layer, router in routers.items():
+        over ranks by the engine); returns per-layer load statistics (one device read)."""
+        if not routers:
+            return {}
+        engine.reduce_expert_load(routers)
+        ratios, spreads = [], []
+        for router in routers.values():
             load = router.expert_load
-            ratio = float(load.max() / load.mean().clamp_min(1e-9))
+            ratios.append(load.max() / load.mean().clamp_min(1e-9))
             router.update_bias(self.cfg.model.bias_update_rate, load)
             bias = router.e_score_correction_bias
+            spreads.append(bias.max() - bias.min())
+        ratios, spreads = torch.stack(ratios).tolist(), torch.stack(spreads).tolist()
+        stats = {}
+        for layer, ratio, spread in zip(routers, ratios, spreads):
             stats[f"moe/load_max_over_mean/layer{layer}"] = ratio
-            stats[f"moe/bias_spread/layer{layer}"] = float(bias.max() - bias.min())
-            max_over_mean.append(ratio)
-        if max_over_mean:
-            stats["moe/load_max_over_mean"] = max(max_over_mean)
+            stats[f"moe/bias_spread/layer{layer}"] = spread
+        stats["moe/load_max_over_mean"] = max(ratios)
         return stats
 
     @torch.no_grad()
-    def evaluate(self, p: Prepared, device: torch.device, autocast) -> dict:
+    def evaluate(self, p: Prepared, device: torch.device) -> dict:
         model = p.model
         model.eval()
         out, means = {}, []
@@ -543,7 +605,7 @@ class Trainer:
             batch = p.stream.heldout_batches(name, self.cfg.data.eval_seqs, self.cfg.data.seq_len)
             if batch is None or batch["input_ids"].numel() == 0:
                 continue
-            losses = token_losses(model, batch, device, autocast)
+            losses = token_losses(model, to_device(batch, device))
             out[f"eval_loss/{name}"] = float(losses.mean())
             means.append(out[f"eval_loss/{name}"])
         if means:
@@ -558,8 +620,8 @@ class Trainer:
             return self._save_distributed(p, engine, step, tokens, history, meta)
         state = {"step": step, "tokens": tokens, "optimizer": engine.state_dict(), "data": p.stream.state_dict(),
                  "rng": checkpointing.rng_state(), "history": list(history)}
-        return checkpointing.save_checkpoint(self.ckpt_root, step, p.model, p.hf_config, state, meta,
-                                             keep=self.cfg.trainer.keep_checkpoints)
+        return checkpointing.save_checkpoint(self.ckpt_root, step, _StateDictView(engine.model_state_dict()),
+                                             p.hf_config, state, meta, keep=self.cfg.trainer.keep_checkpoints)
 
     def _save_distributed(self, p: Prepared, engine, step: int, tokens: int, history: list, meta: dict) -> Path:
         """Each rank writes its ZeRO partition (ckpt/zero/step_N/rank_R.pt); then rank 0 writes the
@@ -581,11 +643,12 @@ class Trainer:
         d.barrier()
         return final
 
-    def finish(self, p: Prepared, tracker, tokens: int) -> str | None:
-        """Export the annealed model as an HF folder, and draw the loss/schedule plots."""
+    def finish(self, p: Prepared, engine, tracker, tokens: int) -> str | None:
+        """Export the annealed model (fp32 masters, cast to export.dtype) as an HF folder, and draw
+        the loss/schedule plots."""
         if self.cfg.trainer.engine == "deepspeed":
             return self._finish_distributed(p, tracker, tokens)
-        return self._plot_and_export(p, tracker, tokens)
+        return self._plot_and_export(Prepared(**{**p.__dict__, "model": engine.full_precision_model()}), tracker, tokens)
 
     def _plot_and_export(self, p: Prepared, tracker, tokens: int) -> str | None:
         cfg = self.cfg

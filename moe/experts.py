@@ -1,67 +1,25 @@
 """Routed experts stored stacked (what grouped GEMM kernels want) behind one backend interface.
 
-Weights: `w_gate_up` [E, H, 2I] (gate columns first, then up) and `w_down` [E, I, H], so an expert's
-MLP over its rows x is  (silu(x @ Wg) * (x @ Wu)) @ Wd.  The HF checkpoint keeps per-expert
-`gate_proj`/`up_proj`/`down_proj` [out, in] matrices; `anneal.hf_io` maps between the two.
+Weights: `w_gate_up` [E, H, 2I] and `w_down` [E, I, H], so an expert's MLP over its rows x is
+(silu(x @ Wg) * (x @ Wu)) @ Wd. The HF checkpoint keeps per-expert `gate_proj`/`up_proj`/`down_proj`
+[out, in] matrices; `anneal.hf_io` maps between the two.
 
 Backends (pick with `Dots1MoE(..., backend=name)` / the `model.experts_backend` config key):
 - `torch`: a loop over experts, the reference every other backend is tested against;
 - `grouped_mm`: one `torch._grouped_mm` call per projection (what torchtitan uses);
-- `triton`: fused kernels in `moe.kernels` (registered when that module imports).
-A backend implements `grouped_mlp` (rows already grouped by expert) and may override `routed`
-(the whole gather -> MLP -> weighted scatter) to fuse the permutation into its kernels.
+- `triton`: fused kernels in `moe.kernels` (available when Triton imports).
+The interface and the torch backends are in `moe.backends`; this module is the registry.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moe.dispatch import permute, unpermute
+from moe.backends import ExpertsBackend, GroupedMMBackend, TorchLoopBackend
 
 
-class ExpertsBackend:
-    name = "base"
-
-    def grouped_mlp(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
-                    w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def routed(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
-               w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        x_grouped, tokens_per_expert, order = permute(x, topk_idx, w_gate_up.shape[0])
-        y_grouped = self.grouped_mlp(x_grouped, tokens_per_expert, w_gate_up, w_down)
-        return unpermute(y_grouped, order, topk_weight)
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-class TorchLoopBackend(ExpertsBackend):
-    """Reference: one matmul pair per expert with rows; exact and easy to read."""
-    name = "torch"
-
-    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down):
-        outs, start = [], 0
-        for e, n in enumerate(tokens_per_expert.tolist()):
-            if n:
-                outs.append(swiglu(x[start:start + n] @ w_gate_up[e]) @ w_down[e])
-            start += n
-        if not outs:
-            return x.new_zeros(0, w_down.shape[-1]) + 0 * (w_gate_up.sum() + w_down.sum())
-        return torch.cat(outs)
-
-
-class GroupedMMBackend(ExpertsBackend):
-    """`torch._grouped_mm` over all experts at once (offsets = cumulative rows per expert)."""
-    name = "grouped_mm"
-
-    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down):
-        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-        h = swiglu(torch._grouped_mm(x, w_gate_up, offs=offs))
-        return torch._grouped_mm(h, w_down, offs=offs)
+class UnknownBackendError(ValueError):
+    """`model.experts_backend` names no registered backend."""
 
 
 _BACKENDS: dict[str, type[ExpertsBackend]] = {}
@@ -77,25 +35,27 @@ if hasattr(torch, "_grouped_mm"):
     register_backend(GroupedMMBackend)
 
 
+def _register_triton() -> None:
+    if "triton" in _BACKENDS:
+        return
+    try:
+        from moe.kernels.backend import TritonBackend  # imports triton: only when asked for
+    except ImportError:
+        return
+    register_backend(TritonBackend)
+
+
 def available_backends() -> list[str]:
-    _try_import_triton_backend()
+    _register_triton()
     return sorted(_BACKENDS)
 
 
 def get_backend(name: str) -> ExpertsBackend:
     if name not in _BACKENDS:
-        _try_import_triton_backend()
+        _register_triton()
     if name not in _BACKENDS:
-        from anneal.errors import AnnealError
-        raise AnnealError(f"model.experts_backend: unknown backend {name!r}; available: {available_backends()}")
+        raise UnknownBackendError(f"model.experts_backend: unknown backend {name!r}; available: {available_backends()}")
     return _BACKENDS[name]()
-
-
-def _try_import_triton_backend() -> None:
-    try:
-        import moe.kernels.backend  # noqa: F401  (registers "triton" when Triton is importable)
-    except ImportError:
-        pass
 
 
 class GroupedExperts(nn.Module):

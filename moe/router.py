@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.dispatch import expert_counts
+
 
 class Router(nn.Module):
     def __init__(self, hidden_size: int, n_experts: int, top_k: int, routed_scaling_factor: float,
@@ -25,7 +27,10 @@ class Router(nn.Module):
         self.register_buffer("expert_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (topk_idx [T, K] int64, topk_weight [T, K] fp32, scores [T, E] fp32)."""
+        """x [T, H] -> (topk_idx [T, K] int64, topk_weight [T, K] fp32, scores [T, E] fp32).
+
+        Logits, scores and weights are fp32 whatever the compute dtype of x and the weight (the
+        mixed-precision policy): a bf16 sigmoid near its tails would blur the top-k choice."""
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid()
         with torch.no_grad():
@@ -37,7 +42,7 @@ class Router(nn.Module):
         topk_weight = topk_weight * self.routed_scaling_factor
         if self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
+                self.expert_load += expert_counts(topk_idx, self.n_experts).float()
         return topk_idx, topk_weight, scores
 
     @torch.no_grad()
@@ -46,8 +51,8 @@ class Router(nn.Module):
         ones up by `rate` (sign of the load error). `load` defaults to this rank's counts; the
         trainer passes globally all-reduced counts under data/expert parallelism."""
         load = self.expert_load if load is None else load
-        if rate > 0 and load.sum() > 0:
-            self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+        if rate > 0:  # no step without load (no host read: the condition stays on the device)
+            self.e_score_correction_bias += rate * torch.sign(load.mean() - load) * (load.sum() > 0)
         self.expert_load.zero_()
 
 

@@ -1,10 +1,15 @@
-"""GPU paths of the trainer's model step: bf16 autocast forward/backward/AdamW on CUDA with each
-experts backend, against the fp32 CPU reference. Skipped without CUDA (conftest)."""
+"""GPU paths of the trainer's step: the bf16 policy (bf16 compute weights, fp32 masters and
+gradient accumulation) against the fp32 CPU reference with each experts backend, and a step's
+micro-batch loop without a host synchronisation. Skipped without CUDA (conftest)."""
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from anneal.config import TrainerCfg
 from anneal.model import Dots1ForCausalLM
 from anneal.model_config import Dots1Config
+from anneal.precision import PrecisionPolicy
+from anneal.trainer import Engine, accumulate
 from moe.experts import available_backends
 
 CFG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
@@ -12,9 +17,19 @@ CFG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermedi
            num_experts_per_tok=6, n_shared_experts=2)
 
 
+def _batches(n, seed=0, rows=4, seq=128):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, CFG["vocab_size"], (rows, seq + 1), generator=gen)
+        out.append({"input_ids": ids, "position_ids": torch.arange(seq + 1).expand(rows, -1).contiguous(),
+                    "source_ids": torch.randint(0, 3, (rows, seq + 1), generator=gen)})
+    return out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "grouped_mm", "triton"])
-def test_bf16_autocast_training_step_on_cuda(backend):
+def test_bf16_policy_training_step_on_cuda(backend):
     if backend not in available_backends():
         pytest.skip(f"{backend} not available")
     torch.manual_seed(0)
@@ -22,24 +37,47 @@ def test_bf16_autocast_training_step_on_cuda(backend):
     ref.init_weights(seed=0)
     model = Dots1ForCausalLM(Dots1Config(**CFG), experts_backend=backend).cuda()
     model.load_state_dict(ref.state_dict())
+    engine = Engine(model, OmegaConf.structured(TrainerCfg()), PrecisionPolicy(torch.bfloat16))
+    assert next(model.parameters()).dtype == torch.bfloat16
     ids = torch.randint(0, CFG["vocab_size"], (4, 128))
     with torch.no_grad():
         want = ref(ids)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            got = model(ids.cuda()).float().cpu()
+        got = model(ids.cuda()).float().cpu()
     # bf16 can flip near-tied top-k choices for a few tokens, so compare on average, not at the max
     rel = ((got - want).abs().mean() / want.abs().mean()).item()
     assert rel < 0.05, f"mean relative logits error {rel:.4f}"
     ce = lambda logits: torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())  # noqa: E731
     assert abs(ce(got).item() - ce(want).item()) < 0.02
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     losses = []
-    for _ in range(5):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1].cuda())
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].cuda().flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    for step in range(5):
+        sums = accumulate(model, engine, iter(_batches(2, seed=0)), 2, 3, torch.device("cuda"))
+        engine.step(1e-3)
+        losses.append((sums["loss_sum"].sum() / sums["count"].sum()).item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_micro_batch_loop_has_no_host_sync(backend, compiled):
+    """The native engine's micro-batch loop (data copy, forward, backward, fp32 grad accumulation,
+    per-source statistics, router load counters) under CUDA's sync debug mode set to error."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not available")
+    model = Dots1ForCausalLM(Dots1Config(**CFG), experts_backend=backend)
+    model.init_weights(seed=0)
+    model.cuda().train()
+    engine = Engine(model, OmegaConf.structured(TrainerCfg()), PrecisionPolicy(torch.bfloat16))
+    if compiled:
+        model.compile_layers()
+    device = torch.device("cuda")
+    accumulate(model, engine, iter(_batches(2)), 2, 3, device)  # warm-up: autotuning, compilation
+    engine.step(1e-3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums = accumulate(model, engine, iter(_batches(4, seed=1)), 4, 3, device)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    engine.step(1e-3)
+    assert sums["count"].sum().item() == 4 * 4 * 128

@@ -1,10 +1,7 @@
 """The `triton` experts backend: fused Triton kernels for the routed SwiGLU experts (see grouped.py).
 
-Importing this module registers the backend; it raises ImportError when Triton is missing, which
-`moe.experts.get_backend` swallows.
-
 `routed(x, topk_idx, topk_weight, w_gate_up, w_down)`:
-  forward  1. sort the (token, slot) pairs by expert (argsort + bincount; no host sync)
+  forward  1. sort the (token, slot) pairs by expert (argsort + scatter-add counts; no host sync)
            2. gate/up grouped GEMM gathering token rows in its loads, SwiGLU in the epilogue
            3. down grouped GEMM, routing weight in the epilogue, rows stored at their (token, slot)
               place; the K slots of a token are summed (fp32 accumulation)
@@ -12,75 +9,121 @@ Importing this module registers the backend; it raises ImportError when Triton i
            2. dx: dgu @ Wgu^T scattered to (token, slot), summed over slots
            3. dWgu = x[tok]^T dgu and dWd = (w*h)^T dy[tok], per expert (gathers fused)
 `grouped_mlp` runs the same kernels with no gather, no weight and no scatter.
+
+The forward and the backward are registered as PyTorch custom ops (`moe::triton_experts_fwd`,
+`moe::triton_experts_bwd`, joined by `register_autograd`), so `torch.compile` treats them as
+opaque calls with known output shapes: Dynamo never traces the launchers or the autotuner (whose
+config list it cannot trace), and a compiled decoder layer keeps one graph around them.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 import triton  # noqa: F401  (ImportError here = backend unavailable)
 
-from moe.experts import ExpertsBackend, TorchLoopBackend, register_backend
+from moe.backends import ExpertsBackend, TorchLoopBackend
+from moe.dispatch import sort_by_expert
 from moe.kernels import grouped as G
 
 
-class _GroupedSwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w_sorted, w_gate_up, w_down, tok, pos, counts, top_k, n_tokens):
-        M = tok.shape[0] if tok is not None else x.shape[0]
-        E, H, two_i = w_gate_up.shape
-        save = any(ctx.needs_input_grad[:4])
-        h, gu = G.gate_up_fwd(x, tok, w_gate_up, counts, M, save_gu=save)
-        I = two_i // 2
-        wd_strides = (w_down.stride(0), w_down.stride(1), w_down.stride(2))
+@torch.library.custom_op("moe::triton_experts_fwd", mutates_args=())
+def _experts_fwd(x: Tensor, w_sorted: Optional[Tensor], w_gate_up: Tensor, w_down: Tensor,
+                 tok: Optional[Tensor], pos: Optional[Tensor], counts: Tensor, top_k: int, n_tokens: int,
+                 save_gu: bool) -> tuple[Tensor, Tensor]:
+    """-> (out [n_tokens, H] (routed) or [M, H] (grouped rows), gate/up pre-activations [M, 2I] for
+    the backward, or an empty tensor when no gradient is needed)."""
+    M = tok.shape[0] if tok is not None else x.shape[0]
+    H, two_i = w_gate_up.shape[1], w_gate_up.shape[2]
+    h, gu = G.gate_up_fwd(x, tok, w_gate_up, counts, M, save_gu=save_gu)
+    wd_strides = (w_down.stride(0), w_down.stride(1), w_down.stride(2))
+    if pos is not None:
+        ybuf = torch.empty(n_tokens * top_k, H, device=x.device, dtype=x.dtype)
+        G.rows_gemm(h, w_down, wd_strides, H, two_i // 2, counts, ybuf, scale=w_sorted, pos=pos)
+        out = ybuf.view(n_tokens, top_k, H).sum(1) if top_k > 1 else ybuf
+    else:
+        out = torch.empty(M, H, device=x.device, dtype=x.dtype)
+        G.rows_gemm(h, w_down, wd_strides, H, two_i // 2, counts, out, scale=w_sorted)
+    return out, (gu if save_gu else x.new_empty(0))
+
+
+@_experts_fwd.register_fake
+def _(x, w_sorted, w_gate_up, w_down, tok, pos, counts, top_k, n_tokens, save_gu):
+    M = tok.shape[0] if tok is not None else x.shape[0]
+    rows = n_tokens if pos is not None else M
+    gu = x.new_empty(M, w_gate_up.shape[2]) if save_gu else x.new_empty(0)
+    return x.new_empty(rows, w_gate_up.shape[1]), gu
+
+
+@torch.library.custom_op("moe::triton_experts_bwd", mutates_args=())
+def _experts_bwd(dout: Tensor, x: Tensor, w_sorted: Optional[Tensor], w_gate_up: Tensor, w_down: Tensor,
+                 tok: Optional[Tensor], pos: Optional[Tensor], counts: Tensor, gu: Tensor, top_k: int,
+                 n_tokens: int, need_x: bool, need_w: bool, need_gu: bool, need_d: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dx, d routing weights (sorted), dWgu, dWd); empty tensors for what is not needed."""
+    M = tok.shape[0] if tok is not None else x.shape[0]
+    H, two_i = w_gate_up.shape[1], w_gate_up.shape[2]
+    dout = dout.contiguous()
+    dgu, hw, dw = G.down_bwd(dout, tok, w_down, gu, w_sorted, counts, M)
+    if hw is None:  # unweighted rows: the Wd gradient needs h itself, recomputed from gu
+        g, u = gu.float().chunk(2, dim=-1)
+        hw = (torch.nn.functional.silu(g) * u).to(gu.dtype)
+    dx, dWgu, dWd = x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: outputs may not alias
+    if need_x:
+        gu_strides = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1))  # B_e = Wgu_e^T
         if pos is not None:
-            ybuf = torch.empty(n_tokens * top_k, H, device=x.device, dtype=x.dtype)
-            G.rows_gemm(h, w_down, wd_strides, H, I, counts, ybuf, scale=w_sorted, pos=pos)
-            out = ybuf.view(n_tokens, top_k, H).sum(1) if top_k > 1 else ybuf
+            dxbuf = torch.empty(n_tokens * top_k, H, device=x.device, dtype=x.dtype)
+            G.rows_gemm(dgu, w_gate_up, gu_strides, H, two_i, counts, dxbuf, pos=pos)
+            dx = dxbuf.view(n_tokens, top_k, H).sum(1) if top_k > 1 else dxbuf
         else:
-            out = torch.empty(M, H, device=x.device, dtype=x.dtype)
-            G.rows_gemm(h, w_down, wd_strides, H, I, counts, out, scale=w_sorted)
-        # unweighted rows (grouped_mlp): the backward's Wd gradient needs h itself; keep it
-        ctx.save_for_backward(x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu,
-                              h if (w_sorted is None and save) else None)
-        ctx.top_k, ctx.n_tokens, ctx.M = top_k, n_tokens, M
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu, h = ctx.saved_tensors
-        need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
-        M, top_k, n_tokens = ctx.M, ctx.top_k, ctx.n_tokens
-        E, H, two_i = w_gate_up.shape
-        dout = dout.contiguous()
-        dgu, hw, dw = G.down_bwd(dout, tok, w_down, gu, w_sorted, counts, M)
-        if hw is None:
-            hw = h
-        dx = dWgu = dWd = None
-        if need_x:
-            gu_strides = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1))  # B_e = Wgu_e^T
-            if pos is not None:
-                dxbuf = torch.empty(n_tokens * top_k, H, device=x.device, dtype=x.dtype)
-                G.rows_gemm(dgu, w_gate_up, gu_strides, H, two_i, counts, dxbuf, pos=pos)
-                dx = dxbuf.view(n_tokens, top_k, H).sum(1) if top_k > 1 else dxbuf
-            else:
-                dx = torch.empty(M, H, device=x.device, dtype=x.dtype)
-                G.rows_gemm(dgu, w_gate_up, gu_strides, H, two_i, counts, dx)
-        if need_gu:
-            dWgu = G.wgrad(x, tok, dgu, None, counts, torch.empty_like(w_gate_up))
-        if need_d:
-            dWd = G.wgrad(hw, None, dout, tok, counts, torch.empty_like(w_down))
-        if not need_w or w_sorted is None:
-            dw = None
-        else:
-            dw = dw.to(w_sorted.dtype)
-        return dx, dw, dWgu, dWd, None, None, None, None, None
+            dx = torch.empty(M, H, device=x.device, dtype=x.dtype)
+            G.rows_gemm(dgu, w_gate_up, gu_strides, H, two_i, counts, dx)
+    if need_gu:
+        dWgu = G.wgrad(x, tok, dgu, None, counts, torch.empty_like(w_gate_up))
+    if need_d:
+        dWd = G.wgrad(hw, None, dout, tok, counts, torch.empty_like(w_down))
+    dw_out = dw.to(w_sorted.dtype) if (need_w and w_sorted is not None and dw is not None) else x.new_empty(0)
+    return dx, dw_out, dWgu, dWd
 
 
-def _usable(t: torch.Tensor) -> bool:
+@_experts_bwd.register_fake
+def _(dout, x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu, top_k, n_tokens, need_x, need_w, need_gu, need_d):
+    def empty():
+        return x.new_empty(0)
+    dx = x.new_empty(x.shape) if need_x else empty()
+    dw = w_sorted.new_empty(w_sorted.shape) if (need_w and w_sorted is not None) else empty()
+    return (dx, dw, w_gate_up.new_empty(w_gate_up.shape) if need_gu else empty(),
+            w_down.new_empty(w_down.shape) if need_d else empty())
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_sorted, w_gate_up, w_down, tok, pos, counts, top_k, n_tokens, save_gu = inputs
+    ctx.save_for_backward(x, w_sorted, w_gate_up, w_down, tok, pos, counts, output[1])
+    ctx.top_k, ctx.n_tokens = top_k, n_tokens
+
+
+def _backward(ctx, dout, _dgu):
+    x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu = ctx.saved_tensors
+    need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
+    dx, dw, dWgu, dWd = _experts_bwd(dout, x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu, ctx.top_k,
+                                     ctx.n_tokens, need_x, need_w, need_gu, need_d)
+    return (dx if need_x else None, dw if need_w else None, dWgu if need_gu else None,
+            dWd if need_d else None, None, None, None, None, None, None)
+
+
+_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _usable(t: Tensor) -> bool:
     return t.is_cuda or G.INTERPRET
 
 
-@register_backend
 class TritonBackend(ExpertsBackend):
     """Fused Triton kernels (moe/kernels/grouped.py); CPU tensors run under Triton's interpreter."""
     name = "triton"
@@ -91,21 +134,20 @@ class TritonBackend(ExpertsBackend):
         w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
         x = x.to(w_gate_up.dtype).contiguous()
         counts = tokens_per_expert.to(device=x.device, dtype=torch.int32)
-        return _GroupedSwiGLU.apply(x, None, w_gate_up, w_down, None, None, counts, 1, x.shape[0])
+        out, _ = _experts_fwd(x, None, w_gate_up, w_down, None, None, counts, 1, x.shape[0],
+                              _needs_grad(x, w_gate_up, w_down))
+        return out
 
     def routed(self, x, topk_idx, topk_weight, w_gate_up, w_down):
         if not _usable(x):
             return TorchLoopBackend().routed(x, topk_idx, topk_weight, w_gate_up, w_down)
         n_tokens, top_k = topk_idx.shape
-        E = w_gate_up.shape[0]
         w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
         out_dtype = x.dtype
         x = x.to(w_gate_up.dtype).contiguous()
-        flat = topk_idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=E)[:E].to(torch.int32)
-        tok = (order // top_k).to(torch.int32)
+        order, counts = sort_by_expert(topk_idx, w_gate_up.shape[0])
+        tok = torch.div(order, top_k, rounding_mode="floor").to(torch.int32)
         w_sorted = topk_weight.reshape(-1)[order]
-        out = _GroupedSwiGLU.apply(x, w_sorted, w_gate_up, w_down, tok, order.to(torch.int32), counts,
-                                   top_k, n_tokens)
+        out, _ = _experts_fwd(x, w_sorted, w_gate_up, w_down, tok, order.to(torch.int32), counts.to(torch.int32),
+                              top_k, n_tokens, _needs_grad(x, w_sorted, w_gate_up, w_down))
         return out.to(out_dtype)

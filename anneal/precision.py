@@ -1,0 +1,86 @@
+"""The mixed-precision policy: one for the native and the DeepSpeed engine.
+
+- Compute weights: the module's parameters are bf16 (on CUDA with `trainer.bf16`), so every
+  matmul — attention, dense MLPs, shared and routed experts, the LM head — runs on bf16 operands.
+  Nothing relies on `torch.autocast` (custom ops such as `torch._grouped_mm` or our Triton kernels
+  are no autocast ops: under autocast with fp32 parameters they silently ran as fp32 GEMMs).
+- Master weights and optimizer state: fp32, in the optimizer (AdamW over fp32 copies here;
+  DeepSpeed's bf16 optimizer wrappers there). Checkpoints store the fp32 masters.
+- Gradients: each micro-batch's bf16 weight gradient is added into an fp32 accumulator as soon as
+  autograd has produced it (a post-accumulate-grad hook, then the bf16 gradient is freed), so the
+  sum over a step's micro-batches is fp32 however many there are — what Megatron's `main_grad`
+  and DeepSpeed's `grad_accum_dtype: fp32` do (the DeepSpeed engine is configured that way).
+  bf16 accumulation would lose the small late terms of a 100+ micro-batch step.
+- fp32 islands: router logits, scores and weights, the routers' correction bias and load counters
+  (buffers kept fp32 by `Dots1ForCausalLM.to_dtype`), RMSNorm statistics, and the loss.
+- CPU runs everything in fp32 (bf16 matmuls on CPU are slow and not what the GPU run computes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from anneal.errors import AnnealError
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    compute_dtype: torch.dtype = torch.float32
+
+    @property
+    def mixed(self) -> bool:
+        return self.compute_dtype != torch.float32
+
+    @classmethod
+    def for_device(cls, bf16: bool, device: torch.device, note=print) -> "PrecisionPolicy":
+        """bf16 compute on CUDA when asked; fp32 on CPU (with a one-line note if bf16 was asked)."""
+        if not bf16:
+            return cls(torch.float32)
+        if device.type != "cuda":
+            note("note: trainer.bf16=true applies on CUDA; this CPU run computes in fp32")
+            return cls(torch.float32)
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise AnnealError(f"trainer.bf16=true but {torch.cuda.get_device_name(device)} has no bf16 support; "
+                              "run with trainer.bf16=false (fp32) or on an Ampere-or-newer GPU")
+        return cls(torch.bfloat16)
+
+
+class MasterWeights:
+    """fp32 master copies and fp32 gradient accumulators of a model's parameters; casts the model
+    to the compute dtype. Build it while the model still holds its fp32 (loaded) values."""
+
+    def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype):
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.masters = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
+        model.to_dtype(compute_dtype)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        for master in self.masters:
+            master.grad = torch.zeros_like(master)
+        for param, master in zip(self.params, self.masters):
+            param.register_post_accumulate_grad_hook(self._accumulate_into(master))
+
+    @staticmethod
+    def _accumulate_into(master: torch.Tensor):
+        def hook(param: torch.Tensor) -> None:
+            master.grad.add_(param.grad)
+            param.grad = None
+        return hook
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Copy the updated masters into the compute weights and clear the accumulators."""
+        torch._foreach_copy_(self.params, self.masters)
+        torch._foreach_zero_([m.grad for m in self.masters])
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with the fp32 masters in place of the compute weights."""
+        sd = model.state_dict()
+        sd.update(zip(self.names, self.masters))
+        return sd
+
+    @torch.no_grad()
+    def restore_fp32(self, model: torch.nn.Module) -> None:
+        """Put the fp32 masters back into the model (end of training: export at full precision)."""
+        model.to_dtype(torch.float32)
+        torch._foreach_copy_([p for p in model.parameters() if p.requires_grad], self.masters)

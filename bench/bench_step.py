@@ -1,0 +1,235 @@
+"""Training-step throughput at dots1 width: the yardstick for every change on the GPU hot path.
+
+The slice: hidden 4096, 32 heads x 128, 1 dense layer (MLP 10944) + 3 MoE layers of 16 routed
+experts top-6 (width 1408; one EP-8 rank's share of dots1's 128: each local expert sees the rows
+it would see under EP 8) + 2 shared experts, vocab 4096 (`--vocab 152064` for the real LM head),
+seq 4096, micro-batch 2, 65,536 tokens per optimizer step, random init, bf16 policy.
+
+Cases (each in its own process, so compile caches and memory do not leak between them):
+- `bare`: the step as the trainer runs it (anneal.trainer.accumulate over the micro-batches +
+  engine.step: bf16 compute weights, fp32 masters/grad accumulation/AdamW) on random tokens,
+  no data pipeline, no logging;
+- `trainer`: `python -m anneal` end to end on the bundled demo mixture (data, logging, bias
+  update and eval included; tokens/s as the trainer logs it).
+Both for engine native|deepspeed x backend x compile on/off x gradient checkpointing on/off.
+Reported: median tokens/s over the measured steps (after warm-up), model TFLOP/s (6 x active
+params + attention, as anneal.model_config counts it), MFU against the GPU's dense bf16 peak and
+against an 8192^3 bf16 matmul timed in the same run, peak GPU memory.
+
+    python bench/bench_step.py --json bench/results/bench_step.json            # the default grid
+    python bench/bench_step.py --cases bare --backends triton --compile on     # one row
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def slice_arch(args) -> dict:
+    return dict(model_type="dots1", vocab_size=args.vocab, hidden_size=4096, intermediate_size=10944,
+                moe_intermediate_size=1408, num_hidden_layers=args.dense_layers + args.moe_layers,
+                first_k_dense_replace=args.dense_layers, num_attention_heads=32, num_key_value_heads=32,
+                head_dim=128, n_routed_experts=args.experts, num_experts_per_tok=args.top_k, n_shared_experts=2,
+                routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-5, rope_theta=1e7,
+                max_position_embeddings=max(32768, args.seq), tie_word_embeddings=False)
+
+
+def _ds_env() -> dict:
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+
+
+# --------------------------------------------------------------------------------- one case
+def run_bare(case: dict, args) -> dict:
+    import torch
+    from omegaconf import OmegaConf
+
+    from anneal.config import TrainerCfg
+    from anneal.model import Dots1ForCausalLM
+    from anneal.model_config import Dots1Config
+    from anneal.precision import PrecisionPolicy
+    from anneal.trainer import Engine, accumulate
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    cfg = Dots1Config.from_hf_dict(slice_arch(args), source="bench slice")
+    model = Dots1ForCausalLM(cfg, case["backend"], gradient_checkpointing=case["grad_ckpt"])
+    model.init_weights(seed=0)
+    model.to(device).train()
+    tcfg = OmegaConf.structured(TrainerCfg(micro_batch_size=args.micro_batch))
+    policy = PrecisionPolicy(torch.bfloat16)
+    if case["engine"] == "deepspeed":
+        os.environ.update(_ds_env())
+        from anneal import ds_engine
+
+        ds_engine.init_distributed(device)
+        engine = ds_engine.DeepSpeedEngine(model, tcfg, ep_size=1, zero_stage=1, bf16=True)
+    else:
+        engine = Engine(model, tcfg, policy)
+    if case["compile"]:
+        model.compile_layers()
+    n_micro = args.batch_tokens // (args.seq * args.micro_batch)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq + 1), generator=gen)
+        pos = torch.arange(args.seq + 1).expand(args.micro_batch, -1).contiguous()
+        return {"input_ids": ids, "position_ids": pos, "source_ids": torch.zeros_like(ids)}
+
+    times = []
+    for step in range(args.warmup + args.steps):
+        batches = [batch() for _ in range(n_micro)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        accumulate(model, engine, iter(batches), n_micro, 1, device)
+        engine.step(1e-5)
+        torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return {"tokens_per_s": args.batch_tokens / statistics.median(times),
+            "step_ms": 1e3 * statistics.median(times), "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_trainer(case: dict, args) -> dict:
+    import yaml
+
+    tokenizer = REPO / "anneal" / "assets" / "tiny-stable"
+    n_steps = args.warmup + args.steps
+    recipe = {
+        "checkpoint": None,
+        "model": {"experts_backend": case["backend"], "compile": case["compile"],
+                  "gradient_checkpointing": case["grad_ckpt"], "arch": slice_arch(args)},
+        "data": {"mixture": "demo", "seq_len": args.seq, "tokenizer": str(tokenizer), "eval_seqs": 1},
+        "schedule": {"start_lr": 3e-4, "batch_tokens": args.batch_tokens,
+                     "stages": [{"name": "stage1", "tokens": n_steps * args.batch_tokens, "lr_end": 3e-5}]},
+        "trainer": {"engine": case["engine"], "device": "cuda", "micro_batch_size": args.micro_batch,
+                    "eval_every": "0", "ckpt_every": "0", "log_every": 1},
+        "logging": {"wandb": False, "progress": False, "plots": False},
+        "export": {"enabled": False},
+    }
+    if args.vocab > 4096:
+        raise SystemExit("the trainer case uses the shipped 4096-token tokenizer: run it with --vocab 4096")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench_slice.yaml"
+        path.write_text("# @package _global_\n" + yaml.safe_dump(recipe))
+        env = {**os.environ, **(_ds_env() if case["engine"] == "deepspeed" else {})}
+        proc = subprocess.run([sys.executable, "-m", "anneal", f"recipe={path}", f"run.root={tmp}", "run.name=r"],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+        rows = [json.loads(line) for line in (Path(tmp) / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "tokens_per_s" in r][args.warmup:]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
+            "step_ms": 1e3 * args.batch_tokens / statistics.median(r["tokens_per_s"] for r in steps),
+            "peak_mem_gb": max(r.get("gpu_mem_peak_gb", 0.0) for r in steps)}
+
+
+# ------------------------------------------------------------------------------------ driver
+def matmul_tflops() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192 ** 3 * 20 / (time.perf_counter() - t0) / 1e12
+
+
+def grid(args) -> list[dict]:
+    cases = []
+    for mode in args.cases:
+        for engine in args.engines:
+            for backend in args.backends:
+                for comp in args.compile:
+                    for ckpt in args.grad_ckpt:
+                        cases.append({"mode": mode, "engine": engine, "backend": backend,
+                                      "compile": comp == "on", "grad_ckpt": ckpt == "on"})
+    return cases
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["bare", "trainer"], choices=["bare", "trainer"])
+    ap.add_argument("--engines", nargs="+", default=["native", "deepspeed"], choices=["native", "deepspeed"])
+    ap.add_argument("--backends", nargs="+", default=["grouped_mm", "triton"])
+    ap.add_argument("--compile", nargs="+", default=["on", "off"], choices=["on", "off"])
+    ap.add_argument("--grad-ckpt", nargs="+", default=["off"], choices=["on", "off"])
+    ap.add_argument("--dense-layers", type=int, default=1)
+    ap.add_argument("--moe-layers", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=6)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--batch-tokens", type=int, default=65536)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = ap.parse_args()
+
+    if args.one:
+        case = json.loads(args.one)
+        out = (run_bare if case["mode"] == "bare" else run_trainer)(case, args)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+
+    import torch
+
+    from anneal.model_config import Dots1Config
+    from anneal.trainer import device_peak_tflops
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peak = device_peak_tflops(device)
+    mm = matmul_tflops()
+    torch.cuda.empty_cache()
+    flops_per_token = Dots1Config.from_hf_dict(slice_arch(args)).train_flops_per_token(args.seq)
+    print(f"{name}: dense bf16 peak {peak} TFLOP/s, 8192^3 bf16 matmul {mm:.0f} TFLOP/s; "
+          f"{flops_per_token / 1e9:.2f} GFLOP per token; torch {torch.__version__}", flush=True)
+    rows = []
+    hdr = (f"{'mode':<8}{'engine':<10}{'backend':<11}{'compile':>8}{'ckpt':>6}{'tok/s':>10}{'step ms':>9}"
+           f"{'TFLOP/s':>9}{'MFU':>7}{'vs mm':>7}{'mem GB':>8}")
+    print(hdr, flush=True)
+    for case in grid(args):
+        argv = [sys.executable, __file__, "--one", json.dumps(case)] + [
+            a for a in sys.argv[1:] if not a.startswith("--json")]
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        row = {"device": name, **case, "torch": torch.__version__, "seq": args.seq, "vocab": args.vocab,
+               "batch_tokens": args.batch_tokens, "micro_batch": args.micro_batch, "peak_tflops": peak,
+               "matmul_tflops": mm, "flops_per_token": flops_per_token}
+        if line is None:
+            row["error"] = (proc.stdout + proc.stderr)[-2000:]
+            print(f"{case['mode']:<8}{case['engine']:<10}{case['backend']:<11}{str(case['compile']):>8}"
+                  f"{str(case['grad_ckpt']):>6}  FAILED: {row['error'][-300:]}", flush=True)
+        else:
+            res = json.loads(line[len("RESULT "):])
+            tflops = res["tokens_per_s"] * flops_per_token / 1e12
+            row.update(res, model_tflops=tflops, mfu=tflops / peak if peak else None, mfu_vs_matmul=tflops / mm)
+            print(f"{case['mode']:<8}{case['engine']:<10}{case['backend']:<11}{str(case['compile']):>8}"
+                  f"{str(case['grad_ckpt']):>6}{res['tokens_per_s']:>10.0f}{res['step_ms']:>9.1f}{tflops:>9.1f}"
+                  f"{(row['mfu'] or 0):>7.1%}{row['mfu_vs_matmul']:>7.1%}{res['peak_mem_gb']:>8.1f}", flush=True)
+        rows.append(row)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
