@@ -101,6 +101,9 @@ def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = 
         "gradient_clipping": float(tcfg.grad_clip),
         "zero_optimization": {"stage": int(zero_stage), "contiguous_gradients": True, "reduce_scatter": True},
         "bf16": {"enabled": bool(bf16)},
+        # the mixed-precision policy (anneal.precision): bf16 compute weights, fp32 masters and
+        # optimizer state, gradients accumulated over the micro-batches in fp32
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         "zero_allow_untested_optimizer": True,   # our client torch AdamW
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -122,6 +125,7 @@ _SOURCE = {
     "gradient_clipping": "trainer.grad_clip",
     "zero_optimization.stage": "parallel.zero_stage",
     "bf16.enabled": "trainer.bf16 (and the device)",
+    "data_types.grad_accum_dtype": "the mixed-precision policy (anneal.precision: fp32 accumulation)",
     "gradient_accumulation_steps": "the schedule's batch ramp (set per step by the trainer)",
     "managed_gradient_accumulation": "the trainer (it drives accumulation boundaries)",
 }

@@ -150,6 +150,18 @@ def matmul_tflops() -> float:
     return 2 * 8192 ** 3 * 20 / (time.perf_counter() - t0) / 1e12
 
 
+def _args_without_json(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--json":
+            skip = True
+        elif not a.startswith("--json="):
+            out.append(a)
+    return out
+
+
 def grid(args) -> list[dict]:
     cases = []
     for mode in args.cases:
@@ -207,8 +219,7 @@ def main() -> None:
            f"{'TFLOP/s':>9}{'MFU':>7}{'vs mm':>7}{'mem GB':>8}")
     print(hdr, flush=True)
     for case in grid(args):
-        argv = [sys.executable, __file__, "--one", json.dumps(case)] + [
-            a for a in sys.argv[1:] if not a.startswith("--json")]
+        argv = [sys.executable, __file__, "--one", json.dumps(case)] + _args_without_json(sys.argv[1:])
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         row = {"device": name, **case, "torch": torch.__version__, "seq": args.seq, "vocab": args.vocab,

@@ -48,7 +48,7 @@ class TorchLoopBackend(ExpertsBackend):
                 outs.append(swiglu(x[start:start + n] @ w_gate_up[e]) @ w_down[e])
             start += n
         if not outs:
-            return x.new_zeros(0, w_down.shape[-1]) + 0 * (w_gate_up.sum() + w_down.sum())
+            return x.new_zeros(0, w_down.shape[-1]) + 0 * (x.sum() + w_gate_up.sum() + w_down.sum())
         return torch.cat(outs)
 
 

@@ -46,7 +46,7 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx, grad):
         (inv,) = ctx.saved_tensors
         g = grad.index_select(0, inv)
-        return g.view(-1, ctx.top_k, g.shape[-1]).sum(1), None, None, None
+        return g.view(g.shape[0] // ctx.top_k, ctx.top_k, g.shape[-1]).sum(1), None, None, None
 
 
 def permute(x: torch.Tensor, topk_idx: torch.Tensor, n_experts: int
@@ -60,6 +60,6 @@ def unpermute(y_grouped: torch.Tensor, order: torch.Tensor, topk_weight: torch.T
     """Inverse of `permute` plus the weighted combine: sum_k w[t,k] * y[t,k] as [T, H] in y's dtype
     (the products are summed in fp32)."""
     n_tokens, top_k = topk_weight.shape
-    y = y_grouped.index_select(0, inverse_order(order)).view(n_tokens, top_k, -1)
+    y = y_grouped.index_select(0, inverse_order(order)).view(n_tokens, top_k, y_grouped.shape[-1])
     weighted = y * topk_weight.unsqueeze(-1).to(y.dtype)
     return weighted.sum(1, dtype=torch.float32).to(y_grouped.dtype)
