@@ -22,8 +22,9 @@ from rich.console import Console
 from anneal.errors import AnnealError
 from anneal.paths import conf_dir
 from mixtures.errors import MixtureError
+from moe.errors import UnknownBackendError
 
-USER_ERRORS = (AnnealError, MixtureError)  # bad input: one clear message, no traceback
+USER_ERRORS = (AnnealError, MixtureError, UnknownBackendError)  # bad input: one clear message, no traceback
 
 CONF_DIR = conf_dir()
 
@@ -90,9 +91,14 @@ def main() -> None:
 
         from anneal.trainer import train
 
+        from moe.experts import get_backend
+
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         run_dir = HydraConfig.get().runtime.output_dir
         try:
+            # a bad backend name fails on every rank alike, before any collective: the trainer's
+            # rank0_first broadcasts AnnealError only, and moe raises its own UnknownBackendError
+            get_backend(cfg.model.experts_backend)
             result = train(cfg, run_dir)
         except USER_ERRORS as e:
             _report_error(e)

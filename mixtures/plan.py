@@ -15,13 +15,11 @@ import sys
 
 import numpy as np
 
-from anneal.errors import AnnealError
-from anneal.schedule import parse_tokens  # the one parser of '20B'-style token counts
-
 from ._tokenize import make_encoder
 from .errors import MixtureError
 from .sources import load_sources
 from .spec import MixtureSpec, load_mixture
+from .tokens import parse_tokens  # the one parser of '20B'-style token counts
 
 
 def source_token_counts(spec: MixtureSpec, tokenizer, max_docs: int = 20000, seed: int = 0):
@@ -177,7 +175,7 @@ def main(argv=None) -> int:
         tok = load_tokenizer(a.tokenizer, spec, a.vocab_size)
         rows = plan_mixture(spec, tok, stages, seq_len=a.seq_len, repeat_warn=a.repeat_warn,
                             max_docs=a.max_docs)
-    except (MixtureError, AnnealError) as e:
+    except MixtureError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"mixture {spec.name} ({spec.path})"

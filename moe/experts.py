@@ -86,8 +86,8 @@ def get_backend(name: str) -> ExpertsBackend:
     if name not in _BACKENDS:
         _try_import_triton_backend()
     if name not in _BACKENDS:
-        from anneal.errors import AnnealError
-        raise AnnealError(f"model.experts_backend: unknown backend {name!r}; available: {available_backends()}")
+        from moe.errors import UnknownBackendError
+        raise UnknownBackendError(f"model.experts_backend: unknown backend {name!r}; available: {available_backends()}")
     return _BACKENDS[name]()
 
 
