@@ -5,6 +5,8 @@
 - `anneal-catalog`: list the checkpoint catalog.
 - `anneal-plot-schedule [overrides...]`: PNG of LR and batch size against tokens for a recipe.
 - `anneal-plan [overrides...]`: per-source documents, tokens, shares and epochs a recipe implies.
+- `anneal-plan mixture FILE --stage-tokens stage1=20B stage2=5B [--seq-len N] [--tokenizer DIR|train]`:
+  the same for a mixture file alone, with the stages' token budgets and the tokenizer given by hand.
 
 `recipe=NAME` picks a bundled recipe from recipes/; `recipe=path/to/file.yaml` uses your own file
 (we put its folder on Hydra's search path under the `recipe` group).
@@ -18,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from anneal.errors import AnnealError
 from anneal.paths import conf_dir
@@ -67,8 +70,8 @@ def _is_rank0() -> bool:
 
 
 def _report_error(e: Exception) -> None:
-    if _is_rank0():
-        err_console.print(f"[bold red]error:[/] {e}")
+    if _is_rank0():  # the message as is: no rich markup read in it, no wrapping
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- anneal
@@ -212,15 +215,51 @@ def export_main(argv: list[str] | None = None) -> None:
 
 
 def plan_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="anneal-plan",
-                                     description="What a recipe's mixture and schedule imply per source, before any GPU time.")
-    parser.add_argument("overrides", nargs="*")
+    """`anneal-plan [overrides...]` plans a recipe; `anneal-plan mixture FILE --stage-tokens ...`
+    plans a mixture file on its own (no recipe)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mixture"]:
+        return _plan_mixture_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="anneal-plan",
+        description="What a recipe's mixture and schedule imply per source, before any GPU time.",
+        epilog="A mixture file without a recipe: anneal-plan mixture FILE --stage-tokens stage1=20B ... "
+               "(see anneal-plan mixture --help).")
+    parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal`")
     parser.add_argument("--repeat-warn", type=float, default=4.0, help="warn above this many epochs of a source")
     args = parser.parse_args(argv)
     try:
         from anneal.planning import print_plan
 
         print_plan(compose(args.overrides), repeat_warn=args.repeat_warn)
+    except USER_ERRORS as e:
+        _report_error(e)
+        sys.exit(2)
+
+
+def _plan_mixture_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="anneal-plan mixture",
+        description="Tokens, share and implied epochs of each source of a mixture file per stage "
+                    "(epochs cumulative over the stages in the order given).")
+    parser.add_argument("mixture", help="bundled mixture name or path to a mixture YAML")
+    parser.add_argument("--stage-tokens", nargs="+", required=True, metavar="STAGE=N",
+                        help="tokens per stage, e.g. stage1=20B stage2=5B (schedule order)")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--tokenizer", default="train",
+                        help='tokenizer folder / tokenizer.json, or "train" for the demo BPE')
+    parser.add_argument("--vocab-size", type=int, default=4096, help="with --tokenizer train")
+    parser.add_argument("--repeat-warn", type=float, default=4.0, help="warn above this many passes")
+    parser.add_argument("--max-docs", type=int, default=20000,
+                        help="count tokens on at most this many documents per source (estimate above)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        from anneal.planning import print_mixture_plan
+
+        print_mixture_plan(args.mixture, args.stage_tokens, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                           vocab_size=args.vocab_size, repeat_warn=args.repeat_warn, max_docs=args.max_docs,
+                           json_path=args.json)
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
