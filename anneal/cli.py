@@ -143,21 +143,9 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def _start_lr_for_tools(cfg) -> float:
-    """Start LR for plotting/planning without downloading the checkpoint."""
-    if cfg.schedule.start_lr is not None:
-        return float(cfg.schedule.start_lr)
-    if cfg.checkpoint is None:
-        return 0.0
-    from anneal.catalog import Catalog
-
-    entry = Catalog.load(list(cfg.catalog_files)).entries.get(cfg.checkpoint)
-    if entry is not None and getattr(entry, "lr", None) is not None:
-        return float(entry.lr)
-    return 3e-4
-
-
 def plot_schedule_main(argv: list[str] | None = None) -> None:
+    """PNG of a recipe's LR and batch size against tokens. The start LR is the one the run would
+    use (anneal.start_lr), read without downloading the checkpoint."""
     parser = argparse.ArgumentParser(prog="anneal-plot-schedule", description=plot_schedule_main.__doc__)
     parser.add_argument("--out", default="schedule.png", help="PNG path to write")
     parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal`")
@@ -165,10 +153,11 @@ def plot_schedule_main(argv: list[str] | None = None) -> None:
     try:
         from anneal.plots import plot_schedule
         from anneal.schedule import format_tokens
+        from anneal.start_lr import start_lr_without_loading
         from anneal.trainer import build_schedule
 
         cfg = compose(args.overrides)
-        schedule, ramp = build_schedule(cfg, _start_lr_for_tools(cfg))
+        schedule, ramp = build_schedule(cfg, start_lr_without_loading(cfg))
         path = plot_schedule(schedule, ramp, args.out, title=f"checkpoint={cfg.checkpoint}")
     except USER_ERRORS as e:
         _report_error(e)
