@@ -93,7 +93,6 @@ def main() -> None:
         from hydra.core.hydra_config import HydraConfig
 
         from anneal.trainer import train
-
         from moe.experts import get_backend
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
