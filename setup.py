@@ -45,7 +45,6 @@ setup(
             "anneal-catalog=anneal.cli:catalog_main",
             "anneal-plot-schedule=anneal.cli:plot_schedule_main",
             "anneal-plan=anneal.cli:plan_main",
-            "mixtures-plan=mixtures.plan:main",
         ]
     },
 )

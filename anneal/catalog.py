@@ -11,7 +11,7 @@ format (`Catalog.load(extra_files=[...])`; user entries replace bundled ones by 
 
 Resolving a hub entry calls `huggingface_hub.snapshot_download` (weights, config and tokenizer
 files only); with HF_HUB_OFFLINE=1 (or `offline=True`) only the local HF cache is used.
-Run `python -m anneal.catalog` to print the catalog.
+`anneal-catalog` (anneal.cli) prints the catalog.
 """
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ class Catalog:
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         return (f"checkpoint '{name}': not a folder on this machine and not a catalog name.{hint} "
-                f"The catalog has {len(self)} entries; list them with `python -m anneal.catalog`, or "
+                f"The catalog has {len(self)} entries; list them with `anneal-catalog`, or "
                 "pass a local folder holding config.json and *.safetensors, or a hub id 'owner/name'.")
 
     # -- resolve -----------------------------------------------------------------------------
@@ -333,15 +333,3 @@ def _snapshot(repo_id: str, revision: str | None, offline: bool | None, label: s
                           f"and it is not in the local HF cache ({kind}: {e}). {how}") from None
     return Path(path)
 
-
-def main() -> None:  # python -m anneal.catalog
-    try:
-        from rich.console import Console
-
-        Console().print(format_catalog_table())
-    except ImportError:
-        print(format_catalog_table(plain=True))
-
-
-if __name__ == "__main__":
-    main()

@@ -5,6 +5,8 @@
 - `anneal-catalog`: list the checkpoint catalog.
 - `anneal-plot-schedule [overrides...]`: PNG of LR and batch size against tokens for a recipe.
 - `anneal-plan [overrides...]`: per-source documents, tokens, shares and epochs a recipe implies.
+- `anneal-plan mixture FILE --stage-tokens stage1=20B stage2=5B [--seq-len N] [--tokenizer DIR|train]`:
+  the same for a mixture file alone, with the stages' token budgets and the tokenizer given by hand.
 
 `recipe=NAME` picks a bundled recipe from recipes/; `recipe=path/to/file.yaml` uses your own file
 (we put its folder on Hydra's search path under the `recipe` group).
@@ -18,12 +20,14 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from anneal.errors import AnnealError
 from anneal.paths import conf_dir
 from mixtures.errors import MixtureError
+from moe.errors import UnknownBackendError
 
-USER_ERRORS = (AnnealError, MixtureError)  # bad input: one clear message, no traceback
+USER_ERRORS = (AnnealError, MixtureError, UnknownBackendError)  # bad input: one clear message, no traceback
 
 CONF_DIR = conf_dir()
 
@@ -66,8 +70,8 @@ def _is_rank0() -> bool:
 
 
 def _report_error(e: Exception) -> None:
-    if _is_rank0():
-        err_console.print(f"[bold red]error:[/] {e}")
+    if _is_rank0():  # the message as is: no rich markup read in it, no wrapping
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- anneal
@@ -89,10 +93,14 @@ def main() -> None:
         from hydra.core.hydra_config import HydraConfig
 
         from anneal.trainer import train
+        from moe.experts import get_backend
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         run_dir = HydraConfig.get().runtime.output_dir
         try:
+            # a bad backend name fails on every rank alike, before any collective: the trainer's
+            # rank0_first broadcasts AnnealError only, and moe raises its own UnknownBackendError
+            get_backend(cfg.model.experts_backend)
             result = train(cfg, run_dir)
         except USER_ERRORS as e:
             _report_error(e)
@@ -134,21 +142,9 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def _start_lr_for_tools(cfg) -> float:
-    """Start LR for plotting/planning without downloading the checkpoint."""
-    if cfg.schedule.start_lr is not None:
-        return float(cfg.schedule.start_lr)
-    if cfg.checkpoint is None:
-        return 0.0
-    from anneal.catalog import Catalog
-
-    entry = Catalog.load(list(cfg.catalog_files)).entries.get(cfg.checkpoint)
-    if entry is not None and getattr(entry, "lr", None) is not None:
-        return float(entry.lr)
-    return 3e-4
-
-
 def plot_schedule_main(argv: list[str] | None = None) -> None:
+    """PNG of a recipe's LR and batch size against tokens. The start LR is the one the run would
+    use (anneal.start_lr), read without downloading the checkpoint."""
     parser = argparse.ArgumentParser(prog="anneal-plot-schedule", description=plot_schedule_main.__doc__)
     parser.add_argument("--out", default="schedule.png", help="PNG path to write")
     parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal`")
@@ -156,10 +152,11 @@ def plot_schedule_main(argv: list[str] | None = None) -> None:
     try:
         from anneal.plots import plot_schedule
         from anneal.schedule import format_tokens
+        from anneal.start_lr import start_lr_without_loading
         from anneal.trainer import build_schedule
 
         cfg = compose(args.overrides)
-        schedule, ramp = build_schedule(cfg, _start_lr_for_tools(cfg))
+        schedule, ramp = build_schedule(cfg, start_lr_without_loading(cfg))
         path = plot_schedule(schedule, ramp, args.out, title=f"checkpoint={cfg.checkpoint}")
     except USER_ERRORS as e:
         _report_error(e)
@@ -206,15 +203,51 @@ def export_main(argv: list[str] | None = None) -> None:
 
 
 def plan_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="anneal-plan",
-                                     description="What a recipe's mixture and schedule imply per source, before any GPU time.")
-    parser.add_argument("overrides", nargs="*")
+    """`anneal-plan [overrides...]` plans a recipe; `anneal-plan mixture FILE --stage-tokens ...`
+    plans a mixture file on its own (no recipe)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mixture"]:
+        return _plan_mixture_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="anneal-plan",
+        description="What a recipe's mixture and schedule imply per source, before any GPU time.",
+        epilog="A mixture file without a recipe: anneal-plan mixture FILE --stage-tokens stage1=20B ... "
+               "(see anneal-plan mixture --help).")
+    parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal`")
     parser.add_argument("--repeat-warn", type=float, default=4.0, help="warn above this many epochs of a source")
     args = parser.parse_args(argv)
     try:
         from anneal.planning import print_plan
 
         print_plan(compose(args.overrides), repeat_warn=args.repeat_warn)
+    except USER_ERRORS as e:
+        _report_error(e)
+        sys.exit(2)
+
+
+def _plan_mixture_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="anneal-plan mixture",
+        description="Tokens, share and implied epochs of each source of a mixture file per stage "
+                    "(epochs cumulative over the stages in the order given).")
+    parser.add_argument("mixture", help="bundled mixture name or path to a mixture YAML")
+    parser.add_argument("--stage-tokens", nargs="+", required=True, metavar="STAGE=N",
+                        help="tokens per stage, e.g. stage1=20B stage2=5B (schedule order)")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--tokenizer", default="train",
+                        help='tokenizer folder / tokenizer.json, or "train" for the demo BPE')
+    parser.add_argument("--vocab-size", type=int, default=4096, help="with --tokenizer train")
+    parser.add_argument("--repeat-warn", type=float, default=4.0, help="warn above this many passes")
+    parser.add_argument("--max-docs", type=int, default=20000,
+                        help="count tokens on at most this many documents per source (estimate above)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        from anneal.planning import print_mixture_plan
+
+        print_mixture_plan(args.mixture, args.stage_tokens, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                           vocab_size=args.vocab_size, repeat_warn=args.repeat_warn, max_docs=args.max_docs,
+                           json_path=args.json)
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)

@@ -419,9 +419,10 @@ def load_hf_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
     Reads lazily with `safe_open`: peak memory is the model plus one checkpoint tensor.
     `dtype` is the model dtype (`e_score_correction_bias` stays fp32). `expert_range=(start,
     stop)` reads only those routed experts: the stacked expert tensors then have `stop - start`
-    rows and `model.expert_range` records the range. The model's forward does not yet map
-    global expert ids onto a partial set (that needs expert-parallel dispatch), so use a
-    partial model only through code that knows `model.expert_range`.
+    rows and `model.expert_range` records the range. Such a partial model runs only under
+    expert parallelism: `moe.ep.shard_experts` (which `anneal.ds_engine.DeepSpeedEngine` calls)
+    installs the dispatch that sends each token to the rank holding its expert; the trainer
+    loads each rank's range this way (`anneal.trainer.rank_expert_range`).
     """
     folder = Path(folder)
     if not folder.is_dir():

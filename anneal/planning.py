@@ -1,7 +1,12 @@
-"""`anneal-plan`: what a recipe's mixture and schedule imply per source (documents, tokens, share,
-epochs), printed before any GPU time is spent. The numbers come from `mixtures.plan_mixture`."""
+"""`anneal-plan`: what a mixture and a schedule imply per source (documents, tokens, share,
+epochs), printed before any GPU time is spent. The numbers come from `mixtures.plan_mixture`.
+
+Two ways in: a recipe (`print_plan(cfg)`: the mixture, stages, seq_len and tokenizer the run
+would use) or a mixture file alone (`print_mixture_plan`: stages and tokenizer given by hand).
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -29,14 +34,45 @@ def plan_tokenizer(cfg, spec):
 
 
 def print_plan(cfg, repeat_warn: float = 4.0) -> list[dict]:
-    from mixtures import format_plan, load_mixture, plan_mixture
+    """The plan of a composed recipe config."""
+    from mixtures import load_mixture
 
     spec = load_mixture(cfg.data.mixture)
     stage_tokens = {s.name: parse_tokens(s.tokens, f"schedule stage {s.name!r} tokens") for s in cfg.schedule.stages}
-    rows = plan_mixture(spec, plan_tokenizer(cfg, spec), stage_tokens, seq_len=cfg.data.seq_len,
-                        repeat_warn=repeat_warn)
-    console = Console()
-    console.print(f"mixture {spec.name!r}, seq_len {cfg.data.seq_len}, stages: "
-                  + ", ".join(f"{k}={format_tokens(v)}" for k, v in stage_tokens.items()))
+    return _plan_and_print(spec, plan_tokenizer(cfg, spec), stage_tokens, seq_len=cfg.data.seq_len,
+                           repeat_warn=repeat_warn)
+
+
+def print_mixture_plan(mixture: str, stage_tokens: list[str], *, tokenizer: str = "train",
+                       seq_len: int | None = None, vocab_size: int = 4096, repeat_warn: float = 4.0,
+                       max_docs: int = 20000, json_path: str | None = None) -> list[dict]:
+    """The plan of a mixture file (bundled name or YAML path) for `STAGE=N` token budgets, in
+    schedule order. `tokenizer`: a tokenizer folder or tokenizer.json, or "train" (the demo BPE
+    trained on the mixture). `json_path`: also write the rows there."""
+    from mixtures import load_mixture
+    from mixtures.plan import load_tokenizer
+
+    stages = {}
+    for item in stage_tokens:
+        if "=" not in item:
+            raise AnnealError(f"--stage-tokens {item!r}: write STAGE=N, e.g. stage1=20B")
+        name, value = item.split("=", 1)
+        stages[name] = parse_tokens(value, f"--stage-tokens {name}")
+    spec = load_mixture(mixture)
+    rows = _plan_and_print(spec, load_tokenizer(tokenizer, spec, vocab_size), stages, seq_len=seq_len,
+                           repeat_warn=repeat_warn, max_docs=max_docs)
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _plan_and_print(spec, tokenizer, stage_tokens: dict[str, int], *, seq_len: int | None,
+                    repeat_warn: float, max_docs: int = 20000) -> list[dict]:
+    from mixtures import format_plan, plan_mixture
+
+    rows = plan_mixture(spec, tokenizer, stage_tokens, seq_len=seq_len, repeat_warn=repeat_warn,
+                        max_docs=max_docs)
+    Console().print(f"mixture {spec.name!r}" + (f", seq_len {seq_len}" if seq_len else "") + ", stages: "
+                    + ", ".join(f"{k}={format_tokens(v)}" for k, v in stage_tokens.items()))
     print(format_plan(rows))  # a fixed-width table: plain print, never wrapped
     return rows

@@ -32,10 +32,12 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from anneal.errors import AnnealError
+from mixtures.errors import MixtureError
+from mixtures.tokens import format_tokens
+from mixtures.tokens import parse_tokens as _parse_tokens
 
 __all__ = [
     "SHAPES",
@@ -49,8 +51,6 @@ __all__ = [
 
 SHAPES = ("constant", "linear", "cosine", "1-sqrt")
 
-_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-
 
 class ScheduleError(AnnealError):
     """An impossible or ambiguous schedule / batch ramp; the message names the stage and field."""
@@ -60,53 +60,12 @@ class ScheduleError(AnnealError):
 
 
 def parse_tokens(value: Any, what: str = "token count") -> int:
-    """Turn ``20_000``, ``1e6``, ``"20B"``, ``"1.5M"``, ``"64K"``, ``"1T"`` into an int.
-
-    Suffixes are decimal (``1K`` = 1000) and case-insensitive; underscores and surrounding
-    spaces are ignored. The result must be a whole number of tokens (``"1.5K"`` is fine,
-    ``"1.0005K"`` is not). Signs are kept: range checks belong to the caller, who can name
-    the field. Raises :class:`ScheduleError` naming ``what`` on anything else.
-    """
-    if isinstance(value, bool):  # bool is an int subclass; True tokens is surely a mistake
-        raise ScheduleError(f"{what}: expected a token count like 20B, 512M or 1000000, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value) or value != int(value):
-            raise ScheduleError(
-                f"{what}: {value!r} is not a whole number of tokens; give an integer or a string like '1.5M'"
-            )
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip().replace("_", "").replace(",", "")
-        scale = 1
-        if text and text[-1].upper() in _SUFFIXES:
-            scale = _SUFFIXES[text[-1].upper()]
-            text = text[:-1].strip()
-        try:
-            number = Decimal(text) * scale
-        except InvalidOperation:
-            number = None
-        if number is None or not number.is_finite():
-            raise ScheduleError(
-                f"{what}: cannot read {value!r} as a token count; use an integer or a number with "
-                f"a suffix K, M, B or T (e.g. '20B', '1.5M', '64K')"
-            )
-        if number != number.to_integral_value():
-            raise ScheduleError(f"{what}: {value!r} is not a whole number of tokens ({number})")
-        return int(number)
-    raise ScheduleError(
-        f"{what}: expected a token count (int or string like '20B'), got {type(value).__name__} {value!r}"
-    )
-
-
-def format_tokens(n: int | float) -> str:
-    """Short human form of a token count: 20_000_000_000 -> '20B', 1_500_000 -> '1.5M'."""
-    n = float(n)
-    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.4g}{suffix}"
-    return f"{n:.4g}"
+    """:func:`mixtures.tokens.parse_tokens` (the one parser of '20B'-style counts), raising
+    :class:`ScheduleError` (same message) instead of ``MixtureError``."""
+    try:
+        return _parse_tokens(value, what)
+    except MixtureError as e:
+        raise ScheduleError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- stages

@@ -26,6 +26,7 @@ from anneal.model import Dots1ForCausalLM
 from anneal.model_config import Dots1Config
 from anneal.precision import MasterWeights, PrecisionPolicy
 from anneal.schedule import BatchRamp, Schedule, format_tokens, parse_tokens
+from anneal.start_lr import resolve_start_lr
 
 RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
 WSD_PHASES = ("warmup", "stable", "stage1", "stage2")
@@ -78,21 +79,6 @@ def data_workers(setting: int | None, device: torch.device) -> int:
     worker (1-2M tokens/s) stays ahead of a GPU step (bench/RESULTS.md). On CPU a worker only takes
     cores from the training threads."""
     return (1 if device.type == "cuda" else 0) if setting is None else setting
-
-
-def resolve_start_lr(cfg: DictConfig, entry_lr: float | None, folder_meta: dict) -> float:
-    """The anneal starts at the checkpoint's LR: schedule.start_lr, else the catalog entry's lr,
-    else the lr recorded in the checkpoint folder's anneal_meta.json."""
-    if cfg.schedule.start_lr is not None:
-        return float(cfg.schedule.start_lr)
-    if entry_lr is not None:
-        return float(entry_lr)
-    if "lr" in folder_meta:
-        return float(folder_meta["lr"])
-    raise AnnealError(
-        f"schedule.start_lr is null and checkpoint {cfg.checkpoint!r} records no LR (no catalog entry "
-        "with `lr`, no anneal_meta.json). Set schedule.start_lr=<the LR the checkpoint was trained at>, "
-        "e.g. schedule.start_lr=3e-4 for a dots1 stable-phase checkpoint.")
 
 
 def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.device):

@@ -96,8 +96,49 @@ def run_bare(case: dict, args) -> dict:
         torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-    return {"tokens_per_s": args.batch_tokens / statistics.median(times),
-            "step_ms": 1e3 * statistics.median(times), "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    out = {"tokens_per_s": args.batch_tokens / statistics.median(times),
+           "step_ms": 1e3 * statistics.median(times), "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        batches = [batch() for _ in range(n_micro)]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            accumulate(model, engine, iter(batches), n_micro, 1, device)
+            engine.step(1e-5)
+            torch.cuda.synchronize()
+        out["kernels"] = kernel_table(prof)
+    return out
+
+
+# kernel name patterns -> what they are, for the per-step breakdown (first match wins)
+KERNEL_KINDS = [
+    ("experts (triton)", ("_gate_up_fwd", "_rows_gemm", "_down_bwd", "_wgrad")),
+    ("grouped GEMM (cutlass)", ("grouped", "GroupedGemm", "gemm_grouped")),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("optimizer", ("multi_tensor", "fused_adam", "FusedAdam", "adam", "foreach")),
+    ("dense GEMM", ("gemm", "nvjet", "xmma", "cutlass", "sm90", "Kernel2")),
+    ("fused elementwise (inductor)", ("triton_",)),
+    ("reduce/copy/elementwise (aten)", ("elementwise", "reduce", "copy", "Copy", "fill", "index", "scatter",
+                                        "gather", "sort", "Sort", "cat", "Cat", "radix", "Radix", "scan", "Scan")),
+]
+
+
+def kernel_table(prof) -> dict:
+    """Device time per kernel (ms per step) and per kind, from one profiled step."""
+    per_kernel: dict[str, list] = {}
+    for evt in prof.events():
+        if evt.device_type.name != "CUDA":
+            continue
+        row = per_kernel.setdefault(evt.name, [0.0, 0])
+        row[0] += evt.device_time / 1e3
+        row[1] += 1
+    kinds: dict[str, float] = {}
+    for name, (ms, _) in per_kernel.items():
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:30]
+    return {"total_ms": sum(v[0] for v in per_kernel.values()), "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": n[:110], "ms": v[0], "calls": v[1]} for n, v in top]}
 
 
 def run_trainer(case: dict, args) -> dict:
@@ -192,6 +233,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="bare cases: kernel table of one profiled step")
+    ap.add_argument("--top-kernels", type=int, default=20)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = ap.parse_args()
 
@@ -237,6 +280,12 @@ def main() -> None:
                   f"{str(case['grad_ckpt']):>6}{res['tokens_per_s']:>10.0f}{res['step_ms']:>9.1f}{tflops:>9.1f}"
                   f"{(row['mfu'] or 0):>7.1%}{row['mfu_vs_matmul']:>7.1%}{res['peak_mem_gb']:>8.1f}", flush=True)
         rows.append(row)
+        if "kernels" in row:
+            k = row["kernels"]
+            print(f"  profiled step: {k['total_ms']:.1f} ms of kernels; by kind: " +
+                  ", ".join(f"{kind} {ms:.1f}" for kind, ms in k["by_kind"].items()), flush=True)
+            for t in k["top"][:args.top_kernels]:
+                print(f"    {t['ms']:8.2f} ms {t['calls']:5d}x  {t['name']}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))

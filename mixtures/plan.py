@@ -1,27 +1,18 @@
 """Plan a mixture before running it: tokens per source and stage, implied epochs, warnings.
 
-    python -m mixtures.plan demo --seq-len 256 --stage-tokens stage1=2M stage2=1M --tokenizer train
-    python -m mixtures.plan my_mix.yaml --seq-len 4096 --stage-tokens stage1=20B stage2=5B \\
-        --tokenizer /ckpts/dots1.base-10T
-
-The core is :func:`plan_mixture` (the main CLI calls it); :func:`format_plan` renders the rows.
-Epochs are cumulative over the stages in the order given (the schedule's order).
+The core is :func:`plan_mixture`; :func:`format_plan` renders the rows. The command is
+``anneal-plan`` (a recipe) or ``anneal-plan mixture FILE --stage-tokens stage1=20B ...`` (a
+mixture file alone). Epochs are cumulative over the stages in the order given (the schedule's
+order).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
 import numpy as np
 
-from anneal.errors import AnnealError
-from anneal.schedule import parse_tokens  # the one parser of '20B'-style token counts
-
 from ._tokenize import make_encoder
-from .errors import MixtureError
 from .sources import load_sources
 from .spec import MixtureSpec, load_mixture
+from .tokens import parse_tokens  # the one parser of '20B'-style token counts
 
 
 def source_token_counts(spec: MixtureSpec, tokenizer, max_docs: int = 20000, seed: int = 0):
@@ -151,44 +142,3 @@ def load_tokenizer(name: str, spec: MixtureSpec | None = None, vocab_size: int =
         return PreTrainedTokenizerFast(tokenizer_file=name)
     return AutoTokenizer.from_pretrained(name)
 
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mixtures.plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("mixture", help="bundled mixture name or path to a mixture YAML")
-    ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--stage-tokens", nargs="+", required=True, metavar="STAGE=N",
-                    help="tokens per stage, e.g. stage1=20B stage2=5B (schedule order)")
-    ap.add_argument("--tokenizer", default="train",
-                    help='tokenizer folder / tokenizer.json, or "train" for the demo BPE')
-    ap.add_argument("--vocab-size", type=int, default=4096, help="with --tokenizer train")
-    ap.add_argument("--repeat-warn", type=float, default=4.0, help="warn above this many passes")
-    ap.add_argument("--max-docs", type=int, default=20000,
-                    help="count tokens on at most this many documents per source (estimate above)")
-    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    a = ap.parse_args(argv)
-    try:
-        stages = {}
-        for item in a.stage_tokens:
-            if "=" not in item:
-                raise MixtureError(f"--stage-tokens {item!r}: write STAGE=N, e.g. stage1=20B")
-            k, v = item.split("=", 1)
-            stages[k] = parse_tokens(v)
-        spec = load_mixture(a.mixture)
-        tok = load_tokenizer(a.tokenizer, spec, a.vocab_size)
-        rows = plan_mixture(spec, tok, stages, seq_len=a.seq_len, repeat_warn=a.repeat_warn,
-                            max_docs=a.max_docs)
-    except (MixtureError, AnnealError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"mixture {spec.name} ({spec.path})"
-          + (f", seq_len {a.seq_len}" if a.seq_len else "") + ", tokens per stage: "
-          + ", ".join(f"{k}={_human(v)}" for k, v in stages.items()))
-    print(format_plan(rows))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

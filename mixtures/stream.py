@@ -19,12 +19,14 @@ How a batch is made
    sequences share one token, so every token is a label exactly once and nothing is dropped
    or padded. A document may span two or more sequences.
 4. **Document boundaries** are kept through ``position_ids``: they restart at 0 at every
-   document start (the token after an EOS) and at the start of every sequence. With
-   position-aware attention (flash-attention varlen / the trainer's block mask built from
-   position resets) tokens do not attend across documents, and positions stay below ``L+1``
-   (never the untrained absolute positions a long document would reach), while RoPE's
-   relative positions inside a document are exact. ``source_ids`` give the source of every
-   token, for per-source loss.
+   document start (the token after an EOS) and at the start of every sequence. The model
+   (``anneal.model``) uses them for RoPE only: its attention stays plain causal over the
+   whole packed row, so a token does attend to earlier documents of its row (separated from
+   it by EOS); no block mask is built. Positions stay below ``L+1`` (never the untrained
+   absolute positions a long document would reach), and RoPE's relative positions inside a
+   document are exact. A consumer that wants attention confined to one document can find the
+   boundaries in the position resets (e.g. for flash-attention varlen). ``source_ids`` give
+   the source of every token, for per-source loss.
 
 Resume
 ------

@@ -16,10 +16,7 @@ import torch
 from torch import nn
 
 from moe.backends import ExpertsBackend, GroupedMMBackend, TorchLoopBackend
-
-
-class UnknownBackendError(ValueError):
-    """`model.experts_backend` names no registered backend."""
+from moe.errors import UnknownBackendError
 
 
 _BACKENDS: dict[str, type[ExpertsBackend]] = {}

@@ -124,7 +124,7 @@ def test_resolve_unknown_name_suggests_close_ones():
     with pytest.raises(AnnealError) as err:
         Catalog.load().resolve("dots1.bsae-10T")
     msg = str(err.value)
-    assert "'dots1.base-10T'" in msg and "python -m anneal.catalog" in msg
+    assert "'dots1.base-10T'" in msg and "anneal-catalog" in msg
     with pytest.raises(AnnealError, match="not a catalog name"):
         Catalog.load().get("zzz")
 

@@ -73,6 +73,12 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert r.returncode == 2 and "stage2" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_unknown_experts_backend_is_one_clear_line(tmp_path):
+    r = anneal("model.experts_backend=nope", *ENV_QUIET, cwd=tmp_path, check=False)
+    assert r.returncode == 2
+    assert "unknown backend 'nope'" in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
 def test_catalog_listing_and_schedule_plot(tmp_path):
     r = run([sys.executable, "-c", "from anneal.cli import catalog_main; catalog_main([])"], tmp_path)
     for name in ("dots1.base", "dots1.inst", "tiny-stable"):
@@ -82,6 +88,15 @@ def test_catalog_listing_and_schedule_plot(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 10_000
     assert "stage1: 0 -> 1T tokens, lr 0.0003 -> 3e-05 (linear)" in r.stdout
     assert "stage2: 1T -> 1.2T tokens, lr 3e-05 -> 1e-05 (linear)" in r.stdout
+
+
+def test_schedule_plot_without_a_known_start_lr_is_the_trainers_error(tmp_path):
+    """dots1.base records no LR: the plot gives the trainer's error, not a guessed start LR."""
+    r = run([sys.executable, "-c", "from anneal.cli import plot_schedule_main as m; m(['checkpoint=dots1.base'])"],
+            tmp_path, check=False)
+    assert r.returncode == 2 and not (tmp_path / "schedule.png").exists()
+    assert "schedule.start_lr is null and checkpoint 'dots1.base' records no LR" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_export_command_from_a_training_checkpoint(tmp_path):

@@ -136,13 +136,6 @@ def test_dp2_x_ep2_zero2_matches_single_process_engine():
 
 
 # ------------------------------------------------------------------ the trainer under DeepSpeed
-def _trainer_supports_deepspeed() -> bool:
-    import anneal.config
-
-    return hasattr(anneal.config, "ParallelCfg")  # added by docs/ep_integration.patch
-
-
-@pytest.mark.skipif(not _trainer_supports_deepspeed(), reason="trainer integration (docs/ep_integration.patch) not applied")
 def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
     """`torchrun --nproc-per-node 2 -m anneal trainer.engine=deepspeed parallel.ep_size=2`: the same
     losses as the one-process run, exact resume, and a resume under another layout is refused."""

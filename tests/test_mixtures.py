@@ -537,20 +537,22 @@ def test_plan_matches_stream(demo, tok):
 
 
 def test_plan_cli_and_stop_warning(tmp_path, tok, capsys):
+    from anneal.cli import plan_main
     from mixtures import plan_mixture
-    from mixtures.plan import main
     p = make_mixture(tmp_path, [dict(name="a", n_docs=50, weights={"s1": 1}),
                                 dict(name="few", n_docs=4, weights={"s1": 1}, on_exhausted="stop")])
     tok.save_pretrained(tmp_path / "tk")
     rows = plan_mixture(load_mixture(p), tok, {"s1": 1000})
     few = [r for r in rows if r["source"] == "few"][0]
     assert "runs out after" in few["warning"] and few["tokens"] == few["source_tokens"]
-    assert main([str(p), "--seq-len", "64", "--stage-tokens", "s1=1k", "--tokenizer", str(tmp_path / "tk"),
-                 "--json", str(tmp_path / "plan.json")]) == 0
+    plan_main(["mixture", str(p), "--seq-len", "64", "--stage-tokens", "s1=1k", "--tokenizer", str(tmp_path / "tk"),
+               "--json", str(tmp_path / "plan.json")])   # returns: exit status 0
     out = capsys.readouterr().out
     assert "few" in out and "runs out" in out
     assert len(json.loads((tmp_path / "plan.json").read_text())) == 2
-    assert main([str(p), "--stage-tokens", "s9=1k", "--tokenizer", str(tmp_path / "tk")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        plan_main(["mixture", str(p), "--stage-tokens", "s9=1k", "--tokenizer", str(tmp_path / "tk")])
+    assert exit_.value.code == 2
     assert "stage 's9' has no weights" in capsys.readouterr().err
 
 
