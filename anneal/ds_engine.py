@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from anneal.errors import AnnealError
+from anneal.precision import PrecisionPolicy
 from moe import ep
 from moe.layer import Dots1MoE
 
@@ -86,7 +87,8 @@ def adopt_moe_layers(model: torch.nn.Module, groups: ep.EPGroups) -> int:
 OPTIMIZER_OWNED = ("optimizer", "scheduler")
 
 
-def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = None) -> dict:
+def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = None,
+                     grad_accum_dtype: str = "fp32") -> dict:
     """The DeepSpeed config from the trainer config (one source of truth) + the user's extra keys.
 
     `tcfg` is `Config.trainer` (micro_batch_size, grad_clip); AdamW's hyper-parameters and the LR
@@ -103,7 +105,7 @@ def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = 
         "bf16": {"enabled": bool(bf16)},
         # the mixed-precision policy (anneal.precision): bf16 compute weights, fp32 masters and
         # optimizer state, gradients accumulated over the micro-batches in fp32
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
+        **({"data_types": {"grad_accum_dtype": grad_accum_dtype}} if bf16 else {}),
         "zero_allow_untested_optimizer": True,   # our client torch AdamW
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -182,7 +184,7 @@ class DeepSpeedEngine:
     (loaded with `load_hf_checkpoint(expert_range=...)`). Call after `init_distributed`."""
 
     def __init__(self, model: torch.nn.Module, tcfg, *, ep_size: int = 1, zero_stage: int = 1,
-                 extra_config: dict | None = None, bf16: bool | None = None):
+                 extra_config: dict | None = None, policy: PrecisionPolicy | None = None):
         _require_deepspeed()
         if not dist.is_initialized():
             raise AnnealError("DeepSpeedEngine: call anneal.ds_engine.init_distributed() first")
@@ -194,11 +196,11 @@ class DeepSpeedEngine:
                 ep.shard_experts(model, self.groups)
             adopt_moe_layers(model, self.groups)
         device = next(model.parameters()).device
-        if bf16 is None:
-            bf16 = bool(getattr(tcfg, "bf16", False)) and device.type == "cuda"
-        if bf16 and device.type != "cuda":
+        policy = policy or PrecisionPolicy()
+        if policy.mixed and device.type != "cuda":
             raise AnnealError("trainer.bf16 with the DeepSpeed engine needs CUDA; on CPU use trainer.bf16=false")
-        self.config = deepspeed_config(tcfg, zero_stage=zero_stage, bf16=bf16, extra=extra_config)
+        self.config = deepspeed_config(tcfg, zero_stage=zero_stage, bf16=policy.mixed, extra=extra_config,
+                                       grad_accum_dtype="fp32" if policy.grad_accum_dtype == torch.float32 else "bf16")
 
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]

@@ -10,7 +10,10 @@
   autograd has produced it (a post-accumulate-grad hook, then the bf16 gradient is freed), so the
   sum over a step's micro-batches is fp32 however many there are — what Megatron's `main_grad`
   and DeepSpeed's `grad_accum_dtype: fp32` do (the DeepSpeed engine is configured that way).
-  bf16 accumulation would lose the small late terms of a 100+ micro-batch step.
+  bf16 accumulation would lose the small late terms of a 100+ micro-batch step. The add costs
+  memory traffic (~10 bytes per parameter per micro-batch: 6% of the step on the dots1-width
+  slice, bench/RESULTS.md); `trainer.grad_accum_dtype=bf16` trades that precision for speed
+  (autograd accumulates bf16 gradients; they are converted to fp32 once, before the update).
 - fp32 islands: router logits, scores and weights, the routers' correction bias and load counters
   (buffers kept fp32 by `Dots1ForCausalLM.to_dtype`), RMSNorm statistics, and the loss.
 - CPU runs everything in fp32 (bf16 matmuls on CPU are slow and not what the GPU run computes).
@@ -27,14 +30,17 @@ from anneal.errors import AnnealError
 @dataclass(frozen=True)
 class PrecisionPolicy:
     compute_dtype: torch.dtype = torch.float32
+    grad_accum_dtype: torch.dtype = torch.float32
 
     @property
     def mixed(self) -> bool:
         return self.compute_dtype != torch.float32
 
     @classmethod
-    def for_device(cls, bf16: bool, device: torch.device, note=print) -> "PrecisionPolicy":
+    def for_device(cls, bf16: bool, device: torch.device, note=print, grad_accum: str = "fp32") -> "PrecisionPolicy":
         """bf16 compute on CUDA when asked; fp32 on CPU (with a one-line note if bf16 was asked)."""
+        if grad_accum not in ("fp32", "bf16"):
+            raise AnnealError(f"trainer.grad_accum_dtype={grad_accum!r}: use fp32 (default) or bf16")
         if not bf16:
             return cls(torch.float32)
         if device.type != "cuda":
@@ -43,22 +49,24 @@ class PrecisionPolicy:
         if not torch.cuda.is_bf16_supported(including_emulation=False):
             raise AnnealError(f"trainer.bf16=true but {torch.cuda.get_device_name(device)} has no bf16 support; "
                               "run with trainer.bf16=false (fp32) or on an Ampere-or-newer GPU")
-        return cls(torch.bfloat16)
+        return cls(torch.bfloat16, torch.float32 if grad_accum == "fp32" else torch.bfloat16)
 
 
 class MasterWeights:
     """fp32 master copies and fp32 gradient accumulators of a model's parameters; casts the model
     to the compute dtype. Build it while the model still holds its fp32 (loaded) values."""
 
-    def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, policy: PrecisionPolicy):
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.masters = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
-        model.to_dtype(compute_dtype)
+        model.to_dtype(policy.compute_dtype)
         self.params = [p for p in model.parameters() if p.requires_grad]
         for master in self.masters:
             master.grad = torch.zeros_like(master)
-        for param, master in zip(self.params, self.masters):
-            param.register_post_accumulate_grad_hook(self._accumulate_into(master))
+        self.fp32_accumulation = policy.grad_accum_dtype == torch.float32
+        if self.fp32_accumulation:
+            for param, master in zip(self.params, self.masters):
+                param.register_post_accumulate_grad_hook(self._accumulate_into(master))
 
     @staticmethod
     def _accumulate_into(master: torch.Tensor):
@@ -66,6 +74,16 @@ class MasterWeights:
             master.grad.add_(param.grad)
             param.grad = None
         return hook
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """With bf16 accumulation: the step's bf16 gradients become the masters' fp32 gradients."""
+        if self.fp32_accumulation:
+            return
+        for param, master in zip(self.params, self.masters):
+            if param.grad is not None:
+                master.grad.copy_(param.grad)
+                param.grad = None
 
     @torch.no_grad()
     def after_step(self) -> None:

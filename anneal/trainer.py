@@ -243,7 +243,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tcfg, policy: PrecisionPolicy = PrecisionPolicy()):
         self.model, self.grad_clip = model, tcfg.grad_clip
-        self.masters = MasterWeights(model, policy.compute_dtype) if policy.mixed else None
+        self.masters = MasterWeights(model, policy) if policy.mixed else None
         named = (list(zip(self.masters.names, self.masters.masters)) if self.masters
                  else [(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self.params = [p for _, p in named]
@@ -260,6 +260,8 @@ class Engine:
     def step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.masters:
+            self.masters.before_step()
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.optimizer.step()
@@ -368,7 +370,8 @@ class Trainer:
         load_peak_gb = self._gather_peak_memory()
         state = checkpointing.load_checkpoint(resume_from, p.model) if resume_from is not None else None
         notes: list[str] = []
-        policy = PrecisionPolicy.for_device(cfg.trainer.bf16, device, note=notes.append)
+        policy = PrecisionPolicy.for_device(cfg.trainer.bf16, device, note=notes.append,
+                                            grad_accum=cfg.trainer.grad_accum_dtype)
         engine = self._make_engine(p.model, policy)  # casts the model to the policy's compute dtype
         if compile_enabled(cfg.model.compile, device):
             p.model.compile_layers()
@@ -421,7 +424,7 @@ class Trainer:
         from anneal import ds_engine
 
         return ds_engine.DeepSpeedEngine(
-            model, cfg.trainer, ep_size=cfg.parallel.ep_size, zero_stage=cfg.parallel.zero_stage, bf16=policy.mixed,
+            model, cfg.trainer, ep_size=cfg.parallel.ep_size, zero_stage=cfg.parallel.zero_stage, policy=policy,
             extra_config=OmegaConf.to_container(cfg.trainer.deepspeed, resolve=True) or None)
 
     def _restore(self, state: dict, engine, stream) -> tuple[int, int, list]:

@@ -67,13 +67,13 @@ def run_bare(case: dict, args) -> dict:
     model.init_weights(seed=0)
     model.to(device).train()
     tcfg = OmegaConf.structured(TrainerCfg(micro_batch_size=args.micro_batch))
-    policy = PrecisionPolicy(torch.bfloat16)
+    policy = PrecisionPolicy(torch.bfloat16, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[case["accum"]]))
     if case["engine"] == "deepspeed":
         os.environ.update(_ds_env())
         from anneal import ds_engine
 
         ds_engine.init_distributed(device)
-        engine = ds_engine.DeepSpeedEngine(model, tcfg, ep_size=1, zero_stage=1, bf16=True)
+        engine = ds_engine.DeepSpeedEngine(model, tcfg, ep_size=1, zero_stage=1, policy=policy)
     else:
         engine = Engine(model, tcfg, policy)
     if case["compile"]:
@@ -154,6 +154,7 @@ def run_trainer(case: dict, args) -> dict:
         "schedule": {"start_lr": 3e-4, "batch_tokens": args.batch_tokens,
                      "stages": [{"name": "stage1", "tokens": n_steps * args.batch_tokens, "lr_end": 3e-5}]},
         "trainer": {"engine": case["engine"], "device": "cuda", "micro_batch_size": args.micro_batch,
+                    "grad_accum_dtype": case["accum"],
                     "eval_every": "0", "ckpt_every": "0", "log_every": 1},
         "logging": {"wandb": False, "progress": False, "plots": False},
         "export": {"enabled": False},
@@ -210,8 +211,9 @@ def grid(args) -> list[dict]:
             for backend in args.backends:
                 for comp in args.compile:
                     for ckpt in args.grad_ckpt:
-                        cases.append({"mode": mode, "engine": engine, "backend": backend,
-                                      "compile": comp == "on", "grad_ckpt": ckpt == "on"})
+                        for accum in args.grad_accum:
+                            cases.append({"mode": mode, "engine": engine, "backend": backend, "accum": accum,
+                                          "compile": comp == "on", "grad_ckpt": ckpt == "on"})
     return cases
 
 
@@ -222,6 +224,8 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["grouped_mm", "triton"])
     ap.add_argument("--compile", nargs="+", default=["on", "off"], choices=["on", "off"])
     ap.add_argument("--grad-ckpt", nargs="+", default=["off"], choices=["on", "off"])
+    ap.add_argument("--grad-accum", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="dtype gradients are summed in over the micro-batches (trainer.grad_accum_dtype)")
     ap.add_argument("--dense-layers", type=int, default=1)
     ap.add_argument("--moe-layers", type=int, default=3)
     ap.add_argument("--experts", type=int, default=16)
@@ -258,7 +262,7 @@ def main() -> None:
     print(f"{name}: dense bf16 peak {peak} TFLOP/s, 8192^3 bf16 matmul {mm:.0f} TFLOP/s; "
           f"{flops_per_token / 1e9:.2f} GFLOP per token; torch {torch.__version__}", flush=True)
     rows = []
-    hdr = (f"{'mode':<8}{'engine':<10}{'backend':<11}{'compile':>8}{'ckpt':>6}{'tok/s':>10}{'step ms':>9}"
+    hdr = (f"{'mode':<8}{'engine':<10}{'backend':<11}{'compile':>8}{'ckpt':>6}{'accum':>6}{'tok/s':>10}{'step ms':>9}"
            f"{'TFLOP/s':>9}{'MFU':>7}{'vs mm':>7}{'mem GB':>8}")
     print(hdr, flush=True)
     for case in grid(args):
@@ -271,13 +275,13 @@ def main() -> None:
         if line is None:
             row["error"] = (proc.stdout + proc.stderr)[-2000:]
             print(f"{case['mode']:<8}{case['engine']:<10}{case['backend']:<11}{str(case['compile']):>8}"
-                  f"{str(case['grad_ckpt']):>6}  FAILED: {row['error'][-300:]}", flush=True)
+                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}  FAILED: {row['error'][-300:]}", flush=True)
         else:
             res = json.loads(line[len("RESULT "):])
             tflops = res["tokens_per_s"] * flops_per_token / 1e12
             row.update(res, model_tflops=tflops, mfu=tflops / peak if peak else None, mfu_vs_matmul=tflops / mm)
             print(f"{case['mode']:<8}{case['engine']:<10}{case['backend']:<11}{str(case['compile']):>8}"
-                  f"{str(case['grad_ckpt']):>6}{res['tokens_per_s']:>10.0f}{res['step_ms']:>9.1f}{tflops:>9.1f}"
+                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}{res['tokens_per_s']:>10.0f}{res['step_ms']:>9.1f}{tflops:>9.1f}"
                   f"{(row['mfu'] or 0):>7.1%}{row['mfu_vs_matmul']:>7.1%}{res['peak_mem_gb']:>8.1f}", flush=True)
         rows.append(row)
         if "kernels" in row:
@@ -286,9 +290,9 @@ def main() -> None:
                   ", ".join(f"{kind} {ms:.1f}" for kind, ms in k["by_kind"].items()), flush=True)
             for t in k["top"][:args.top_kernels]:
                 print(f"    {t['ms']:8.2f} ms {t['calls']:5d}x  {t['name']}", flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        if args.json:  # after every row, so a run cut short keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,26 @@ class _GatherTokens(torch.autograd.Function):
         return g.view(g.shape[0] // ctx.top_k, ctx.top_k, g.shape[-1]).sum(1), None, None, None
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows[idx] for a permutation idx; backward gathers with the inverse permutation (autograd's own
+    index_select backward is an index_add, a scatter that costs as much as a GEMM here)."""
+
+    @staticmethod
+    def forward(ctx, rows, idx, inv):
+        ctx.save_for_backward(inv)
+        return rows.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
+
+
+def permute_rows(rows: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor | None = None) -> torch.Tensor:
+    """rows[idx] for a permutation `idx` (its inverse `inv` if known), with a gather backward."""
+    return _PermuteRows.apply(rows, idx, inverse_order(idx) if inv is None else inv)
+
+
 def permute(x: torch.Tensor, topk_idx: torch.Tensor, n_experts: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, H], topk_idx [T, K] -> (x grouped by expert [T*K, H], tokens_per_expert [E], order [T*K])."""
@@ -60,6 +80,6 @@ def unpermute(y_grouped: torch.Tensor, order: torch.Tensor, topk_weight: torch.T
     """Inverse of `permute` plus the weighted combine: sum_k w[t,k] * y[t,k] as [T, H] in y's dtype
     (the products are summed in fp32)."""
     n_tokens, top_k = topk_weight.shape
-    y = y_grouped.index_select(0, inverse_order(order)).view(n_tokens, top_k, y_grouped.shape[-1])
+    y = permute_rows(y_grouped, inverse_order(order), order).view(n_tokens, top_k, y_grouped.shape[-1])
     weighted = y * topk_weight.unsqueeze(-1).to(y.dtype)
     return weighted.sum(1, dtype=torch.float32).to(y_grouped.dtype)

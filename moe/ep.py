@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.dispatch import permute, unpermute
+from moe.dispatch import inverse_order, permute, permute_rows, unpermute
 from moe.experts import ExpertsBackend, GroupedExperts
 
 # DeepSpeed's name for the EP/EDP group pair of a given EP size; expert params carry it as
@@ -185,15 +185,14 @@ def ep_routed(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor
     output_splits = recv_counts.sum(1).tolist()
     recv = all_to_all(x_sorted, output_splits, input_splits, group)       # (source, local expert)
     idx = _regroup_index(recv_counts)
-    inv = torch.empty_like(idx)
-    inv[idx] = torch.arange(len(idx), device=idx.device)
-    x_local = recv[idx]
+    inv = inverse_order(idx)
+    x_local = permute_rows(recv, idx, inv)
     y = backend.grouped_mlp(x_local, recv_counts.sum(0), w_gate_up, w_down)
     if x_local.shape[0] == 0 and x_local.requires_grad:
         # No rows for this rank: keep `recv` on the autograd path anyway, so that this rank too runs
         # the reverse all-to-all in backward (the collective needs every rank of the group).
         y = y + 0 * x_local.sum()
-    back = all_to_all(y[inv], input_splits, output_splits, group)         # rows as x_sorted
+    back = all_to_all(permute_rows(y, inv, idx), input_splits, output_splits, group)         # rows as x_sorted
     return unpermute(back, order, topk_weight)
 
 
