@@ -374,6 +374,10 @@ class Trainer:
                                             grad_accum=cfg.trainer.grad_accum_dtype)
         engine = self._make_engine(p.model, policy)  # casts the model to the policy's compute dtype
         if compile_enabled(cfg.model.compile, device):
+            if cfg.model.experts_backend == "grouped_mm" and not policy.mixed:
+                raise AnnealError("model.compile with model.experts_backend=grouped_mm needs bf16 compute "
+                                  "(torch._grouped_mm traces only in bf16): set trainer.bf16=true, or "
+                                  "model.compile=false, or another experts backend")
             p.model.compile_layers()
         step, tokens, history = 0, 0, []
         if state is not None:

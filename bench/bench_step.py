@@ -153,7 +153,7 @@ def run_trainer(case: dict, args) -> dict:
         "data": {"mixture": "demo", "seq_len": args.seq, "tokenizer": str(tokenizer), "eval_seqs": 1},
         "schedule": {"start_lr": 3e-4, "batch_tokens": args.batch_tokens,
                      "stages": [{"name": "stage1", "tokens": n_steps * args.batch_tokens, "lr_end": 3e-5}]},
-        "trainer": {"engine": case["engine"], "device": "cuda", "micro_batch_size": args.micro_batch,
+        "trainer": {"engine": case["engine"], "device": "cuda", "bf16": True, "micro_batch_size": args.micro_batch,
                     "grad_accum_dtype": case["accum"],
                     "eval_every": "0", "ckpt_every": "0", "log_every": 1},
         "logging": {"wandb": False, "progress": False, "plots": False},
