@@ -11,8 +11,9 @@
   sum over a step's micro-batches is fp32 however many there are — what Megatron's `main_grad`
   and DeepSpeed's `grad_accum_dtype: fp32` do (the DeepSpeed engine is configured that way).
   bf16 accumulation would lose the small late terms of a 100+ micro-batch step. The add costs
-  memory traffic (~10 bytes per parameter per micro-batch: 6% of the step on the dots1-width
-  slice, bench/RESULTS.md); `trainer.grad_accum_dtype=bf16` trades that precision for speed
+  memory traffic (~10 bytes per parameter per micro-batch: 3% more step time than autograd's own
+  bf16 sums on the dots1-width slice, bench/RESULTS.md); `trainer.grad_accum_dtype=bf16` trades
+  that precision for speed
   (autograd accumulates bf16 gradients; they are converted to fp32 once, before the update).
 - fp32 islands: router logits, scores and weights, the routers' correction bias and load counters
   (buffers kept fp32 by `Dots1ForCausalLM.to_dtype`), RMSNorm statistics, and the loss.

@@ -145,3 +145,28 @@ def test_bf16_on_cpu_gives_a_note_and_runs_fp32():
     assert len(notes) == 1 and "fp32" in notes[0] and "trainer.bf16" in notes[0]
     assert PrecisionPolicy.for_device(False, torch.device("cpu"), note=notes.append).compute_dtype == torch.float32
     assert len(notes) == 1
+
+
+def test_bf16_accumulation_option_converts_once_before_the_update():
+    """trainer.grad_accum_dtype=bf16: no per-micro-batch hook; autograd sums bf16 gradients and the
+    step converts them once. The masters still update in fp32 and match the fp32-accumulated run
+    within bf16 tolerance."""
+    policy = PrecisionPolicy(torch.bfloat16, torch.bfloat16)
+    model, engine, loss, _ = _step("torch", policy, n_micro=2)
+    assert not engine.masters.fp32_accumulation
+    assert all(p.grad is None for p in engine.masters.params)  # moved into the masters, then freed
+    assert all(m.dtype == torch.float32 for m in engine.masters.masters)
+    _, _, loss_fp32, _ = _step("torch", PrecisionPolicy(torch.bfloat16), n_micro=2)
+    assert loss == loss_fp32  # same forward; only the gradient sum differs
+    with pytest.raises(Exception, match="grad_accum_dtype"):
+        PrecisionPolicy.for_device(True, torch.device("cpu"), note=lambda _: None, grad_accum="fp16")
+
+
+def test_deepspeed_config_follows_the_policy():
+    from anneal.ds_engine import deepspeed_config
+
+    cfg = deepspeed_config(_tcfg(), zero_stage=1, bf16=True)
+    assert cfg["bf16"]["enabled"] and cfg["data_types"]["grad_accum_dtype"] == "fp32"
+    assert deepspeed_config(_tcfg(), zero_stage=1, bf16=True, grad_accum_dtype="bf16")["data_types"] == \
+        {"grad_accum_dtype": "bf16"}
+    assert "data_types" not in deepspeed_config(_tcfg(), zero_stage=1, bf16=False)
