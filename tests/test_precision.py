@@ -170,3 +170,12 @@ def test_deepspeed_config_follows_the_policy():
     assert deepspeed_config(_tcfg(), zero_stage=1, bf16=True, grad_accum_dtype="bf16")["data_types"] == \
         {"grad_accum_dtype": "bf16"}
     assert "data_types" not in deepspeed_config(_tcfg(), zero_stage=1, bf16=False)
+
+
+def test_bf16_on_a_gpu_without_bf16_is_one_clear_error(monkeypatch):
+    from anneal.errors import AnnealError
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    with pytest.raises(AnnealError, match=r"trainer.bf16=true but Tesla V100.*no bf16 support.*trainer.bf16=false"):
+        PrecisionPolicy.for_device(True, torch.device("cuda"), note=lambda _: None)
