@@ -2,7 +2,7 @@
 
 Weights: `w_gate_up` [E, H, 2I] and `w_down` [E, I, H], so an expert's MLP over its rows x is
 (silu(x @ Wg) * (x @ Wu)) @ Wd. The HF checkpoint keeps per-expert `gate_proj`/`up_proj`/`down_proj`
-[out, in] matrices; `anneal.hf_io` maps between the two.
+[out, in] matrices; `anneal.checkpoints.hf_layout` maps between the two.
 
 Backends (pick with `Dots1MoE(..., backend=name)` / the `model.experts_backend` config key):
 - `torch`: a loop over experts, the reference every other backend is tested against;

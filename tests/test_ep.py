@@ -150,8 +150,8 @@ TINY = dict(model_type="dots1", vocab_size=64, hidden_size=32, intermediate_size
 
 
 def tiny_model(seed: int = 0):
-    from anneal.model import Dots1ForCausalLM
-    from anneal.model_config import Dots1Config
+    from anneal.model.dots1 import Dots1ForCausalLM
+    from anneal.model.config import Dots1Config
 
     model = Dots1ForCausalLM(Dots1Config.from_hf_dict(dict(TINY)))
     model.init_weights(seed=seed)

@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from anneal import checkpointing
+from anneal.checkpoints import training_state
 from anneal.errors import AnnealError
-from anneal.export import META_FILE
-from anneal.model import Dots1ForCausalLM
-from anneal.model_config import Dots1Config
-from anneal.precision import MasterWeights, PrecisionPolicy
-from anneal.schedule import BatchRamp, Schedule, format_tokens, parse_tokens
-from anneal.start_lr import resolve_start_lr
+from anneal.checkpoints.export import META_FILE
+from anneal.model.dots1 import Dots1ForCausalLM
+from anneal.model.config import Dots1Config
+from anneal.model.precision import MasterWeights, PrecisionPolicy
+from anneal.train.batch_ramp import BatchRamp
+from anneal.train.schedule import Schedule, format_tokens, parse_tokens
+from anneal.train.start_lr import resolve_start_lr
 
 RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
 WSD_PHASES = ("warmup", "stable", "stage1", "stage2")
@@ -99,8 +100,8 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
         mcfg.eos_token_id = tokenizer.eos_token_id  # model.arch cannot know the trained tokenizer's ids
         return model.to(device), mcfg, tokenizer, tokenizer_dir, None, None, {}
 
-    from anneal.catalog import Catalog
-    from anneal.hf_io import load_hf_checkpoint
+    from anneal.checkpoints.catalog import Catalog
+    from anneal.checkpoints.hf_load import load_hf_checkpoint
 
     resolved = Catalog.load(list(cfg.catalog_files)).resolve(cfg.checkpoint)
     model, mcfg = load_hf_checkpoint(resolved.path, dtype=torch.float32, experts_backend=backend,
@@ -236,7 +237,7 @@ class NullTracker:
 
 # ---------------------------------------------------------------------------------------------- engine
 class Engine:
-    """AdamW + clipping for one process, under the mixed-precision policy (anneal.precision): with a
+    """AdamW + clipping for one process, under the mixed-precision policy (anneal.model.precision): with a
     bf16 policy the optimizer steps fp32 masters fed by fp32 gradient accumulators and the model
     holds bf16 compute weights. Same interface as the DeepSpeed engine: backward(loss),
     step(lr) -> grad_norm, state_dict()/load_state_dict(), model_state_dict()."""
@@ -350,25 +351,25 @@ class Trainer:
                 p = self.run_dir / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resume_from = checkpointing.latest_checkpoint(self.ckpt_root) if cfg.run.resume else None
+        resume_from = training_state.latest_checkpoint(self.ckpt_root) if cfg.run.resume else None
         if not marker.exists():
             marker.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return resume_from
 
     # -- main ----------------------------------------------------------------------------------
     def run(self) -> dict:
-        from anneal.tracking import Tracker
+        from anneal.train.tracking import Tracker
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         device = self._setup_processes(pick_device(cfg.trainer.device))
-        resume_from = rank0_first(self._claim_run_dir, lambda: checkpointing.latest_checkpoint(self.ckpt_root)
+        resume_from = rank0_first(self._claim_run_dir, lambda: training_state.latest_checkpoint(self.ckpt_root)
                                   if cfg.run.resume else None)
         p = rank0_first(lambda: self.prepare(device))
         load_peak_gb = self._gather_peak_memory()
-        state = checkpointing.load_checkpoint(resume_from, p.model) if resume_from is not None else None
+        state = training_state.load_checkpoint(resume_from, p.model) if resume_from is not None else None
         notes: list[str] = []
         policy = PrecisionPolicy.for_device(cfg.trainer.bf16, device, note=notes.append,
                                             grad_accum=cfg.trainer.grad_accum_dtype)
@@ -407,7 +408,7 @@ class Trainer:
         folder (Hydra's timestamped name may differ between ranks). Sets self.rank/self.world."""
         cfg = self.cfg
         if cfg.trainer.engine == "deepspeed":
-            from anneal import ds_engine
+            from anneal.parallel import ds_engine
 
             if device.type == "cuda":
                 device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -425,7 +426,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.trainer.engine != "deepspeed":
             return Engine(model, cfg.trainer, policy)
-        from anneal import ds_engine
+        from anneal.parallel import ds_engine
 
         return ds_engine.DeepSpeedEngine(
             model, cfg.trainer, ep_size=cfg.parallel.ep_size, zero_stage=cfg.parallel.zero_stage, policy=policy,
@@ -434,13 +435,13 @@ class Trainer:
     def _restore(self, state: dict, engine, stream) -> tuple[int, int, list]:
         """Optimizer, data cursor and RNG from a checkpoint (weights are already loaded)."""
         if self.cfg.trainer.engine == "deepspeed":
-            from anneal import ds_engine
+            from anneal.parallel import ds_engine
 
             engine.load_state_dict(ds_engine.load_rank_state(self.ckpt_root, state["step"], self.rank))
         else:
             engine.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["data"])
-        checkpointing.set_rng_state(state["rng"])
+        training_state.set_rng_state(state["rng"])
         return state["step"], state["tokens"], state["history"]
 
     def _gather_peak_memory(self) -> list[float]:
@@ -612,14 +613,14 @@ class Trainer:
         if self.cfg.trainer.engine == "deepspeed":
             return self._save_distributed(p, engine, step, tokens, history, meta)
         state = {"step": step, "tokens": tokens, "optimizer": engine.state_dict(), "data": p.stream.state_dict(),
-                 "rng": checkpointing.rng_state(), "history": list(history)}
-        return checkpointing.save_checkpoint(self.ckpt_root, step, _StateDictView(engine.model_state_dict()),
+                 "rng": training_state.rng_state(), "history": list(history)}
+        return training_state.save_checkpoint(self.ckpt_root, step, _StateDictView(engine.model_state_dict()),
                                              p.hf_config, state, meta, keep=self.cfg.trainer.keep_checkpoints)
 
     def _save_distributed(self, p: Prepared, engine, step: int, tokens: int, history: list, meta: dict) -> Path:
         """Each rank writes its ZeRO partition (ckpt/zero/step_N/rank_R.pt); then rank 0 writes the
         step folder (experts gathered into the unsharded layout) atomically: the commit point."""
-        from anneal import ds_engine
+        from anneal.parallel import ds_engine
         from moe import ep
 
         d = _dist()
@@ -629,8 +630,8 @@ class Trainer:
         final = self.ckpt_root / f"step_{step:08d}"
         if self.rank == 0:
             state = {"step": step, "tokens": tokens, "optimizer": None, "layout": engine.layout(),
-                     "data": p.stream.state_dict(), "rng": checkpointing.rng_state(), "history": list(history)}
-            final = checkpointing.save_checkpoint(self.ckpt_root, step, _StateDictView(full), p.hf_config, state,
+                     "data": p.stream.state_dict(), "rng": training_state.rng_state(), "history": list(history)}
+            final = training_state.save_checkpoint(self.ckpt_root, step, _StateDictView(full), p.hf_config, state,
                                                   meta, keep=self.cfg.trainer.keep_checkpoints)
             ds_engine.prune_rank_states(self.ckpt_root)
         d.barrier()
@@ -646,13 +647,13 @@ class Trainer:
     def _plot_and_export(self, p: Prepared, tracker, tokens: int) -> str | None:
         cfg = self.cfg
         if cfg.logging.plots:
-            from anneal.plots import plot_losses, plot_schedule
+            from anneal.train.plots import plot_losses, plot_schedule
 
             plot_losses(tracker.history, self.run_dir / "losses.png", schedule=p.schedule)
             plot_schedule(p.schedule, p.ramp, self.run_dir / "schedule.png")
         if not cfg.export.enabled:
             return None
-        from anneal.hf_io import export_hf_checkpoint
+        from anneal.checkpoints.hf_export import export_hf_checkpoint
 
         export_dir = Path(cfg.export.dir) if cfg.export.dir else self.run_dir / "hf"
         last_stage = p.schedule.stage_names[-1]
@@ -671,7 +672,7 @@ class Trainer:
         full = ep.full_state_dict(p.model, p.model.ep_groups)
         out = None
         if self.rank == 0:
-            from anneal.model_config import Dots1Config
+            from anneal.model.config import Dots1Config
 
             whole = Dots1ForCausalLM(Dots1Config.from_hf_dict(dict(p.hf_config)))
             whole.load_state_dict(full, strict=True)

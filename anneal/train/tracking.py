@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from anneal.schedule import format_tokens
+from anneal.train.schedule import format_tokens
 
 console = Console(stderr=False)
 

@@ -2,7 +2,7 @@
 
 Same parameter names as transformers, except routed experts, which are stacked per layer
 (`mlp.experts.w_gate_up` [E, H, 2I], `mlp.experts.w_down` [E, I, H]) for grouped kernels;
-`anneal.hf_io` maps them to and from the per-expert names of the released safetensors.
+`anneal.checkpoints.hf_layout` maps them to and from the per-expert names of the released safetensors.
 transformers is the reference in parity tests, not the training model: this one is small,
 has no KV-cache/generation machinery, and takes pluggable expert backends.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anneal.model_config import Dots1Config
+from anneal.model.config import Dots1Config
 from moe.layer import Dots1MoE, SwiGLUMLP
 from moe.router import Router
 

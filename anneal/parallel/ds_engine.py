@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from anneal.errors import AnnealError
-from anneal.precision import PrecisionPolicy
+from anneal.model.precision import PrecisionPolicy
 from moe import ep
 from moe.layer import Dots1MoE
 
@@ -103,7 +103,7 @@ def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = 
         "gradient_clipping": float(tcfg.grad_clip),
         "zero_optimization": {"stage": int(zero_stage), "contiguous_gradients": True, "reduce_scatter": True},
         "bf16": {"enabled": bool(bf16)},
-        # the mixed-precision policy (anneal.precision): bf16 compute weights, fp32 masters and
+        # the mixed-precision policy (anneal.model.precision): bf16 compute weights, fp32 masters and
         # optimizer state, gradients accumulated over the micro-batches in fp32
         **({"data_types": {"grad_accum_dtype": grad_accum_dtype}} if bf16 else {}),
         "zero_allow_untested_optimizer": True,   # our client torch AdamW
@@ -127,7 +127,7 @@ _SOURCE = {
     "gradient_clipping": "trainer.grad_clip",
     "zero_optimization.stage": "parallel.zero_stage",
     "bf16.enabled": "trainer.bf16 (and the device)",
-    "data_types.grad_accum_dtype": "the mixed-precision policy (anneal.precision: fp32 accumulation)",
+    "data_types.grad_accum_dtype": "the mixed-precision policy (anneal.model.precision: fp32 accumulation)",
     "gradient_accumulation_steps": "the schedule's batch ramp (set per step by the trainer)",
     "managed_gradient_accumulation": "the trainer (it drives accumulation boundaries)",
 }
@@ -177,7 +177,7 @@ def ensure_ep_groups(ep_size: int, n_experts: int) -> ep.EPGroups:
 
 # -------------------------------------------------------------------------------------- engine
 class DeepSpeedEngine:
-    """Same interface as `anneal.trainer.Engine`: backward(loss), step(lr) -> grad_norm,
+    """Same interface as `anneal.train.trainer.Engine`: backward(loss), step(lr) -> grad_norm,
     state_dict()/load_state_dict() (this rank's ZeRO partition), plus reduce_expert_load(routers).
 
     The model may hold all experts (they are sliced to this rank's range) or only this rank's
@@ -187,7 +187,7 @@ class DeepSpeedEngine:
                  extra_config: dict | None = None, policy: PrecisionPolicy | None = None):
         _require_deepspeed()
         if not dist.is_initialized():
-            raise AnnealError("DeepSpeedEngine: call anneal.ds_engine.init_distributed() first")
+            raise AnnealError("DeepSpeedEngine: call anneal.parallel.ds_engine.init_distributed() first")
         layers = ep.moe_layers(model)
         n_experts = layers[0].gate.n_experts if layers else ep_size
         self.groups = ensure_ep_groups(ep_size, n_experts)
