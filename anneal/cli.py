@@ -92,14 +92,14 @@ def main() -> None:
     def _run(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from anneal.train.trainer import train
+        from anneal.train.loop import train
         from moe.experts import get_backend
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         run_dir = HydraConfig.get().runtime.output_dir
         try:
-            # a bad backend name fails on every rank alike, before any collective: the trainer's
-            # rank0_first broadcasts AnnealError only, and moe raises its own UnknownBackendError
+            # a bad backend name fails on every rank alike, before any collective: the loop's
+            # layout.rank0_first broadcasts AnnealError only, and moe raises its own UnknownBackendError
             get_backend(cfg.model.experts_backend)
             result = train(cfg, run_dir)
         except USER_ERRORS as e:
@@ -153,7 +153,7 @@ def plot_schedule_main(argv: list[str] | None = None) -> None:
         from anneal.train.plots import plot_schedule
         from anneal.train.schedule import format_tokens
         from anneal.train.start_lr import start_lr_without_loading
-        from anneal.train.trainer import build_schedule
+        from anneal.train.build import build_schedule
 
         cfg = compose(args.overrides)
         schedule, ramp = build_schedule(cfg, start_lr_without_loading(cfg))

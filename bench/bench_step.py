@@ -6,7 +6,7 @@ it would see under EP 8) + 2 shared experts, vocab 4096 (`--vocab 152064` for th
 seq 4096, micro-batch 2, 65,536 tokens per optimizer step, random init, bf16 policy.
 
 Cases (each in its own process, so compile caches and memory do not leak between them):
-- `bare`: the step as the trainer runs it (anneal.train.trainer.accumulate over the micro-batches +
+- `bare`: the step as the trainer runs it (anneal.train.step.accumulate over the micro-batches +
   engine.step: bf16 compute weights, fp32 masters/grad accumulation/AdamW) on random tokens,
   no data pipeline, no logging;
 - `trainer`: `python -m anneal` end to end on the bundled demo mixture (data, logging, bias
@@ -58,7 +58,8 @@ def run_bare(case: dict, args) -> dict:
     from anneal.model.dots1 import Dots1ForCausalLM
     from anneal.model.config import Dots1Config
     from anneal.model.precision import PrecisionPolicy
-    from anneal.train.trainer import Engine, accumulate
+    from anneal.train.engine import Engine
+    from anneal.train.step import accumulate
 
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -251,7 +252,7 @@ def main() -> None:
     import torch
 
     from anneal.model.config import Dots1Config
-    from anneal.train.trainer import device_peak_tflops
+    from anneal.train.devices import device_peak_tflops
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)

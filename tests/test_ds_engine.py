@@ -12,7 +12,7 @@ pytest.importorskip("deepspeed")
 
 from _dist import run_distributed  # noqa: E402
 from anneal.errors import AnnealError  # noqa: E402
-from anneal.train.trainer import Engine  # noqa: E402
+from anneal.train.engine import Engine  # noqa: E402
 from moe import ep  # noqa: E402
 from test_ep import TINY, _loss, tiny_model  # noqa: E402
 

@@ -10,7 +10,8 @@ from anneal.config import TrainerCfg
 from anneal.model.dots1 import Dots1ForCausalLM
 from anneal.model.config import Dots1Config
 from anneal.model.precision import PrecisionPolicy
-from anneal.train.trainer import Engine, accumulate
+from anneal.train.engine import Engine
+from anneal.train.step import accumulate
 from moe.experts import available_backends
 
 CFG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,

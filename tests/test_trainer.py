@@ -14,7 +14,7 @@ import transformers
 
 from anneal.cli import compose
 from anneal.errors import AnnealError
-from anneal.train.trainer import train
+from anneal.train.loop import train
 
 TINY_ARCH = [  # smaller than model=tiny so the tests stay fast on 2 cores
     "model.arch.vocab_size=1024", "model.arch.hidden_size=64", "model.arch.intermediate_size=128",

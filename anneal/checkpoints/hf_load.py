@@ -93,17 +93,9 @@ def _scan(folder: Path) -> dict[str, _TensorInfo]:
 def _materialize(cfg: Dots1Config, *, dtype: torch.dtype, device: str | torch.device, experts_backend: str,
                  expert_range: tuple[int, int]):
     from anneal.model.dots1 import Dots1ForCausalLM
-    from moe.experts import GroupedExperts
-    from moe.layer import Dots1MoE
 
     with torch.device("meta"):
-        model = Dots1ForCausalLM(cfg, experts_backend=experts_backend)
-        start, stop = expert_range
-        if (start, stop) != (0, cfg.n_routed_experts):
-            for layer in model.model.layers:
-                if isinstance(layer.mlp, Dots1MoE):
-                    layer.mlp.experts = GroupedExperts(stop - start, cfg.hidden_size,
-                                                       cfg.moe_intermediate_size, experts_backend)
+        model = Dots1ForCausalLM(cfg, experts_backend=experts_backend, expert_range=expert_range)
     model.to(dtype)
     for router in model.routers().values():  # router buffers stay fp32 whatever the model dtype
         router.e_score_correction_bias = router.e_score_correction_bias.float()
@@ -113,7 +105,6 @@ def _materialize(cfg: Dots1Config, *, dtype: torch.dtype, device: str | torch.de
         model.lm_head.weight = model.model.embed_tokens.weight
     for router in model.routers().values():
         router.expert_load.zero_()  # non-persistent: not in the checkpoint
-    model.expert_range = expert_range
     return model
 
 
@@ -126,10 +117,10 @@ def load_hf_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
     Reads lazily with `safe_open`: peak memory is the model plus one checkpoint tensor.
     `dtype` is the model dtype (`e_score_correction_bias` stays fp32). `expert_range=(start,
     stop)` reads only those routed experts: the stacked expert tensors then have `stop - start`
-    rows and `model.expert_range` records the range. Such a partial model runs only under
+    rows and `model.expert_range` is the range. Such a partial model runs only under
     expert parallelism: `moe.ep.shard_experts` (which `anneal.parallel.ds_engine.DeepSpeedEngine` calls)
     installs the dispatch that sends each token to the rank holding its expert; the trainer
-    loads each rank's range this way (`anneal.train.trainer.rank_expert_range`).
+    loads each rank's range this way (`anneal.parallel.layout.ParallelLayout.expert_range`).
     """
     folder = Path(folder)
     if not folder.is_dir():
