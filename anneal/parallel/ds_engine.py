@@ -66,6 +66,15 @@ if _DSMoE is not None:
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             pass
 
+        def set_expert_groups(self, groups: ep.EPGroups) -> None:
+            """The attributes DeepSpeed's engine reads from an MoE layer, for the EP layout `groups`."""
+            self.num_experts = self.gate.n_experts
+            self.ep_size = groups.ep_size
+            self.expert_group_name = groups.group_name
+            self.num_local_experts = self.gate.n_experts // groups.ep_size
+            self.enable_expert_tensor_parallelism = False
+            self.use_residual = False
+
         forward = Dots1MoE.forward
 
 
@@ -76,12 +85,7 @@ def adopt_moe_layers(model: torch.nn.Module, groups: ep.EPGroups) -> int:
     for layer in ep.moe_layers(model):
         if not isinstance(layer, DeepSpeedDots1MoE):
             layer.__class__ = DeepSpeedDots1MoE
-        layer.num_experts = layer.gate.n_experts
-        layer.ep_size = groups.ep_size
-        layer.expert_group_name = groups.group_name
-        layer.num_local_experts = layer.gate.n_experts // groups.ep_size
-        layer.enable_expert_tensor_parallelism = False
-        layer.use_residual = False
+        layer.set_expert_groups(groups)
         n += 1
     return n
 
