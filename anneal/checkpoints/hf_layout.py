@@ -167,14 +167,18 @@ def _outside_expert_range(name: str, cfg: Dots1Config, start: int, stop: int) ->
                 and 0 <= int(m.group(2)) < cfg.n_routed_experts and not start <= int(m.group(2)) < stop)
 
 
+def _and_more(names: list[str]) -> str:
+    """' (and 3 more)' after the first of `names` named in a message; '' for one name."""
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
 def check_names(present: Mapping[str, tuple[int, ...] | None], plan: Mapping[str, HFSlot],
                  cfg: Dots1Config, expert_range: tuple[int, int], where: str) -> None:
     """Raise on missing / unexpected tensors; warn on ignorable ones."""
     missing = [n for n in plan if n not in present]
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise AnnealError(
-            f"{where}: tensor '{missing[0]}' is missing{more}. The checkpoint does not match its "
+            f"{where}: tensor '{missing[0]}' is missing{_and_more(missing)}. The checkpoint does not match its "
             "config.json (wrong folder, an incomplete download, or a config edited by hand); "
             "re-download or re-export the checkpoint.")
     ignored, unexpected = [], []
@@ -185,9 +189,8 @@ def check_names(present: Mapping[str, tuple[int, ...] | None], plan: Mapping[str
             continue
         (ignored if is_ignorable(name, shape, cfg) else unexpected).append(name)
     if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise AnnealError(
-            f"{where}: unexpected tensor '{unexpected[0]}'{more}: config.json does not call for it. "
+            f"{where}: unexpected tensor '{unexpected[0]}'{_and_more(unexpected)}: config.json does not call for it. "
             "The config probably does not match the weights (e.g. num_hidden_layers, "
             "n_routed_experts, first_k_dense_replace or n_shared_experts); fix config.json.")
     if ignored:

@@ -5,7 +5,7 @@ routed experts it holds, and the EP/EDP process groups. The EP layout is DeepSpe
 are consecutive ranks, so EP rank = rank % ep_size (see `moe.ep`). One process (the native
 engine, or no process group) is the default layout: world 1, EP 1, no groups.
 
-The collective helpers here (`broadcast`, `all_gather`, `barrier`, `rank0_first`) are no-ops
+The collective helpers here (`broadcast`, `all_gather`, `all_reduce_`, `rank0_first`) are no-ops
 for one process, so the training loop calls them unconditionally.
 """
 from __future__ import annotations
@@ -89,11 +89,6 @@ class ParallelLayout:
         if d is not None:
             d.all_reduce(t)
         return t
-
-    def barrier(self) -> None:
-        d = _dist()
-        if d is not None:
-            d.barrier()
 
     def rank0_first(self, fn: Callable[[], Any], others: Callable[[], Any] | None = None) -> Any:
         """Run fn() on rank 0, then `others` (default fn) on the other ranks, so rank 0 creates
