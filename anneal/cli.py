@@ -92,14 +92,14 @@ def main() -> None:
     def _run(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from anneal.trainer import train
+        from anneal.train.loop import train
         from moe.experts import get_backend
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         run_dir = HydraConfig.get().runtime.output_dir
         try:
-            # a bad backend name fails on every rank alike, before any collective: the trainer's
-            # rank0_first broadcasts AnnealError only, and moe raises its own UnknownBackendError
+            # a bad backend name fails on every rank alike, before any collective: the loop's
+            # layout.rank0_first broadcasts AnnealError only, and moe raises its own UnknownBackendError
             get_backend(cfg.model.experts_backend)
             result = train(cfg, run_dir)
         except USER_ERRORS as e:
@@ -144,16 +144,16 @@ def compose(overrides: list[str]):
 
 def plot_schedule_main(argv: list[str] | None = None) -> None:
     """PNG of a recipe's LR and batch size against tokens. The start LR is the one the run would
-    use (anneal.start_lr), read without downloading the checkpoint."""
+    use (anneal.train.start_lr), read without downloading the checkpoint."""
     parser = argparse.ArgumentParser(prog="anneal-plot-schedule", description=plot_schedule_main.__doc__)
     parser.add_argument("--out", default="schedule.png", help="PNG path to write")
     parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal`")
     args = parser.parse_args(argv)
     try:
-        from anneal.plots import plot_schedule
-        from anneal.schedule import format_tokens
-        from anneal.start_lr import start_lr_without_loading
-        from anneal.trainer import build_schedule
+        from anneal.train.plots import plot_schedule
+        from anneal.train.schedule import format_tokens
+        from anneal.train.start_lr import start_lr_without_loading
+        from anneal.train.build import build_schedule
 
         cfg = compose(args.overrides)
         schedule, ramp = build_schedule(cfg, start_lr_without_loading(cfg))
@@ -174,7 +174,7 @@ def catalog_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--catalog", action="append", default=[], help="extra catalog YAML (repeatable)")
     args = parser.parse_args(argv)
     try:
-        from anneal.catalog import Catalog, format_catalog_table
+        from anneal.checkpoints.catalog import Catalog, format_catalog_table
 
         Console().print(format_catalog_table(Catalog.load(args.catalog)))
     except USER_ERRORS as e:
@@ -192,7 +192,7 @@ def export_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        from anneal.export import export_training_checkpoint
+        from anneal.checkpoints.export import export_training_checkpoint
 
         out = export_training_checkpoint(Path(args.checkpoint), Path(args.out), dtype=args.dtype,
                                          max_shard_size=args.max_shard_size, overwrite=args.overwrite)

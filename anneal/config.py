@@ -2,7 +2,7 @@
 
 Hydra composes `conf/config.yaml` (+ a recipe + command-line overrides) on top of this schema,
 so a misspelt key or a wrong type fails once, at start-up, with the key's full name.
-Token counts are strings or ints ("20B", 1_000_000) and are parsed by `anneal.schedule.parse_tokens`.
+Token counts are strings or ints ("20B", 1_000_000) and are parsed by `anneal.train.schedule.parse_tokens`.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class TrainerCfg:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    bf16: bool = True                      # bf16 compute weights, fp32 masters/grads/optimizer (anneal.precision); CUDA only
+    bf16: bool = True                      # bf16 compute weights, fp32 masters/grads/optimizer (anneal.model.precision); CUDA only
     grad_accum_dtype: str = "fp32"         # fp32 | bf16: dtype gradients are summed in over a step's micro-batches
     eval_every: str = "0"                  # tokens between evals; 0 = only at stage ends
     ckpt_every: str = "0"                  # tokens between resumable checkpoints; 0 = stage ends only

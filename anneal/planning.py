@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from anneal.errors import AnnealError
-from anneal.schedule import format_tokens, parse_tokens
+from anneal.train.schedule import format_tokens, parse_tokens
 
 
 def plan_tokenizer(cfg, spec):
@@ -23,7 +23,7 @@ def plan_tokenizer(cfg, spec):
         return load_tokenizer(cfg.data.tokenizer, spec, cfg.data.tokenizer_vocab_size)
     if cfg.checkpoint is None:
         raise AnnealError("checkpoint is null and data.tokenizer is unset: nothing to tokenize with")
-    from anneal.catalog import Catalog
+    from anneal.checkpoints.catalog import Catalog
 
     try:
         path = Catalog.load(list(cfg.catalog_files)).resolve(cfg.checkpoint, offline=True).path

@@ -29,7 +29,7 @@ import numpy as np
 from mixtures import PackedMixtureStream, build_tokenizer_from_corpus, load_mixture
 from mixtures.plan import parse_tokens
 from mixtures.sources import load_sources
-from mixtures.stream import _Fetcher
+from mixtures.fetch import Fetcher
 
 QWEN_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
             r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -66,10 +66,10 @@ def qwen_tokenizer():
     return TiktokenTokenizer(enc, eos)
 
 
-class PretokenizedFetcher(_Fetcher):
+class PretokenizedFetcher(Fetcher):
     """Every training document tokenized up front: next_batch then only samples and packs."""
 
-    def __init__(self, base: _Fetcher):
+    def __init__(self, base: Fetcher):
         super().__init__(base.sources, base.encode, base.seed, base.block)
         self.docs = {}
         for s, src in enumerate(self.sources):

@@ -6,14 +6,14 @@ it would see under EP 8) + 2 shared experts, vocab 4096 (`--vocab 152064` for th
 seq 4096, micro-batch 2, 65,536 tokens per optimizer step, random init, bf16 policy.
 
 Cases (each in its own process, so compile caches and memory do not leak between them):
-- `bare`: the step as the trainer runs it (anneal.trainer.accumulate over the micro-batches +
+- `bare`: the step as the trainer runs it (anneal.train.step.accumulate over the micro-batches +
   engine.step: bf16 compute weights, fp32 masters/grad accumulation/AdamW) on random tokens,
   no data pipeline, no logging;
 - `trainer`: `python -m anneal` end to end on the bundled demo mixture (data, logging, bias
   update and eval included; tokens/s as the trainer logs it).
 Both for engine native|deepspeed x backend x compile on/off x gradient checkpointing on/off.
 Reported: median tokens/s over the measured steps (after warm-up), model TFLOP/s (6 x active
-params + attention, as anneal.model_config counts it), MFU against the GPU's dense bf16 peak and
+params + attention, as anneal.model.config counts it), MFU against the GPU's dense bf16 peak and
 against an 8192^3 bf16 matmul timed in the same run, peak GPU memory.
 
     python bench/bench_step.py --json bench/results/bench_step.json            # the default grid
@@ -55,10 +55,11 @@ def run_bare(case: dict, args) -> dict:
     from omegaconf import OmegaConf
 
     from anneal.config import TrainerCfg
-    from anneal.model import Dots1ForCausalLM
-    from anneal.model_config import Dots1Config
-    from anneal.precision import PrecisionPolicy
-    from anneal.trainer import Engine, accumulate
+    from anneal.model.dots1 import Dots1ForCausalLM
+    from anneal.model.config import Dots1Config
+    from anneal.model.precision import PrecisionPolicy
+    from anneal.train.engine import Engine
+    from anneal.train.step import accumulate
 
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -70,7 +71,7 @@ def run_bare(case: dict, args) -> dict:
     policy = PrecisionPolicy(torch.bfloat16, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[case["accum"]]))
     if case["engine"] == "deepspeed":
         os.environ.update(_ds_env())
-        from anneal import ds_engine
+        from anneal.parallel import ds_engine
 
         ds_engine.init_distributed(device)
         engine = ds_engine.DeepSpeedEngine(model, tcfg, ep_size=1, zero_stage=1, policy=policy)
@@ -250,8 +251,8 @@ def main() -> None:
 
     import torch
 
-    from anneal.model_config import Dots1Config
-    from anneal.trainer import device_peak_tflops
+    from anneal.model.config import Dots1Config
+    from anneal.train.devices import device_peak_tflops
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)

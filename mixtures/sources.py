@@ -4,15 +4,12 @@ A :class:`SourceData` holds the documents of one source with random access (``te
 split once into held-out documents and training documents. Records stay in Arrow (memory
 mapped by `datasets`) and are rendered to text on access, so large local sources do not have
 to fit in Python memory; text files split into documents with ``split_on`` are materialized.
+Streaming sources (``data.streaming: true``) are `mixtures.streaming`.
 """
 from __future__ import annotations
 
-import bz2
-import contextlib
-import gzip
 import json
 import logging
-import lzma
 import re
 import warnings
 import weakref
@@ -21,53 +18,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ._files import MixtureWarning, first_bad_json_line, json_lines, quiet_datasets, root_msg
 from .errors import MixtureError
 from .spec import MixtureSpec, SourceSpec
+from .streaming import StreamingSourceData
 
 log = logging.getLogger("mixtures")
-
-
-class MixtureWarning(UserWarning):
-    """Something was skipped or repeated in a mixture (never silent)."""
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    import datasets
-    was = datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()
-    try:
-        yield datasets
-    finally:
-        if not was:
-            datasets.utils.enable_progress_bars()
-
-
-def _open_text(path: str):
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-    for ext, fn in opener.items():
-        if path.endswith(ext):
-            return fn(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, "rt", encoding="utf-8", errors="replace")
-
-
-def _json_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, line) of the non-blank lines of a JSON-lines file."""
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield n, line
-
-
-def _first_bad_json_line(path: str) -> tuple[int, str] | None:
-    for n, line in _json_lines(path):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            return n, f"invalid JSON ({e.msg} at column {e.colno})"
-        if not isinstance(obj, dict):
-            return n, f"a JSON {type(obj).__name__}, not an object"
-    return None
 
 
 class SourceData:
@@ -141,13 +97,13 @@ class SourceData:
     # ---------------------------------------------------------------- loading
     def _load(self) -> None:
         d = self.spec.data
-        with _quiet_datasets() as datasets:
+        with quiet_datasets() as datasets:
             if d.hub is not None:
                 try:
                     ds = datasets.load_dataset(d.hub, d.config, split=d.split, revision=d.revision)
                 except Exception as e:  # noqa: BLE001 - re-raised with context
                     raise MixtureError(f"{self.where}: could not load hub dataset {d.hub!r} "
-                                       f"(config {d.config!r}, split {d.split!r}): {_root_msg(e)}; "
+                                       f"(config {d.config!r}, split {d.split!r}): {root_msg(e)}; "
                                        f"it needs the internet or the HF cache (offline: point "
                                        f"data.path at local files)") from e
                 self._add_table(ds, f"hub dataset {d.hub}", None)
@@ -174,14 +130,14 @@ class SourceData:
         except Exception as e:  # noqa: BLE001 - diagnosed below
             if d.format != "json":
                 raise MixtureError(f"{self.where}: could not read {f} as {d.format} "
-                                   f"({type(e).__name__}: {_root_msg(e)}); check the file or set "
+                                   f"({type(e).__name__}: {root_msg(e)}); check the file or set "
                                    f"data.format") from e
-            if next(_json_lines(f), None) is None:
+            if next(json_lines(f), None) is None:
                 return None          # an empty file: reported as an empty source if all are
-            bad = _first_bad_json_line(f)
+            bad = first_bad_json_line(f)
             if bad is None:
                 raise MixtureError(f"{self.where}: could not read {f} as JSON lines "
-                                   f"({_root_msg(e)}); each line must be one JSON object") from e
+                                   f"({root_msg(e)}); each line must be one JSON object") from e
             line, why = bad
             if self.spec.on_bad_record == "fail":
                 raise MixtureError(f"{self.where}: {f} line {line}: {why}; fix or delete the "
@@ -265,7 +221,7 @@ class SourceData:
 
     def _locate(self, file: str | None, row: int) -> str:
         if file and self.spec.data.format == "json":
-            for k, (n, _) in enumerate(_json_lines(file)):
+            for k, (n, _) in enumerate(json_lines(file)):
                 if k == row:
                     return f"line {n}"
         return f"record {row} (0-based)"
@@ -278,7 +234,7 @@ class SourceData:
             try:
                 ds = datasets.load_dataset("text", data_files=[f], split="train", sample_by=d.sample_by)
             except Exception as e:  # noqa: BLE001
-                raise MixtureError(f"{self.where}: could not read {f} as text ({_root_msg(e)})") from e
+                raise MixtureError(f"{self.where}: could not read {f} as text ({root_msg(e)})") from e
             rows = ds["text"]
             if pat is None:
                 docs.extend(t.strip() for t in rows if t.strip())
@@ -295,141 +251,6 @@ class SourceData:
             if text:
                 docs.append(text)
         self._docs = docs
-
-
-def _root_msg(e: BaseException) -> str:
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-class StreamingSourceData:
-    """A ``data.streaming: true`` source: records read in order through a ``datasets``
-    IterableDataset (hub id or local files), never all in memory.
-
-    * held-out documents: the first ``heldout_docs`` valid documents in the source's natural
-      order (fixed; independent of the training seed); training reads the records after them.
-    * epoch ``e``: ``IterableDataset.shuffle(seed, buffer_size=data.shuffle_buffer)`` with a
-      seed from (training seed, source name, e): shard order and a buffer shuffle.
-    * position ``p`` in an epoch is reached by reading the epoch's stream from its start, so a
-      resume re-reads (does not re-tokenize) the documents before ``p`` of the current epoch:
-      exact, and the cost is reading those records again.
-    * ``n_train`` is unknown (None) until a first epoch has been read to its end.
-    """
-
-    streaming = True
-
-    def __init__(self, spec: SourceSpec, mixture: MixtureSpec):
-        self.spec = spec
-        self.where = f"{mixture.path}: source {spec.name!r}"
-        self.skipped = 0
-        self.n_train: int | None = None
-        d = spec.data
-        with _quiet_datasets() as datasets:
-            try:
-                if d.hub is not None:
-                    ds = datasets.load_dataset(d.hub, d.config, split=d.split, revision=d.revision,
-                                               streaming=True)
-                else:
-                    fmt = d.format
-                    kwargs = {"sample_by": d.sample_by} if fmt == "text" else {}
-                    if fmt == "csv" and d.csv_delimiter:
-                        kwargs["delimiter"] = d.csv_delimiter
-                    ds = datasets.load_dataset(fmt, data_files=list(d.files), split="train",
-                                               streaming=True, **kwargs)
-            except Exception as e:  # noqa: BLE001
-                what = d.hub or ", ".join(d.files)
-                hint = ("; a hub dataset needs the internet or the HF cache (offline: point "
-                        "data.path at local files)" if d.hub else "")
-                raise MixtureError(f"{self.where}: could not open {what} for streaming "
-                                   f"({_root_msg(e)}){hint}") from e
-        self._ds = ds
-        self._heldout: list[str] = []
-        raw = 0
-        it = self._records(ds)
-        for rec_no, text in it:
-            raw = rec_no + 1
-            if text is None:
-                continue
-            if len(self._heldout) < spec.heldout_docs:
-                self._heldout.append(text)
-                continue
-            break
-        else:
-            files = ", ".join(d.files) or d.hub
-            if not self._heldout:
-                raise MixtureError(f"{self.where}: no documents in {files}; check the data and "
-                                   f"`text` ({spec.text!r})")
-            raise MixtureError(f"{self.where}: heldout_docs is {spec.heldout_docs} but the source "
-                               f"has only {len(self._heldout)} documents; lower heldout_docs")
-        self._skip_raw = raw - 1      # records before the first training document
-
-    def heldout_texts(self) -> list[str]:
-        return list(self._heldout)
-
-    def _records(self, ds):
-        """(record number, text or None for a skipped record)."""
-        fields = self.spec.text_fields
-        n = -1
-        try:
-            for n, rec in enumerate(ds):
-                vals = {f: rec.get(f) for f in fields}
-                bad = [f for f, v in vals.items() if v is None]
-                if bad:
-                    if self.spec.on_bad_record == "fail":
-                        raise MixtureError(
-                            f"{self.where}: record {n} (0-based, in stream order) has no field "
-                            f"{bad[0]!r} (its fields: {sorted(rec)}); fix the data or `text: "
-                            f"{self.spec.text!r}`, or set `on_bad_record: skip`")
-                    self._skip_one()
-                    yield n, None
-                    continue
-                text = self.spec.text.format_map(vals).strip()
-                if not text:
-                    self._skip_one()
-                yield n, (text or None)
-        except MixtureError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a corrupt record inside datasets' reader
-            where = ""
-            if self.spec.data.format == "json":
-                for f in self.spec.data.files:
-                    bad = _first_bad_json_line(f)
-                    if bad:
-                        where = f" ({f} line {bad[0]}: {bad[1]})"
-                        break
-            raise MixtureError(f"{self.where}: reading record {n + 1} failed{where}: {_root_msg(e)}; "
-                               f"fix the data (on_bad_record: skip cannot skip unreadable records "
-                               f"with streaming: true; use streaming: false for that)") from e
-
-    def _skip_one(self) -> None:
-        self.skipped += 1
-        if self.skipped == 1:
-            msg = (f"{self.where}: skipping bad/empty records (on_bad_record: skip); the count is "
-                   f"in the stream's accounting")
-            log.warning(msg)
-            warnings.warn(msg, MixtureWarning, stacklevel=4)
-
-    def iter_epoch(self, seed: int, epoch: int) -> Iterator[str]:
-        """Training documents of ``epoch`` in that epoch's order."""
-        s = int(np.random.default_rng([seed, zlib.crc32(self.spec.name.encode()), epoch])
-                .integers(0, 2**32 - 1))
-        ds = self._ds.skip(self._skip_raw).shuffle(seed=s, buffer_size=self.spec.data.shuffle_buffer)
-        with _quiet_datasets():
-            for _, text in self._records(ds):
-                if text is not None:
-                    yield text
-
-    def train_texts(self, limit: int | None = 100_000) -> Iterator[str]:
-        """Training documents in natural order (at most ``limit``: for tokenizer training/plans)."""
-        n = 0
-        for _, text in self._records(self._ds.skip(self._skip_raw)):
-            if text is None:
-                continue
-            if limit is not None and n >= limit:
-                return
-            n += 1
-            yield text
 
 
 _CACHE: "weakref.WeakKeyDictionary[MixtureSpec, list[SourceData]]" = weakref.WeakKeyDictionary()

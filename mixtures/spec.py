@@ -69,7 +69,7 @@ class DataSpec:
     config: str | None = None
     split: str = "train"
     revision: str | None = None
-    streaming: bool = False              # read through an IterableDataset (see mixtures.sources)
+    streaming: bool = False              # read through an IterableDataset (see mixtures.streaming)
     shuffle_buffer: int = 10000          # streaming: IterableDataset.shuffle buffer size per epoch
     csv_delimiter: str | None = None
 

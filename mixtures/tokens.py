@@ -1,6 +1,6 @@
 """Token counts written the way people write them: ``20B``, ``1.5M``, ``64K``, ``1e6``.
 
-The one parser and formatter of such counts. ``anneal.schedule`` re-exports both (its
+The one parser and formatter of such counts. ``anneal.train.schedule`` re-exports both (its
 ``parse_tokens`` raises ``ScheduleError`` instead of :class:`MixtureError`); this module sits
 in ``mixtures`` so that the data package needs nothing from ``anneal``.
 

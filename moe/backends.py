@@ -29,6 +29,16 @@ class ExpertsBackend:
         y_grouped = self.grouped_mlp(x_grouped, tokens_per_expert, w_gate_up, w_down)
         return unpermute(y_grouped, order, topk_weight).to(x.dtype)
 
+    def with_local(self, backend: "ExpertsBackend") -> "ExpertsBackend":
+        """This backend with `backend` computing the local experts. A plain backend is simply
+        replaced; a dispatching wrapper (`moe.ep.EPBackend`) keeps its dispatch around `backend`."""
+        return backend
+
+    @property
+    def local(self) -> "ExpertsBackend":
+        """The backend that computes the experts this rank holds (itself, unless a wrapper)."""
+        return self
+
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)

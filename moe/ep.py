@@ -207,6 +207,13 @@ class EPBackend(ExpertsBackend):
     def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down):
         return self.inner.grouped_mlp(x, tokens_per_expert, w_gate_up, w_down)
 
+    @property
+    def local(self) -> ExpertsBackend:
+        return self.inner
+
+    def with_local(self, backend: ExpertsBackend) -> ExpertsBackend:
+        return EPBackend(backend, self.n_experts, self.groups)
+
     def routed(self, x, topk_idx, topk_weight, w_gate_up, w_down):
         if self.groups.ep_size == 1:
             return self.inner.routed(x, topk_idx, topk_weight, w_gate_up, w_down)
@@ -220,9 +227,11 @@ def moe_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, Dots1MoE)]
 
 
-def local_expert_range(n_experts: int, groups: EPGroups) -> tuple[int, int]:
-    n_local = n_experts // groups.ep_size
-    return groups.ep_rank * n_local, (groups.ep_rank + 1) * n_local
+def expert_range(n_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
+    """The routed experts [start, stop) that EP rank `ep_rank` of an EP group of `ep_size` owns:
+    the one place this arithmetic lives (loading, sharding and the trainer's layout use it)."""
+    n_local = n_experts // ep_size
+    return ep_rank * n_local, (ep_rank + 1) * n_local
 
 
 def mark_expert_param(p: nn.Parameter, groups: EPGroups) -> None:
@@ -242,26 +251,18 @@ def shard_experts(model: nn.Module, groups: EPGroups) -> tuple[int, int]:
         raise EPError("shard_experts: the model has no MoE layer")
     n_experts = layers[0].gate.n_experts
     check_ep_size(groups.ep_size, n_experts, groups.world_size)
-    start, stop = local_expert_range(n_experts, groups)
-    have = getattr(model, "expert_range", (0, n_experts))
+    start, stop = expert_range(n_experts, groups.ep_size, groups.ep_rank)
     for layer in layers:
         ex: GroupedExperts = layer.experts
-        rows = ex.w_gate_up.shape[0]
-        if rows == n_experts and tuple(have) == (0, n_experts):
-            if stop - start != n_experts:
-                ex.w_gate_up = nn.Parameter(ex.w_gate_up.detach()[start:stop].clone())
-                ex.w_down = nn.Parameter(ex.w_down.detach()[start:stop].clone())
-        elif tuple(have) != (start, stop) or rows != stop - start:
+        have = ex.expert_range
+        if have != (0, n_experts) and have != (start, stop):
             raise EPError(f"shard_experts: rank {dist.get_rank()} (EP rank {groups.ep_rank}) owns experts "
-                          f"[{start}, {stop}) but the model holds {tuple(have)} ({rows} rows); load with "
+                          f"[{start}, {stop}) but the model holds {have} ({ex.w_gate_up.shape[0]} rows); load with "
                           f"expert_range=({start}, {stop})")
-        inner = ex.backend.inner if isinstance(ex.backend, EPBackend) else ex.backend
-        ex.backend = EPBackend(inner, n_experts, groups)
-        ex.n_local_experts, ex.expert_offset = stop - start, start
+        ex.hold_experts(start, stop)
+        ex.dispatch_with(lambda local: EPBackend(local, n_experts, groups))
         mark_expert_param(ex.w_gate_up, groups)
         mark_expert_param(ex.w_down, groups)
-    model.expert_range = (start, stop)
-    model.ep_groups = groups
     return start, stop
 
 

@@ -2,7 +2,7 @@
 
 Weights: `w_gate_up` [E, H, 2I] and `w_down` [E, I, H], so an expert's MLP over its rows x is
 (silu(x @ Wg) * (x @ Wu)) @ Wd. The HF checkpoint keeps per-expert `gate_proj`/`up_proj`/`down_proj`
-[out, in] matrices; `anneal.hf_io` maps between the two.
+[out, in] matrices; `anneal.checkpoints.hf_layout` maps between the two.
 
 Backends (pick with `Dots1MoE(..., backend=name)` / the `model.experts_backend` config key):
 - `torch`: a loop over experts, the reference every other backend is tested against;
@@ -11,6 +11,8 @@ Backends (pick with `Dots1MoE(..., backend=name)` / the `model.experts_backend` 
 The interface and the torch backends are in `moe.backends`; this module is the registry.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -56,18 +58,45 @@ def get_backend(name: str) -> ExpertsBackend:
 
 
 class GroupedExperts(nn.Module):
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, backend: str = "torch"):
+    """The routed experts of one MoE layer, stacked. `n_experts` is the layer's expert count (what
+    the router picks from); the module holds the experts `expert_range = (start, stop)` of them:
+    all by default, this rank's share under expert parallelism (`moe.ep.shard_experts`)."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, backend: str = "torch",
+                 expert_range: tuple[int, int] | None = None):
         super().__init__()
         self.n_experts, self.hidden_size, self.intermediate_size = n_experts, hidden_size, intermediate_size
-        self.w_gate_up = nn.Parameter(torch.empty(n_experts, hidden_size, 2 * intermediate_size))
-        self.w_down = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
-        self.set_backend(backend)
+        self.expert_range = (0, n_experts) if expert_range is None else tuple(expert_range)
+        n_held = self.expert_range[1] - self.expert_range[0]
+        self.w_gate_up = nn.Parameter(torch.empty(n_held, hidden_size, 2 * intermediate_size))
+        self.w_down = nn.Parameter(torch.empty(n_held, intermediate_size, hidden_size))
+        self.backend = get_backend(backend)
 
     def set_backend(self, name: str) -> None:
-        self.backend = get_backend(name)
+        """Pick the backend that computes the held experts; under expert parallelism the EP
+        dispatch stays and only its local backend changes (`ExpertsBackend.with_local`)."""
+        self.backend = self.backend.with_local(get_backend(name))
+
+    def hold_experts(self, start: int, stop: int) -> None:
+        """Keep only the experts [start, stop) (global indices) of those held: the stacked weights
+        are sliced (new parameters)."""
+        have_start, have_stop = self.expert_range
+        if not have_start <= start < stop <= have_stop:
+            raise ValueError(f"hold_experts({start}, {stop}): the module holds experts [{have_start}, {have_stop})")
+        if (start, stop) != self.expert_range:
+            rows = slice(start - have_start, stop - have_start)
+            self.w_gate_up = nn.Parameter(self.w_gate_up.detach()[rows].clone())
+            self.w_down = nn.Parameter(self.w_down.detach()[rows].clone())
+            self.expert_range = (start, stop)
+
+    def dispatch_with(self, wrap: Callable[[ExpertsBackend], ExpertsBackend]) -> None:
+        """Route through `wrap(local backend)`: how `moe.ep` installs its all-to-all dispatch."""
+        self.backend = wrap(self.backend.local)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         return self.backend.routed(x, topk_idx, topk_weight, self.w_gate_up, self.w_down)
 
     def extra_repr(self) -> str:
-        return f"experts={self.n_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}, backend={self.backend.name}"
+        held = "" if self.expert_range == (0, self.n_experts) else f", held={self.expert_range}"
+        return (f"experts={self.n_experts}{held}, hidden={self.hidden_size}, inter={self.intermediate_size}, "
+                f"backend={self.backend.name}")

@@ -29,11 +29,11 @@ class SwiGLUMLP(nn.Module):
 class Dots1MoE(nn.Module):
     def __init__(self, hidden_size: int, n_experts: int, top_k: int, moe_intermediate_size: int,
                  n_shared_experts: int, routed_scaling_factor: float, norm_topk_prob: bool = True,
-                 backend: str = "torch", aux_loss_coef: float = 0.0):
+                 backend: str = "torch", aux_loss_coef: float = 0.0, expert_range: tuple[int, int] | None = None):
         super().__init__()
         self.top_k, self.aux_loss_coef = top_k, aux_loss_coef
         self.gate = Router(hidden_size, n_experts, top_k, routed_scaling_factor, norm_topk_prob)
-        self.experts = GroupedExperts(n_experts, hidden_size, moe_intermediate_size, backend)
+        self.experts = GroupedExperts(n_experts, hidden_size, moe_intermediate_size, backend, expert_range)
         self.shared_experts = (SwiGLUMLP(hidden_size, moe_intermediate_size * n_shared_experts)
                                if n_shared_experts > 0 else None)
         self.aux_loss: torch.Tensor | None = None  # set on each training forward when aux_loss_coef > 0

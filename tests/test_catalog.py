@@ -1,4 +1,4 @@
-"""anneal.catalog: the bundled catalog, user catalogs, resolving names/paths/hub ids (offline: the
+"""anneal.checkpoints.catalog: the bundled catalog, user catalogs, resolving names/paths/hub ids (offline: the
 network is never touched), and one clear error for each bad input."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from anneal.catalog import (
+from anneal.checkpoints.catalog import (
     STAGES,
     Catalog,
     CatalogEntry,

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from anneal.model import Dots1ForCausalLM
-from anneal.model_config import Dots1Config
+from anneal.model.dots1 import Dots1ForCausalLM
+from anneal.model.config import Dots1Config
 from moe.experts import available_backends
 
 CFG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,

@@ -12,7 +12,7 @@ pytest.importorskip("deepspeed")
 
 from _dist import run_distributed  # noqa: E402
 from anneal.errors import AnnealError  # noqa: E402
-from anneal.trainer import Engine  # noqa: E402
+from anneal.train.engine import Engine  # noqa: E402
 from moe import ep  # noqa: E402
 from test_ep import TINY, _loss, tiny_model  # noqa: E402
 
@@ -65,7 +65,7 @@ def _train_steps(engine, model, rank, world, steps, check=None):
 def _worker(rank, world, ep_size, zero_stage):
     import io
 
-    from anneal import ds_engine
+    from anneal.parallel import ds_engine
 
     ds_engine.init_distributed("cpu")
     ref_model, ref = _reference(world)
@@ -113,7 +113,7 @@ def test_ep2_zero_matches_single_process_engine(zero_stage):
 
 
 def test_config_from_trainer_config_and_extra_keys():
-    from anneal.ds_engine import deepspeed_config
+    from anneal.parallel.ds_engine import deepspeed_config
 
     cfg = deepspeed_config(TCFG, zero_stage=2, bf16=False,
                            extra={"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5})

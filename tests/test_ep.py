@@ -150,8 +150,8 @@ TINY = dict(model_type="dots1", vocab_size=64, hidden_size=32, intermediate_size
 
 
 def tiny_model(seed: int = 0):
-    from anneal.model import Dots1ForCausalLM
-    from anneal.model_config import Dots1Config
+    from anneal.model.dots1 import Dots1ForCausalLM
+    from anneal.model.config import Dots1Config
 
     model = Dots1ForCausalLM(Dots1Config.from_hf_dict(dict(TINY)))
     model.init_weights(seed=seed)
@@ -213,8 +213,6 @@ def _worker_wrong_range(rank, world):
     groups = ep.build_ep_groups(2, 8)
     other = (4, 8) if groups.ep_rank == 0 else (0, 4)
     for layer in ep.moe_layers(model):
-        layer.experts.w_gate_up = torch.nn.Parameter(layer.experts.w_gate_up.detach()[other[0]:other[1]].clone())
-        layer.experts.w_down = torch.nn.Parameter(layer.experts.w_down.detach()[other[0]:other[1]].clone())
-    model.expert_range = other
+        layer.experts.hold_experts(*other)
     with pytest.raises(ep.EPError, match=r"owns experts \[%d, %d\)" % (4 * groups.ep_rank, 4 * groups.ep_rank + 4)):
         ep.shard_experts(model, groups)

@@ -6,10 +6,11 @@ import torch
 from omegaconf import OmegaConf
 
 from anneal.config import TrainerCfg
-from anneal.model import Dots1ForCausalLM
-from anneal.model_config import Dots1Config
-from anneal.precision import PrecisionPolicy
-from anneal.trainer import Engine, accumulate
+from anneal.model.dots1 import Dots1ForCausalLM
+from anneal.model.config import Dots1Config
+from anneal.model.precision import PrecisionPolicy
+from anneal.train.engine import Engine
+from anneal.train.step import accumulate
 from moe.experts import available_backends
 
 CFG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,

@@ -1,4 +1,4 @@
-"""anneal.hf_io: load transformers-saved dots1 folders into our model (same logits), export ours
+"""anneal.checkpoints.hf_load / hf_export / hf_layout: load transformers-saved dots1 folders into our model (same logits), export ours
 so transformers loads it (same logits), sharding, dtypes, every bad-input error, atomic export."""
 from __future__ import annotations
 
@@ -12,17 +12,12 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from anneal import hf_io  # noqa: E402
+from anneal.checkpoints import hf_load  # noqa: E402
 from anneal.errors import AnnealError  # noqa: E402
-from anneal.hf_io import (  # noqa: E402
-    copy_tokenizer_files,
-    export_hf_checkpoint,
-    hf_to_stacked,
-    hf_weight_plan,
-    load_hf_checkpoint,
-    stacked_to_hf,
-)
-from anneal.model_config import Dots1Config  # noqa: E402
+from anneal.checkpoints.hf_export import copy_tokenizer_files, export_hf_checkpoint  # noqa: E402
+from anneal.checkpoints.hf_layout import hf_to_stacked, hf_weight_plan, stacked_to_hf  # noqa: E402
+from anneal.checkpoints.hf_load import load_hf_checkpoint  # noqa: E402
+from anneal.model.config import Dots1Config  # noqa: E402
 
 VOCAB = 96
 
@@ -472,7 +467,7 @@ def test_lazy_loader_reads_one_tensor_at_a_time(base_folder, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("whole-file read"))
     reads = []
-    real_open = hf_io.__dict__.get("safe_open")
+    real_open = hf_load.__dict__.get("safe_open")
     assert real_open is None  # imported lazily inside the functions
     import safetensors
 

@@ -2,8 +2,8 @@
 import pytest
 
 from anneal.errors import AnnealError
-from anneal.model import Dots1ForCausalLM
-from anneal.model_config import Dots1Config
+from anneal.model.dots1 import Dots1ForCausalLM
+from anneal.model.config import Dots1Config
 
 
 def test_default_config_is_dots_llm1_142b_total_14b_active():

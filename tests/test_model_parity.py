@@ -4,8 +4,8 @@ import pytest
 import torch
 import transformers
 
-from anneal.model import Dots1ForCausalLM
-from anneal.model_config import Dots1Config
+from anneal.model.dots1 import Dots1ForCausalLM
+from anneal.model.config import Dots1Config
 
 BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
             num_hidden_layers=3, num_attention_heads=4, head_dim=8, rms_norm_eps=1e-5,

@@ -1,4 +1,4 @@
-"""The mixed-precision policy (anneal.precision) on CPU: bf16 compute weights, fp32 masters, fp32
+"""The mixed-precision policy (anneal.model.precision) on CPU: bf16 compute weights, fp32 masters, fp32
 gradient accumulation, fp32 router/bias/loss, and the fp32 checkpoint. The policy is the same on
 GPU; CPU runs it here with bf16 CPU matmuls so that it is tested without a GPU."""
 import pytest
@@ -7,10 +7,11 @@ from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from anneal.config import TrainerCfg
-from anneal.model import Dots1ForCausalLM
-from anneal.model_config import Dots1Config
-from anneal.precision import PrecisionPolicy
-from anneal.trainer import Engine, accumulate
+from anneal.model.dots1 import Dots1ForCausalLM
+from anneal.model.config import Dots1Config
+from anneal.model.precision import PrecisionPolicy
+from anneal.train.engine import Engine
+from anneal.train.step import accumulate
 from moe.experts import available_backends
 
 CFG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
@@ -163,7 +164,7 @@ def test_bf16_accumulation_option_converts_once_before_the_update():
 
 
 def test_deepspeed_config_follows_the_policy():
-    from anneal.ds_engine import deepspeed_config
+    from anneal.parallel.ds_engine import deepspeed_config
 
     cfg = deepspeed_config(_tcfg(), zero_stage=1, bf16=True)
     assert cfg["bf16"]["enabled"] and cfg["data_types"]["grad_accum_dtype"] == "fp32"

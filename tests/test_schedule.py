@@ -1,4 +1,4 @@
-"""Tests for anneal.schedule (token-indexed WSD schedule, batch ramp) and anneal.plots."""
+"""Tests for anneal.train.schedule (token-indexed WSD schedule), anneal.train.batch_ramp and anneal.train.plots."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from anneal.errors import AnnealError
-from anneal.schedule import BatchRamp, Schedule, ScheduleError, Stage, format_tokens, parse_tokens
+from anneal.train.batch_ramp import BatchRamp
+from anneal.train.schedule import Schedule, ScheduleError, Stage, format_tokens, parse_tokens
 
 EXACT = dict(rel=1e-12, abs=0)
 
@@ -347,7 +348,7 @@ def _is_png(path) -> bool:
 
 
 def test_plot_schedule_writes_png(tmp_path):
-    from anneal.plots import plot_schedule
+    from anneal.train.plots import plot_schedule
 
     s = Schedule.from_config(OmegaConf.create(WSD_YAML))
     r = BatchRamp([(0, "64M"), ("5B", "96M"), ("10B", "128M")])
@@ -359,7 +360,7 @@ def test_plot_schedule_writes_png(tmp_path):
 def test_plot_losses_writes_png(tmp_path):
     import torch
 
-    from anneal.plots import plot_losses
+    from anneal.train.plots import plot_losses
 
     history = []
     for i in range(50):

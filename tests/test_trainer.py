@@ -14,7 +14,7 @@ import transformers
 
 from anneal.cli import compose
 from anneal.errors import AnnealError
-from anneal.trainer import train
+from anneal.train.loop import train
 
 TINY_ARCH = [  # smaller than model=tiny so the tests stay fast on 2 cores
     "model.arch.vocab_size=1024", "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
@@ -64,7 +64,7 @@ def test_anneal_from_export_starts_at_checkpoint_lr_and_exports(stable_ckpt, tmp
     assert sum(v["tokens"] for v in evals[-1]["data"].values()) >= 5120
     # the export loads in transformers and gives our logits
     hf = transformers.AutoModelForCausalLM.from_pretrained(result["export_dir"], dtype=torch.float32).eval()
-    from anneal.hf_io import load_hf_checkpoint
+    from anneal.checkpoints.hf_load import load_hf_checkpoint
     model, _ = load_hf_checkpoint(result["export_dir"])
     ids = torch.randint(0, 1000, (1, 16))
     torch.testing.assert_close(model(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
@@ -152,8 +152,8 @@ def test_cli_reports_unknown_key_and_wrong_type(tmp_path):
 def test_rank_with_a_share_of_the_experts_loads_its_slice_of_a_checkpoint(tmp_path):
     """Expert parallelism: a rank built with expert_range reads only its experts from the HF files
     and takes its slice of the (whole) stacked tensors of a training checkpoint on resume."""
-    from anneal import checkpointing
-    from anneal.hf_io import load_hf_checkpoint
+    from anneal.checkpoints import training_state
+    from anneal.checkpoints.hf_load import load_hf_checkpoint
     from anneal.paths import package_root
 
     folder = package_root() / "anneal" / "assets" / "tiny-stable"
@@ -164,8 +164,8 @@ def test_rank_with_a_share_of_the_experts_loads_its_slice_of_a_checkpoint(tmp_pa
     with torch.no_grad():
         for p in full.parameters():
             p.add_(1.0)  # a checkpoint that differs from the HF folder
-    ckpt = checkpointing.save_checkpoint(tmp_path, 3, full, cfg.to_hf_dict(), {"step": 3}, {})
-    assert checkpointing.load_checkpoint(ckpt, part)["step"] == 3
+    ckpt = training_state.save_checkpoint(tmp_path, 3, full, cfg.to_hf_dict(), {"step": 3}, {})
+    assert training_state.load_checkpoint(ckpt, part)["step"] == 3
     torch.testing.assert_close(part.model.layers[2].mlp.experts.w_gate_up,
                                full.model.layers[2].mlp.experts.w_gate_up[8:16])
     torch.testing.assert_close(part.lm_head.weight, full.lm_head.weight)

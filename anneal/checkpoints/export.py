@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from anneal import checkpointing
+from anneal.checkpoints import training_state
 from anneal.errors import AnnealError
-from anneal.model import Dots1ForCausalLM
-from anneal.model_config import Dots1Config
+from anneal.model.dots1 import Dots1ForCausalLM
+from anneal.model.config import Dots1Config
 
 
 def find_step_folder(path: Path) -> Path:
@@ -18,7 +18,7 @@ def find_step_folder(path: Path) -> Path:
     if (path / "trainer_state.pt").exists():
         return path
     for root in (path, path / "ckpt"):
-        latest = checkpointing.latest_checkpoint(root)
+        latest = training_state.latest_checkpoint(root)
         if latest is not None:
             return latest
     raise AnnealError(f"{path}: not a training checkpoint (no trainer_state.pt) and no ckpt/latest inside. "
@@ -32,7 +32,7 @@ META_FILE = "anneal_meta.json"
 
 def export_training_checkpoint(path: Path, out: Path, dtype: str = "bfloat16", max_shard_size: str = "2GB",
                                overwrite: bool = False) -> Path:
-    from anneal.hf_io import export_hf_checkpoint
+    from anneal.checkpoints.hf_export import export_hf_checkpoint
 
     step_dir = find_step_folder(path)
     cfg = Dots1Config.from_json(step_dir / "config.json")

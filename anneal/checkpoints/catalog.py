@@ -111,7 +111,7 @@ def _parse_entry(raw: Any, index: int, file: Path, base_dir: Path) -> CatalogEnt
         revision = str(revision)
     tokens = raw.get("tokens_seen")
     if tokens is not None:
-        from anneal.schedule import parse_tokens
+        from anneal.train.schedule import parse_tokens
 
         try:
             tokens = parse_tokens(tokens, what=f"{where}: field 'tokens_seen'")
@@ -245,7 +245,7 @@ class Catalog:
     # -- listing -----------------------------------------------------------------------------
     def rows(self) -> list[dict[str, str]]:
         """One dict per entry (strings, ready to print): name, stage, tokens, lr, location, verified."""
-        from anneal.schedule import format_tokens
+        from anneal.train.schedule import format_tokens
 
         return [{
             "name": e.name,
@@ -290,7 +290,7 @@ def format_catalog_table(catalog: Catalog | None = None, *, plain: bool = False)
 # ---------------------------------------------------------------------------------------------
 def validate_checkpoint_folder(path: str | os.PathLike) -> Path:
     """Check `path` holds config.json and safetensors weights; returns it. Cheap (no reads of
-    the weights); `anneal.hf_io.load_hf_checkpoint` checks the tensors themselves."""
+    the weights); `anneal.checkpoints.hf_load.load_hf_checkpoint` checks the tensors themselves."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise AnnealError(f"{path}: config.json is missing; a checkpoint folder needs config.json and "

@@ -33,8 +33,8 @@ def start_lr_without_loading(cfg) -> float:
     anneal_meta.json. Nothing is downloaded."""
     if cfg.schedule.start_lr is not None or cfg.checkpoint is None:
         return resolve_start_lr(cfg, None, {})
-    from anneal.catalog import Catalog
-    from anneal.export import META_FILE
+    from anneal.checkpoints.catalog import Catalog
+    from anneal.checkpoints.export import META_FILE
 
     catalog = Catalog.load(list(cfg.catalog_files))
     try:

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine behind the trainer's `Engine` seam: ZeRO stage 1/2, bf16 on GPU, gradient
+"""The DeepSpeed engine behind the trainer's engine seam (`anneal.train.engine`): ZeRO stage 1/2, bf16 on GPU, gradient
 clipping, expert parameters in MoE param groups reduced over the expert-data-parallel group.
 
 What we take from DeepSpeed (and what we do not):
@@ -27,12 +27,17 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from anneal.checkpoints import training_state
 from anneal.errors import AnnealError
-from anneal.precision import PrecisionPolicy
+from anneal.model.config import Dots1Config
+from anneal.model.precision import PrecisionPolicy
+from anneal.parallel.layout import ParallelLayout
+from anneal.train.engine import PostStepHooks
 from moe import ep
 from moe.layer import Dots1MoE
 
@@ -61,6 +66,15 @@ if _DSMoE is not None:
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             pass
 
+        def set_expert_groups(self, groups: ep.EPGroups) -> None:
+            """The attributes DeepSpeed's engine reads from an MoE layer, for the EP layout `groups`."""
+            self.num_experts = self.gate.n_experts
+            self.ep_size = groups.ep_size
+            self.expert_group_name = groups.group_name
+            self.num_local_experts = self.gate.n_experts // groups.ep_size
+            self.enable_expert_tensor_parallelism = False
+            self.use_residual = False
+
         forward = Dots1MoE.forward
 
 
@@ -71,12 +85,7 @@ def adopt_moe_layers(model: torch.nn.Module, groups: ep.EPGroups) -> int:
     for layer in ep.moe_layers(model):
         if not isinstance(layer, DeepSpeedDots1MoE):
             layer.__class__ = DeepSpeedDots1MoE
-        layer.num_experts = layer.gate.n_experts
-        layer.ep_size = groups.ep_size
-        layer.expert_group_name = groups.group_name
-        layer.num_local_experts = layer.gate.n_experts // groups.ep_size
-        layer.enable_expert_tensor_parallelism = False
-        layer.use_residual = False
+        layer.set_expert_groups(groups)
         n += 1
     return n
 
@@ -103,7 +112,7 @@ def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = 
         "gradient_clipping": float(tcfg.grad_clip),
         "zero_optimization": {"stage": int(zero_stage), "contiguous_gradients": True, "reduce_scatter": True},
         "bf16": {"enabled": bool(bf16)},
-        # the mixed-precision policy (anneal.precision): bf16 compute weights, fp32 masters and
+        # the mixed-precision policy (anneal.model.precision): bf16 compute weights, fp32 masters and
         # optimizer state, gradients accumulated over the micro-batches in fp32
         **({"data_types": {"grad_accum_dtype": grad_accum_dtype}} if bf16 else {}),
         "zero_allow_untested_optimizer": True,   # our client torch AdamW
@@ -127,7 +136,7 @@ _SOURCE = {
     "gradient_clipping": "trainer.grad_clip",
     "zero_optimization.stage": "parallel.zero_stage",
     "bf16.enabled": "trainer.bf16 (and the device)",
-    "data_types.grad_accum_dtype": "the mixed-precision policy (anneal.precision: fp32 accumulation)",
+    "data_types.grad_accum_dtype": "the mixed-precision policy (anneal.model.precision: fp32 accumulation)",
     "gradient_accumulation_steps": "the schedule's batch ramp (set per step by the trainer)",
     "managed_gradient_accumulation": "the trainer (it drives accumulation boundaries)",
 }
@@ -165,32 +174,39 @@ def init_distributed(device: torch.device | str = "cpu") -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def ensure_ep_groups(ep_size: int, n_experts: int) -> ep.EPGroups:
+def ensure_ep_groups(ep_size: int, n_experts: int | None = None) -> ep.EPGroups:
     """Create DeepSpeed's EP/EDP groups for `ep_size` (collective) and describe this rank's place."""
     from deepspeed.utils import groups
 
-    ep.check_ep_size(ep_size, n_experts, dist.get_world_size())
+    ep.check_ep_size(ep_size, n_experts if n_experts is not None else ep_size, dist.get_world_size())
     if ep.ds_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
     return ep.build_ep_groups(ep_size, n_experts)
 
 
 # -------------------------------------------------------------------------------------- engine
-class DeepSpeedEngine:
-    """Same interface as `anneal.trainer.Engine`: backward(loss), step(lr) -> grad_norm,
-    state_dict()/load_state_dict() (this rank's ZeRO partition), plus reduce_expert_load(routers).
+class DeepSpeedEngine(PostStepHooks):
+    """The engine seam of `anneal.train.engine` under DeepSpeed: backward(loss), step(lr) ->
+    grad_norm, state_dict()/load_state_dict() (this rank's ZeRO partition), reduce_expert_load,
+    save_state/restore_state (per-rank partitions + one gathered step folder), export_model.
 
     The model may hold all experts (they are sliced to this rank's range) or only this rank's
-    (loaded with `load_hf_checkpoint(expert_range=...)`). Call after `init_distributed`."""
+    (loaded with `load_hf_checkpoint(expert_range=...)`). Call after `init_distributed`; the EP
+    groups come from `layout` (built by `launch`), or are created for `ep_size`."""
 
     def __init__(self, model: torch.nn.Module, tcfg, *, ep_size: int = 1, zero_stage: int = 1,
-                 extra_config: dict | None = None, policy: PrecisionPolicy | None = None):
+                 extra_config: dict | None = None, policy: PrecisionPolicy | None = None,
+                 layout: ParallelLayout | None = None):
         _require_deepspeed()
         if not dist.is_initialized():
-            raise AnnealError("DeepSpeedEngine: call anneal.ds_engine.init_distributed() first")
+            raise AnnealError("DeepSpeedEngine: call anneal.parallel.ds_engine.init_distributed() first")
+        self.post_step_hooks = []
         layers = ep.moe_layers(model)
         n_experts = layers[0].gate.n_experts if layers else ep_size
-        self.groups = ensure_ep_groups(ep_size, n_experts)
+        if layout is None or layout.groups is None:
+            layout = ParallelLayout.current(ep_size, ensure_ep_groups(ep_size, n_experts))
+        ep.check_ep_size(layout.ep_size, n_experts, layout.world)
+        self.parallel, self.groups = layout, layout.groups
         if layers:
             if not isinstance(layers[0].experts.backend, ep.EPBackend):
                 ep.shard_experts(model, self.groups)
@@ -215,6 +231,24 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, config=copy.deepcopy(self.config), dist_init_required=False)
         self.model = model
 
+    # -- building it from the config --------------------------------------------------------------
+    @classmethod
+    def launch(cls, cfg, device: torch.device) -> tuple[torch.device, ParallelLayout]:
+        """Join the process group (this rank's GPU on CUDA) and create the EP/EDP groups."""
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        init_distributed(device)
+        layout = ParallelLayout.current(cfg.parallel.ep_size)  # checks ep_size against the world first
+        return device, ParallelLayout.current(layout.ep_size, ensure_ep_groups(layout.ep_size))
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, cfg, policy: PrecisionPolicy, layout: ParallelLayout):
+        from omegaconf import OmegaConf
+
+        return cls(model, cfg.trainer, ep_size=layout.ep_size, zero_stage=cfg.parallel.zero_stage, policy=policy,
+                   extra_config=OmegaConf.to_container(cfg.trainer.deepspeed, resolve=True) or None, layout=layout)
+
     # -- the Engine interface -------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -224,6 +258,7 @@ class DeepSpeedEngine:
             group["lr"] = lr
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        self._run_post_step_hooks()
         return float(norm) if norm is not None else float("nan")
 
     def reduce_expert_load(self, routers) -> None:
@@ -251,11 +286,38 @@ class DeepSpeedEngine:
         return {"world_size": dist.get_world_size(), "ep_size": self.groups.ep_size,
                 "zero_stage": self.config["zero_optimization"]["stage"]}
 
+    def save_state(self, ckpt_root, step: int, state: dict, hf_config: dict, meta: dict, keep: int):
+        """Each rank writes its ZeRO partition (ckpt/zero/step_N/rank_R.pt); then rank 0 writes the
+        step folder (experts gathered into the unsharded layout) atomically: the commit point."""
+        rank = dist.get_rank()
+        save_rank_state(ckpt_root, step, rank, self.state_dict())
+        full = ep.full_state_dict(self.model, self.groups)  # collective
+        dist.barrier()
+        final = Path(ckpt_root) / f"step_{step:08d}"
+        if rank == 0:
+            state = {**state, "optimizer": None, "layout": self.layout()}
+            final = training_state.save_checkpoint(ckpt_root, step, training_state.StateDictView(full), hf_config,
+                                                   state, meta, keep=keep)
+            prune_rank_states(ckpt_root)
+        dist.barrier()
+        return final
+
+    def restore_state(self, ckpt_root, state: dict) -> None:
+        """This rank's ZeRO partition of the checkpoint's step (the weights are already loaded)."""
+        self.load_state_dict(load_rank_state(ckpt_root, state["step"], dist.get_rank()))
+
+    def export_model(self) -> torch.nn.Module | None:
+        """Gather the experts (collective); rank 0 gets the whole, unsharded model, the others None."""
+        full = ep.full_state_dict(self.model, self.groups)
+        if dist.get_rank() != 0:
+            return None
+        whole = type(self.model)(Dots1Config.from_hf_dict(self.model.config.to_hf_dict()))
+        whole.load_state_dict(full, strict=True)
+        return whole
+
 
 # ---------------------------------------------------------------------------------- checkpoints
-def rank_state_path(ckpt_root, step: int, rank: int):
-    from pathlib import Path
-
+def rank_state_path(ckpt_root, step: int, rank: int) -> Path:
     return Path(ckpt_root) / "zero" / f"step_{step:08d}" / f"rank_{rank:05d}.pt"
 
 
@@ -281,7 +343,6 @@ def load_rank_state(ckpt_root, step: int, rank: int) -> dict:
 def prune_rank_states(ckpt_root) -> None:
     """Drop the per-rank states of steps whose step folder is gone (pruned by checkpointing)."""
     import shutil
-    from pathlib import Path
 
     for d in (Path(ckpt_root) / "zero").glob("step_*"):
         if not (Path(ckpt_root) / d.name).is_dir():

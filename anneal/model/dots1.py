@@ -2,7 +2,7 @@
 
 Same parameter names as transformers, except routed experts, which are stacked per layer
 (`mlp.experts.w_gate_up` [E, H, 2I], `mlp.experts.w_down` [E, I, H]) for grouped kernels;
-`anneal.hf_io` maps them to and from the per-expert names of the released safetensors.
+`anneal.checkpoints.hf_layout` maps them to and from the per-expert names of the released safetensors.
 transformers is the reference in parity tests, not the training model: this one is small,
 has no KV-cache/generation machinery, and takes pluggable expert backends.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anneal.model_config import Dots1Config
+from anneal.model.config import Dots1Config
 from moe.layer import Dots1MoE, SwiGLUMLP
 from moe.router import Router
 
@@ -74,7 +74,8 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Dots1Config, layer_idx: int, experts_backend: str, aux_loss_coef: float):
+    def __init__(self, cfg: Dots1Config, layer_idx: int, experts_backend: str, aux_loss_coef: float,
+                 expert_range: tuple[int, int] | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
@@ -82,7 +83,7 @@ class DecoderLayer(nn.Module):
         if cfg.is_moe_layer(layer_idx):
             self.mlp = Dots1MoE(cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok,
                                 cfg.moe_intermediate_size, cfg.n_shared_experts, cfg.routed_scaling_factor,
-                                cfg.norm_topk_prob, experts_backend, aux_loss_coef)
+                                cfg.norm_topk_prob, experts_backend, aux_loss_coef, expert_range)
         else:
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -92,20 +93,24 @@ class DecoderLayer(nn.Module):
 
 
 class Dots1Model(nn.Module):
-    def __init__(self, cfg: Dots1Config, experts_backend: str, aux_loss_coef: float):
+    def __init__(self, cfg: Dots1Config, experts_backend: str, aux_loss_coef: float,
+                 expert_range: tuple[int, int] | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts_backend, aux_loss_coef)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts_backend, aux_loss_coef, expert_range)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Dots1ForCausalLM(nn.Module):
+    """`expert_range=(start, stop)` builds a model holding only those routed experts of every MoE
+    layer (one rank's share under expert parallelism); default: all of them."""
+
     def __init__(self, cfg: Dots1Config, experts_backend: str = "torch", aux_loss_coef: float = 0.0,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, expert_range: tuple[int, int] | None = None):
         super().__init__()
         self.config = cfg
-        self.model = Dots1Model(cfg, experts_backend, aux_loss_coef)
+        self.model = Dots1Model(cfg, experts_backend, aux_loss_coef, expert_range)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -178,16 +183,19 @@ class Dots1ForCausalLM(nn.Module):
 
     def set_experts_backend(self, name: str) -> None:
         """Pick the experts backend; under expert parallelism (moe.ep) the EP dispatch is kept
-        and only the local experts' backend changes."""
-        from moe.experts import get_backend
-
+        and only the local experts' backend changes (`GroupedExperts.set_backend`)."""
         for layer in self.model.layers:
             if isinstance(layer.mlp, Dots1MoE):
-                experts = layer.mlp.experts
-                if hasattr(experts.backend, "inner"):  # moe.ep.EPBackend
-                    experts.backend.inner = get_backend(name)
-                else:
-                    experts.set_backend(name)
+                layer.mlp.experts.set_backend(name)
+
+    @property
+    def expert_range(self) -> tuple[int, int]:
+        """The routed experts [start, stop) every MoE layer holds: all of them, or one rank's share
+        (built with `expert_range=`, or sharded by `moe.ep.shard_experts`)."""
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, Dots1MoE):
+                return layer.mlp.experts.expert_range
+        return 0, self.config.n_routed_experts
 
     # -- init -----------------------------------------------------------------------------------
     @torch.no_grad()

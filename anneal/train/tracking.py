@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from anneal.schedule import format_tokens
+from anneal.train.schedule import format_tokens
 
 console = Console(stderr=False)
 
@@ -76,3 +76,22 @@ class Tracker:
             self.progress.stop()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+class NullTracker:
+    """The tracker of ranks other than 0: no console, no W&B, no files."""
+
+    def __init__(self, history=None):
+        self.history, self.wandb_dir = list(history or []), None
+
+    def log(self, row: dict, step: int) -> None:
+        self.history.append({"step": step, **row})
+
+    def print(self, *a, **k) -> None:
+        pass
+
+    def update_progress(self, *a, **k) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

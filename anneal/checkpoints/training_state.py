@@ -87,10 +87,21 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
     its rank's experts (`model.expert_range`, expert parallelism) gets its slice of the stacked
     expert tensors, which checkpoints keep whole."""
     tensors = load_file(str(path / "model.safetensors"))
-    start, stop = getattr(model, "expert_range", (None, None))
-    if start is not None:
+    start, stop = model.expert_range
+    if (start, stop) != (0, model.config.n_routed_experts):
         for name in tensors:
             if name.endswith(("mlp.experts.w_gate_up", "mlp.experts.w_down")):
                 tensors[name] = tensors[name][start:stop]
     model.load_state_dict(tensors, strict=True)
     return torch.load(path / "trainer_state.pt", weights_only=False)
+
+
+class StateDictView:
+    """Something with a state_dict(): what `save_checkpoint` and the exporter read from a model,
+    for weights that are not the model's own tensors (fp32 masters, experts gathered over ranks)."""
+
+    def __init__(self, sd: dict):
+        self._sd = sd
+
+    def state_dict(self) -> dict:
+        return self._sd

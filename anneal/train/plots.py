@@ -16,7 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from anneal.schedule import BatchRamp, Schedule, format_tokens
+from anneal.train.batch_ramp import BatchRamp
+from anneal.train.schedule import Schedule, format_tokens
 
 __all__ = ["plot_losses", "plot_schedule"]
 

@@ -1,0 +1,1 @@
+"""Processes and ranks: the parallel layout (`layout`) and the DeepSpeed engine (`ds_engine`)."""

@@ -1,0 +1,2 @@
+"""Training: schedule and batch ramp, start LR, the engines, the loop and its callbacks,
+tracking and plots."""

@@ -1,0 +1,37 @@
+"""Aux-loss-free load balancing as an optimizer post-step hook (DeepSeek-V3's bias update).
+
+After each optimizer step the engine runs `RouterBalance(engine)`: the routers' expert-load
+counters become the global load (`engine.reduce_expert_load`: summed over ranks under DeepSpeed),
+then each router moves its correction bias against its load (`Router.update_bias`). The per-layer
+load statistics of the step are left in `stats` for the metrics row (one device read).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class RouterBalance:
+    def __init__(self, routers: dict, rate: float):
+        self.routers, self.rate = routers, rate
+        self.stats: dict = {}
+
+    def __call__(self, engine) -> None:
+        routers = self.routers
+        if not routers:
+            self.stats = {}
+            return
+        engine.reduce_expert_load(routers)
+        ratios, spreads = [], []
+        for router in routers.values():
+            load = router.expert_load
+            ratios.append(load.max() / load.mean().clamp_min(1e-9))
+            router.update_bias(self.rate, load)
+            bias = router.e_score_correction_bias
+            spreads.append(bias.max() - bias.min())
+        ratios, spreads = torch.stack(ratios).tolist(), torch.stack(spreads).tolist()
+        stats = {}
+        for layer, ratio, spread in zip(routers, ratios, spreads):
+            stats[f"moe/load_max_over_mean/layer{layer}"] = ratio
+            stats[f"moe/bias_spread/layer{layer}"] = spread
+        stats["moe/load_max_over_mean"] = max(ratios)
+        self.stats = stats

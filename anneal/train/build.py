@@ -1,0 +1,159 @@
+"""Everything a run needs before its first step, built from the composed config: the model (from
+a checkpoint or random init), the tokenizer, the token-indexed schedule and batch ramp, the
+mixture stream, and the engine class."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from anneal.checkpoints.export import META_FILE
+from anneal.errors import AnnealError
+from anneal.model.config import Dots1Config
+from anneal.model.dots1 import Dots1ForCausalLM
+from anneal.parallel.layout import ParallelLayout
+from anneal.train.batch_ramp import BatchRamp
+from anneal.train.devices import data_workers
+from anneal.train.schedule import Schedule
+from anneal.train.start_lr import resolve_start_lr
+
+WSD_PHASES = ("warmup", "stable", "stage1", "stage2")
+
+
+@dataclass
+class Prepared:
+    """Everything the loop needs, built from the config before the first step."""
+    model: Dots1ForCausalLM
+    hf_config: dict
+    tokenizer: object
+    tokenizer_dir: Path
+    schedule: Schedule
+    ramp: BatchRamp
+    stream: object
+    spec: object
+    checkpoint_name: str | None
+    meta: dict = field(default_factory=dict)
+
+
+def engine_class(name: str):
+    """The engine class of `trainer.engine` (the seam of `anneal.train.engine`)."""
+    if name == "native":
+        from anneal.train.engine import Engine
+
+        return Engine
+    if name == "deepspeed":
+        from anneal.parallel.ds_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine
+    raise AnnealError(f"trainer.engine={name!r}: use native or deepspeed")
+
+
+def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.device, layout: ParallelLayout):
+    """-> (model, hf_config dict, tokenizer, tokenizer_dir, checkpoint name, start-LR hint, folder meta).
+    Under expert parallelism each rank reads only its own experts (`layout.expert_range`)."""
+    from transformers import AutoTokenizer
+
+    backend = cfg.model.experts_backend
+    tokenizer_dir = run_dir / "tokenizer"
+    if cfg.checkpoint is None:  # random init (e.g. the recipe that makes the tiny checkpoint)
+        if not cfg.model.arch:
+            raise AnnealError("checkpoint is null (random init) but model.arch is empty; "
+                              "use model=tiny or give model.arch fields")
+        arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
+        mcfg = Dots1Config.from_hf_dict(arch, source="model.arch")
+        model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, cfg.model.gradient_checkpointing)
+        model.init_weights(seed=cfg.model.init_seed)
+        tokenizer = _tokenizer_for_random_init(cfg, tokenizer_dir)
+        mcfg.eos_token_id = tokenizer.eos_token_id  # model.arch cannot know the trained tokenizer's ids
+        return model.to(device), mcfg, tokenizer, tokenizer_dir, None, None, {}
+
+    from anneal.checkpoints.catalog import Catalog
+    from anneal.checkpoints.hf_load import load_hf_checkpoint
+
+    resolved = Catalog.load(list(cfg.catalog_files)).resolve(cfg.checkpoint)
+    expert_range = None
+    if layout.ep_size > 1:
+        expert_range = layout.expert_range(Dots1Config.from_json(Path(resolved.path) / "config.json").n_routed_experts)
+    model, mcfg = load_hf_checkpoint(resolved.path, dtype=torch.float32, experts_backend=backend,
+                                     device=str(device), expert_range=expert_range)
+    model.set_aux_loss_coef(cfg.model.aux_loss_coef)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    folder_meta_path = Path(resolved.path) / META_FILE
+    folder_meta = json.loads(folder_meta_path.read_text()) if folder_meta_path.exists() else {}
+    tok_src = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(resolved.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise AnnealError(f"checkpoint {cfg.checkpoint!r}: no usable tokenizer in {tok_src} ({e}). "
+                          "Put the tokenizer files in the checkpoint folder or set data.tokenizer=<folder>") from None
+    if not tokenizer_dir.exists():
+        tokenizer.save_pretrained(str(tokenizer_dir))
+    entry_lr = getattr(resolved.entry, "lr", None) if resolved.entry is not None else None
+    return model, mcfg, tokenizer, tokenizer_dir, resolved.name, entry_lr, folder_meta
+
+
+def _tokenizer_for_random_init(cfg: DictConfig, tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    if tokenizer_dir.exists():  # resumed run: reuse the tokenizer it trained
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if cfg.data.tokenizer == "train":
+        from mixtures import build_tokenizer_from_corpus, load_mixture
+
+        tokenizer = build_tokenizer_from_corpus(load_mixture(cfg.data.mixture), vocab_size=cfg.data.tokenizer_vocab_size)
+    elif cfg.data.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    else:
+        raise AnnealError("checkpoint is null (random init): set data.tokenizer=train or a tokenizer folder")
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    return tokenizer
+
+
+def build_schedule(cfg: DictConfig, start_lr: float) -> tuple[Schedule, BatchRamp]:
+    sched_cfg = OmegaConf.to_container(cfg.schedule, resolve=True)
+    sched_cfg.pop("batch_tokens", None)
+    sched_cfg["start_lr"] = start_lr
+    for stage in sched_cfg["stages"]:
+        if stage.get("lr_start") is None:
+            stage.pop("lr_start", None)
+    schedule = Schedule.from_config(sched_cfg)
+    bt = cfg.schedule.batch_tokens
+    ramp = BatchRamp.from_config(OmegaConf.to_container(bt, resolve=True) if OmegaConf.is_config(bt) else bt)
+    return schedule, ramp
+
+
+def check_batch_shape(ramp: BatchRamp, seq_len: int, micro_batch_size: int, world_size: int = 1) -> None:
+    for start, batch_tokens in ramp.points:
+        per_micro = seq_len * micro_batch_size * world_size
+        if batch_tokens % per_micro:
+            ranks = f" × {world_size} ranks" if world_size > 1 else ""
+            raise AnnealError(
+                f"schedule.batch_tokens: {batch_tokens} tokens (from token {start}) is not a multiple of "
+                f"data.seq_len × trainer.micro_batch_size{ranks} = {per_micro}; "
+                "change one of them so each step is a whole number of micro-batches on every rank")
+
+
+def prepare(cfg: DictConfig, run_dir: Path, device: torch.device, layout: ParallelLayout) -> Prepared:
+    from mixtures import PackedMixtureStream, load_mixture
+
+    model, mcfg, tokenizer, tok_dir, ckpt_name, entry_lr, folder_meta = \
+        build_model_and_tokenizer(cfg, run_dir, device, layout)
+    if len(tokenizer) > mcfg.vocab_size:
+        raise AnnealError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                          f"{mcfg.vocab_size}; use the checkpoint's own tokenizer")
+    start_lr = resolve_start_lr(cfg, entry_lr, folder_meta)
+    schedule, ramp = build_schedule(cfg, start_lr)
+    check_batch_shape(ramp, cfg.data.seq_len, cfg.trainer.micro_batch_size, layout.world)
+    spec = load_mixture(cfg.data.mixture)
+    # A mixture may also weight the standard WSD phases a recipe does not run (one mixture file
+    # serves pretraining and anneal); any other stage name must be one of the schedule's.
+    spec.check_stages(list(schedule.stage_names) + [s for s in WSD_PHASES if s not in schedule.stage_names],
+                      active_stages=schedule.stage_names)
+    stream = PackedMixtureStream(spec, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.seed,
+                                 stage=schedule.stage_names[0], num_workers=data_workers(cfg.data.num_workers, device))
+    model.train()
+    return Prepared(model, mcfg.to_hf_dict(), tokenizer, tok_dir, schedule, ramp, stream, spec,
+                    ckpt_name, folder_meta)

@@ -1,0 +1,179 @@
+"""What happens around the optimizer steps, one callback per concern: evaluation, the metrics
+row (console, JSONL, W&B), resumable checkpoints, and at the end the plots and the HF export.
+
+The loop (`anneal.train.loop`) calls, in order of registration,
+    on_train_start(step)          before the first step of this process (fresh or resumed)
+    on_step_end(info, row)        after each optimizer step; `row` is the step's metrics row
+    on_train_end(tokens)          once the schedule's token budget is spent (not after an early stop)
+Every callback sees the same `Run` (config, prepared pieces, engine, tracker, layout).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from anneal.checkpoints import training_state
+from anneal.checkpoints.export import META_FILE
+from anneal.parallel.layout import ParallelLayout
+from anneal.train.build import Prepared
+from anneal.train.step import to_device, token_losses
+
+
+@dataclass
+class Run:
+    """What the loop and its callbacks share for one run."""
+    cfg: object
+    p: Prepared
+    engine: object
+    tracker: object
+    layout: ParallelLayout
+    device: torch.device
+    run_dir: Path
+    export_dir: str | None = None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "ckpt"
+
+
+@dataclass
+class StepInfo:
+    """Where the run stands after an optimizer step."""
+    step: int
+    tokens: int
+    prev_tokens: int     # tokens before this step
+    stage: str           # the stage this step trained in
+    lr: float
+    at_stage_end: bool   # the step ended a stage (or the schedule)
+    stop_now: bool       # trainer.stop_after_steps reached
+
+    def crossed(self, every: int) -> bool:
+        """This step crossed a multiple of `every` tokens (0: never)."""
+        return every > 0 and self.tokens // every != self.prev_tokens // every
+
+
+class Callback:
+    def __init__(self, run: Run):
+        self.run = run
+
+    def on_train_start(self, step: int) -> None:
+        pass
+
+    def on_step_end(self, info: StepInfo, row: dict) -> None:
+        pass
+
+    def on_train_end(self, tokens: int) -> None:
+        pass
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Mean held-out loss per source (`eval_loss/<source>`) and their mean (`eval_loss`)."""
+    model, p, cfg = run.p.model, run.p, run.cfg
+    model.eval()
+    out, means = {}, []
+    for name in p.spec.source_names:
+        batch = p.stream.heldout_batches(name, cfg.data.eval_seqs, cfg.data.seq_len)
+        if batch is None or batch["input_ids"].numel() == 0:
+            continue
+        losses = token_losses(model, to_device(batch, run.device))
+        out[f"eval_loss/{name}"] = float(losses.mean())
+        means.append(out[f"eval_loss/{name}"])
+    if means:
+        out["eval_loss"] = sum(means) / len(means)
+    model.train()
+    return out
+
+
+class Eval(Callback):
+    """Held-out losses at step 0, every `every` tokens and at each stage end (with the data
+    accounting of the stream)."""
+
+    def __init__(self, run: Run, every: int):
+        super().__init__(run)
+        self.every = every
+
+    def on_train_start(self, step: int) -> None:
+        if step == 0 and not self.run.tracker.history:
+            self.run.tracker.log({"tokens": 0, **evaluate(self.run)}, step=0)
+
+    def on_step_end(self, info: StepInfo, row: dict) -> None:
+        if info.crossed(self.every) or info.at_stage_end:
+            row.update(evaluate(self.run))
+            row["data"] = self.run.p.stream.accounting()
+
+
+class Metrics(Callback):
+    """The metrics row to the tracker every `log_every` steps and with every eval; the progress bar
+    every step."""
+
+    def __init__(self, run: Run, log_every: int):
+        super().__init__(run)
+        self.log_every = log_every
+
+    def on_step_end(self, info: StepInfo, row: dict) -> None:
+        tracker = self.run.tracker
+        if info.step % self.log_every == 0 or "eval_loss" in row:
+            tracker.log(row, step=info.step)
+        tracker.update_progress(info.tokens, info.stage, row["loss"], info.lr, row["tokens_per_s"])
+
+
+class Checkpoint(Callback):
+    """A resumable checkpoint every `every` tokens, at each stage end and before an early stop:
+    step, tokens, data cursor, RNG and history here, weights and optimizer by the engine."""
+
+    def __init__(self, run: Run, every: int):
+        super().__init__(run)
+        self.every = every
+
+    def on_step_end(self, info: StepInfo, row: dict) -> None:
+        if info.crossed(self.every) or info.at_stage_end or info.stop_now:
+            self.save(info)
+
+    def save(self, info: StepInfo) -> Path:
+        run, p = self.run, self.run.p
+        meta = {"step": info.step, "tokens": info.tokens, "stage": info.stage, "lr": p.schedule.lr_at(info.tokens),
+                "checkpoint": p.checkpoint_name, "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + info.tokens}
+        state = {"step": info.step, "tokens": info.tokens, "data": p.stream.state_dict(),
+                 "rng": training_state.rng_state(), "history": list(run.tracker.history)}
+        return run.engine.save_state(run.ckpt_root, info.step, state, p.hf_config, meta,
+                                     keep=run.cfg.trainer.keep_checkpoints)
+
+
+class Plots(Callback):
+    """losses.png and schedule.png in the run folder (rank 0, logging.plots)."""
+
+    def on_train_end(self, tokens: int) -> None:
+        run = self.run
+        if run.cfg.logging.plots and run.layout.is_rank0:
+            from anneal.train.plots import plot_losses, plot_schedule
+
+            plot_losses(run.tracker.history, run.run_dir / "losses.png", schedule=run.p.schedule)
+            plot_schedule(run.p.schedule, run.p.ramp, run.run_dir / "schedule.png")
+
+
+class Export(Callback):
+    """The annealed model (full-precision weights, cast to export.dtype) as an HF folder, written by
+    rank 0; the folder is `run.export_dir` on every rank."""
+
+    def on_train_end(self, tokens: int) -> None:
+        run, cfg, p = self.run, self.run.cfg, self.run.p
+        if not cfg.export.enabled:
+            return
+        model = run.engine.export_model()  # collective under expert parallelism
+        out = None
+        if run.layout.is_rank0:
+            from anneal.checkpoints.hf_export import export_hf_checkpoint
+
+            export_dir = Path(cfg.export.dir) if cfg.export.dir else run.run_dir / "hf"
+            meta = {"stage": p.schedule.stage_names[-1], "lr": p.schedule.lr_at(tokens),
+                    "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + tokens,
+                    "started_from": p.checkpoint_name, "schedule": p.schedule.to_config()}
+            export_hf_checkpoint(model, export_dir, tokenizer_dir=p.tokenizer_dir,
+                                 dtype=getattr(torch, cfg.export.dtype), max_shard_size=cfg.export.max_shard_size,
+                                 overwrite=cfg.export.overwrite, extra_files={META_FILE: json.dumps(meta, indent=2)})
+            out = str(export_dir)
+        run.export_dir = run.layout.broadcast(out)

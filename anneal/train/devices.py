@@ -1,0 +1,46 @@
+"""The device a run trains on and what it is worth: device choice, compile and data-worker
+defaults per device, the dense bf16 peak for MFU, peak host memory."""
+from __future__ import annotations
+
+import torch
+
+from anneal.errors import AnnealError
+
+# Dense bf16 peak (TFLOP/s, no sparsity) by GPU name, for MFU; unknown devices log no MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AnnealError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def compile_enabled(setting: bool | None, device: torch.device) -> bool:
+    """model.compile: null = on for CUDA (measured faster: bench/RESULTS.md), off on CPU, where
+    compiling costs more start-up time than a short run saves."""
+    return device.type == "cuda" if setting is None else bool(setting)
+
+
+def data_workers(setting: int | None, device: torch.device) -> int:
+    """data.num_workers: null = 1 background tokenizer on CUDA, 0 on CPU. On a GPU the main process
+    must keep launching kernels: tokenizing in it would stall the GPU between micro-batches, and one
+    worker (1-2M tokens/s) stays ahead of a GPU step (bench/RESULTS.md). On CPU a worker only takes
+    cores from the training threads."""
+    return (1 if device.type == "cuda" else 0) if setting is None else setting
+
+
+def peak_host_memory_gb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,0 +1,124 @@
+"""The engine seam: what the training loop asks of an optimizer engine, and the native engine.
+
+An engine owns the optimizer step and everything that differs between one process and DeepSpeed,
+so the loop has no branch on `trainer.engine`:
+
+    launch(cfg, device) -> (device, layout)      join the processes (classmethod)
+    from_config(model, cfg, policy, layout)      build it around the model (classmethod)
+    backward(loss), step(lr) -> grad_norm        one micro-batch's backward; one optimizer step
+    add_post_step_hook(fn)                       fn(engine) after every optimizer step
+    reduce_expert_load(routers)                  routers' expert_load -> the global load
+    save_state(...) / restore_state(...)         resumable checkpoints (weights, optimizer)
+    export_model()                               the whole model in full precision, on rank 0
+
+`Engine` (here) is AdamW + clipping in one process under the mixed-precision policy;
+`anneal.parallel.ds_engine.DeepSpeedEngine` is ZeRO 1/2 with expert parallelism.
+`anneal.train.build.engine_class(name)` picks one from the config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from anneal.checkpoints import training_state
+from anneal.model.precision import MasterWeights, PrecisionPolicy
+from anneal.parallel.layout import ParallelLayout
+
+
+class PostStepHooks:
+    """Functions the engine runs after each optimizer step, with the engine as argument (the
+    router-bias update, `anneal.train.balance`). Engines set `self.post_step_hooks = []`."""
+    post_step_hooks: list
+
+    def add_post_step_hook(self, fn: Callable[[object], None]) -> None:
+        self.post_step_hooks.append(fn)
+
+    def _run_post_step_hooks(self) -> None:
+        for fn in self.post_step_hooks:
+            fn(self)
+
+
+class Engine(PostStepHooks):
+    """AdamW + clipping for one process, under the mixed-precision policy (anneal.model.precision):
+    with a bf16 policy the optimizer steps fp32 masters fed by fp32 gradient accumulators and the
+    model holds bf16 compute weights. Same interface as the DeepSpeed engine: backward(loss),
+    step(lr) -> grad_norm, state_dict()/load_state_dict(), model_state_dict()."""
+
+    def __init__(self, model: torch.nn.Module, tcfg, policy: PrecisionPolicy = PrecisionPolicy()):
+        self.model, self.grad_clip = model, tcfg.grad_clip
+        self.post_step_hooks = []
+        self.masters = MasterWeights(model, policy) if policy.mixed else None
+        named = (list(zip(self.masters.names, self.masters.masters)) if self.masters
+                 else [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        self.params = [p for _, p in named]
+        decay = [p for _, p in named if p.ndim >= 2]
+        no_decay = [p for _, p in named if p.ndim < 2]
+        fused = self.params[0].is_cuda
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=0.0, betas=tuple(tcfg.betas), eps=tcfg.eps, fused=fused or None)
+
+    # -- building it from the config --------------------------------------------------------------
+    @classmethod
+    def launch(cls, cfg, device: torch.device) -> tuple[torch.device, ParallelLayout]:
+        """One process: nothing to join."""
+        return device, ParallelLayout()
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, cfg, policy: PrecisionPolicy, layout: ParallelLayout) -> Engine:
+        return cls(model, cfg.trainer, policy)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.masters:
+            self.masters.before_step()
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.optimizer.step()
+        if self.masters:
+            self.masters.after_step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._run_post_step_hooks()
+        return float(grad_norm)
+
+    def reduce_expert_load(self, routers: dict) -> None:
+        """One process: the local expert load is the global one."""
+
+    # -- state --------------------------------------------------------------------------------------
+    def model_state_dict(self) -> dict:
+        """Weights to checkpoint: the fp32 masters under a bf16 policy."""
+        return self.masters.state_dict(self.model) if self.masters else self.model.state_dict()
+
+    def full_precision_model(self) -> torch.nn.Module:
+        """The model with its fp32 weights (the masters put back): for the final export."""
+        if self.masters:
+            self.masters.restore_fp32(self.model)
+        return self.model
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.load_state_dict(sd)
+
+    def save_state(self, ckpt_root: Path, step: int, state: dict, hf_config: dict, meta: dict, keep: int) -> Path:
+        """One step folder: the (fp32) weights and `state` with the optimizer state added."""
+        state = {**state, "optimizer": self.state_dict()}
+        return training_state.save_checkpoint(ckpt_root, step, training_state.StateDictView(self.model_state_dict()),
+                                              hf_config, state, meta, keep=keep)
+
+    def restore_state(self, ckpt_root: Path, state: dict) -> None:
+        """The optimizer state of a checkpoint (the weights are already loaded)."""
+        self.load_state_dict(state["optimizer"])
+
+    def export_model(self) -> torch.nn.Module:
+        return self.full_precision_model()
+

@@ -1,0 +1,139 @@
+"""The training loop: one process, or every rank of a DeepSpeed launch.
+
+`train(cfg, run_dir)` turns a composed config into a model (from a checkpoint or random init), a
+tokenizer, a token-indexed schedule, a mixture stream and an engine (`anneal.train.build`), then
+runs optimizer steps until the schedule's token budget is spent. Each step is micro-batches of
+forward + backward and one `engine.step` (`anneal.train.step`); the engine runs the router-bias
+update as its post-step hook (`anneal.train.balance`). Evaluation, metrics, checkpoints, plots and
+the export are callbacks (`anneal.train.callbacks`). Native vs DeepSpeed is the engine's business
+(`anneal.train.engine`): nothing here branches on it.
+
+Everything that decides the next batch or update (step, tokens, data cursor, optimizer, RNG,
+router biases) is in the checkpoint, so a resumed run repeats the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from anneal.checkpoints import training_state
+from anneal.errors import AnnealError
+from anneal.model.config import Dots1Config
+from anneal.model.precision import PrecisionPolicy
+from anneal.train.balance import RouterBalance
+from anneal.train.build import engine_class, prepare
+from anneal.train.callbacks import Checkpoint, Eval, Export, Metrics, Plots, Run, StepInfo
+from anneal.train.devices import compile_enabled, device_peak_tflops, peak_host_memory_gb, pick_device
+from anneal.train.run_dir import claim_run_dir, resume_point
+from anneal.train.schedule import format_tokens, parse_tokens
+from anneal.train.step import train_step
+from anneal.train.tracking import NullTracker, Tracker
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    torch.manual_seed(cfg.seed)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    engine_cls = engine_class(cfg.trainer.engine)
+    device, layout = engine_cls.launch(cfg, pick_device(cfg.trainer.device))
+    run_dir = Path(layout.broadcast(str(run_dir)))  # Hydra's timestamped folder may differ between ranks
+    resume_from = layout.rank0_first(lambda: claim_run_dir(cfg, run_dir), lambda: resume_point(cfg, run_dir))
+    p = layout.rank0_first(lambda: prepare(cfg, run_dir, device, layout))
+    load_peak_gb = layout.all_gather(peak_host_memory_gb())  # what sharded loading saves
+    state = training_state.load_checkpoint(resume_from, p.model) if resume_from is not None else None
+
+    notes: list[str] = []
+    policy = PrecisionPolicy.for_device(cfg.trainer.bf16, device, note=notes.append,
+                                        grad_accum=cfg.trainer.grad_accum_dtype)
+    engine = engine_cls.from_config(p.model, cfg, policy, layout)  # casts the model to the compute dtype
+    if compile_enabled(cfg.model.compile, device):
+        if cfg.model.experts_backend == "grouped_mm" and not policy.mixed:
+            raise AnnealError("model.compile with model.experts_backend=grouped_mm needs bf16 compute "
+                              "(torch._grouped_mm traces only in bf16): set trainer.bf16=true, or "
+                              "model.compile=false, or another experts backend")
+        p.model.compile_layers()
+    step, tokens, history = 0, 0, []
+    if state is not None:  # optimizer, data cursor and RNG (the weights are already loaded)
+        engine.restore_state(run_dir / "ckpt", state)
+        p.stream.load_state_dict(state["data"])
+        training_state.set_rng_state(state["rng"])
+        step, tokens, history = state["step"], state["tokens"], state["history"]
+
+    if layout.is_rank0:
+        tracker = Tracker(run_dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True),
+                          p.schedule.total_tokens, tokens, history)
+    else:
+        tracker = NullTracker(history)
+    for note in notes:
+        tracker.print(note)
+    if resume_from is not None:
+        tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)")
+    tracker.print(f"model ready: peak host memory per rank {', '.join(f'{g:.2f}' for g in load_peak_gb)} GB")
+    run = Run(cfg, p, engine, tracker, layout, device, run_dir)
+    try:
+        result = fit(run, step, tokens)
+        tracker.print(p.stream.format_accounting(), markup=False, highlight=False)
+    finally:
+        tracker.close()
+        p.stream.close()
+    result["wandb_dir"] = tracker.wandb_dir
+    return result
+
+
+def fit(run: Run, step: int, tokens: int) -> dict:
+    """Optimizer steps from (step, tokens) to the end of the schedule, or to trainer.stop_after_steps."""
+    cfg, p, engine, layout = run.cfg, run.p, run.engine, run.layout
+    schedule, seq_len = p.schedule, cfg.data.seq_len
+    balance = RouterBalance(p.model.routers(), cfg.model.bias_update_rate)
+    engine.add_post_step_hook(balance)
+    callbacks = [Eval(run, parse_tokens(cfg.trainer.eval_every, "trainer.eval_every")),
+                 Metrics(run, cfg.trainer.log_every),
+                 Checkpoint(run, parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every")),
+                 Plots(run), Export(run)]
+    total = schedule.total_tokens
+    stage_ends = {schedule.stage_end(n) for n in schedule.stage_names}
+    flops_per_token = Dots1Config.from_hf_dict(p.hf_config).train_flops_per_token(seq_len)
+    peak_tflops = device_peak_tflops(run.device)
+    for cb in callbacks:
+        cb.on_train_start(step)
+
+    t_last, tokens_last, stopped_early = time.perf_counter(), tokens, False
+    while tokens < total:
+        stage = schedule.stage_at(tokens)
+        p.stream.set_stage(stage.name)
+        lr = schedule.lr_at(tokens)
+        n_seqs = p.ramp.batch_at(tokens) // seq_len
+        n_micro = n_seqs // cfg.trainer.micro_batch_size
+
+        metrics = train_step(p.model, engine, p.stream, p.spec.source_names, layout, run.device,
+                             n_micro, cfg.trainer.micro_batch_size, lr)
+        step += 1
+        tokens += n_seqs * seq_len
+
+        now = time.perf_counter()
+        tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
+        t_last, tokens_last = now, tokens
+        device_tflops = tps * flops_per_token / 1e12 / layout.world
+        row = {"tokens": tokens, "lr": lr, "stage": stage.name, "tokens_per_s": tps,
+               "model_tflops_per_device": device_tflops,
+               **({"mfu": device_tflops / peak_tflops} if peak_tflops else {}),
+               "batch_tokens": n_seqs * seq_len, **metrics, **balance.stats}
+        if run.device.type == "cuda":
+            row["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        at_stage_end = tokens in stage_ends or tokens >= total or schedule.stage_at(tokens).name != stage.name
+        stop_now = cfg.trainer.stop_after_steps is not None and step >= cfg.trainer.stop_after_steps
+        info = StepInfo(step, tokens, tokens - n_seqs * seq_len, stage.name, lr, at_stage_end, stop_now)
+        for cb in callbacks:
+            cb.on_step_end(info, row)
+        if stop_now and tokens < total:
+            stopped_early = True
+            break
+
+    if not stopped_early:
+        for cb in callbacks:
+            cb.on_train_end(tokens)
+    return {"step": step, "tokens": tokens, "run_dir": str(run.run_dir), "history": run.tracker.history,
+            "stopped_early": stopped_early, "export_dir": run.export_dir}

@@ -1,0 +1,37 @@
+"""The run folder: claimed once, never written over by accident."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from anneal.checkpoints import training_state
+from anneal.errors import AnnealError
+
+RUN_MARKER = "config.yaml"  # a folder holding this file holds a run
+RUN_FILES = ("ckpt", "tokenizer", "metrics.jsonl", "wandb", "wandb_id", "hf", RUN_MARKER)
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """Refuse to write over an existing run unless asked (run.resume / run.overwrite); write the
+    config marker; return the checkpoint to resume from (None: start from step 0)."""
+    marker = run_dir / RUN_MARKER
+    if marker.exists() and not cfg.run.resume:
+        if not cfg.run.overwrite:
+            raise AnnealError(
+                f"run folder {run_dir} already holds a run. Pass run.resume=true to continue it, "
+                "run.overwrite=true to start it over, or another run.name")
+        for name in RUN_FILES:
+            p = run_dir / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = resume_point(cfg, run_dir)
+    if not marker.exists():
+        marker.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return resume_from
+
+
+def resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint a run.resume=true run continues from (what ranks other than 0 read)."""
+    return training_state.latest_checkpoint(run_dir / "ckpt") if cfg.run.resume else None

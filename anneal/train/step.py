@@ -1,0 +1,82 @@
+"""One optimizer step: forward + backward over the step's micro-batches, then `engine.step`.
+
+`accumulate` is the GPU hot path: nothing in it waits on the GPU (tested under CUDA's sync debug
+mode); the step's statistics are read from the device once, after the optimizer step.
+"""
+from __future__ import annotations
+
+import torch
+
+from anneal.model.dots1 import Dots1ForCausalLM
+from anneal.parallel.layout import ParallelLayout
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Host batch -> device without blocking the host (pinned memory, asynchronous copies)."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def token_losses(model: Dots1ForCausalLM, batch: dict) -> torch.Tensor:
+    """Per-token next-token cross-entropy [B, S] (fp32) for a packed batch of S+1 tokens per row
+    already on the model's device."""
+    ids = batch["input_ids"]
+    return model.token_losses(ids[:, :-1], ids[:, 1:], position_ids=batch["position_ids"][:, :-1])
+
+
+def accumulate(model: Dots1ForCausalLM, engine, batches, n_micro: int, n_sources: int, device: torch.device) -> dict:
+    """Forward + backward over the `n_micro` micro-batches that `batches` yields (gradients
+    accumulate, no optimizer step).
+    Nothing here waits on the GPU: per-source loss sums and token counts stay on the device
+    (tested under CUDA's sync debug mode); the caller reads them once, after the step."""
+    loss_sum = torch.zeros(n_sources, device=device, dtype=torch.float64)
+    count = torch.zeros(n_sources, device=device, dtype=torch.float64)
+    aux_sum = torch.zeros((), device=device)
+    has_aux = False
+    for batch in batches:
+        batch = to_device(batch, device)
+        losses = token_losses(model, batch)
+        loss = losses.mean()
+        aux = model.aux_loss()
+        if aux is not None:
+            has_aux = True
+            aux_sum += aux.detach()
+            loss = loss + aux
+        engine.backward(loss / n_micro)
+        src = batch["source_ids"][:, 1:].reshape(-1)
+        loss_sum.scatter_add_(0, src, losses.detach().reshape(-1).double())
+        count.scatter_add_(0, src, torch.ones_like(src, dtype=torch.float64))
+    return {"loss_sum": loss_sum, "count": count, "aux_sum": aux_sum if has_aux else None}
+
+
+def train_step(model: Dots1ForCausalLM, engine, stream, source_names: list[str], layout: ParallelLayout,
+               device: torch.device, n_micro: int, micro_batch_size: int, lr: float) -> dict:
+    """Gradient accumulation over `n_micro` global micro-batches, then one optimizer step (the
+    engine runs its post-step hooks); the step's statistics are read from the device once, after
+    the step, and summed over ranks."""
+    mbs, rank, world = micro_batch_size, layout.rank, layout.world
+    n_micro //= world
+    n_src = len(source_names)
+
+    def batches():
+        # Every rank reads the same stream (same seed, same state: one data cursor in the
+        # checkpoint) and keeps its own rows of each global micro-batch.
+        for _ in range(n_micro):
+            batch = stream.next_batch(mbs * world)
+            yield {k: v[rank * mbs:(rank + 1) * mbs] for k, v in batch.items()} if world > 1 else batch
+
+    sums = accumulate(model, engine, batches(), n_micro, n_src, device)
+    grad_norm = engine.step(lr)
+    aux = sums["aux_sum"]
+    stats = torch.stack([sums["loss_sum"], sums["count"],
+                         (aux.double() if aux is not None else sums["count"].new_zeros(())).expand(n_src)])
+    if world > 1:
+        stats = layout.all_reduce_(stats.cpu())
+        stats[2] /= world
+    loss_sum, count, aux_mean = stats.tolist()
+    out = {"loss": sum(loss_sum) / sum(count), "grad_norm": grad_norm,
+           **{f"loss/{name}": s / c for name, s, c in zip(source_names, loss_sum, count) if c}}
+    if aux is not None:
+        out["aux_loss"] = aux_mean[0] / n_micro
+    return out
