@@ -11,7 +11,7 @@ import numpy as np
 
 from ._tokenize import make_encoder
 from .sources import load_sources
-from .spec import MixtureSpec, load_mixture
+from .spec import MixtureSpec
 from .tokens import parse_tokens  # the one parser of '20B'-style token counts
 
 
