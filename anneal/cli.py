@@ -24,6 +24,7 @@ from rich.markup import escape
 
 from anneal.errors import AnnealError
 from anneal.paths import conf_dir
+from anneal.train.preemption import PREEMPTED_EXIT_CODE
 from mixtures.errors import MixtureError
 from moe.errors import UnknownBackendError
 
@@ -60,6 +61,40 @@ def _recipe_file_overrides(args: list[str]) -> list[str]:
     return out
 
 
+def check_config_keys(args: list[str]) -> None:
+    """Unknown keys on the command line or in a recipe file: one error with the nearest valid key
+    (before Hydra, whose message has no suggestion)."""
+    from omegaconf import OmegaConf
+
+    from anneal.config import check_keys
+
+    keys = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            continue
+        key = key.lstrip("+~")
+        keys.append(key)
+        if key == "recipe":
+            for item in value.split(","):
+                path = Path(item).expanduser() if item.endswith((".yaml", ".yml")) or "/" in item \
+                    else CONF_DIR / "recipe" / f"{item}.yaml"
+                if path.is_file():
+                    tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+                    tree.pop("defaults", None)
+                    check_keys(_flat_keys(tree), f"recipe {path}")
+    check_keys(keys, "command line")
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out.append(prefix + str(k))
+        if isinstance(v, dict):
+            out += _flat_keys(v, f"{prefix}{k}.")
+    return out
+
+
 def bundled_recipes() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
 
@@ -83,6 +118,7 @@ def main() -> None:
 
     register_schema()
     try:
+        check_config_keys(sys.argv[1:])
         sys.argv[1:] = _recipe_file_overrides(sys.argv[1:])
     except USER_ERRORS as e:
         _report_error(e)
@@ -104,9 +140,11 @@ def main() -> None:
             result = train(cfg, run_dir)
         except USER_ERRORS as e:
             _report_error(e)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))  # 2: bad input; 3: a guard stopped the run (README)
         if _is_rank0():
             _print_summary(result)
+        if result.get("preempted"):
+            sys.exit(PREEMPTED_EXIT_CODE)
 
     _run()
 
@@ -124,6 +162,8 @@ def _print_summary(result: dict) -> None:
         console.print(f"W&B run    : {result['wandb_dir']}  (offline; `wandb sync {result['wandb_dir']}` to upload)")
     if result.get("export_dir"):
         console.print(f"HF export  : {result['export_dir']}")
+    elif result.get("preempted"):
+        console.print(f"preempted: a checkpoint of step {result['step']} was written (exit status {PREEMPTED_EXIT_CODE})")
     elif result.get("stopped_early"):
         console.print("stopped early (trainer.stop_after_steps); continue with run.resume=true")
 
@@ -137,6 +177,7 @@ def compose(overrides: list[str]):
     from anneal.config import register_schema
 
     register_schema()
+    check_config_keys(overrides)
     overrides = _recipe_file_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)

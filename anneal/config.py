@@ -51,6 +51,14 @@ class ScheduleCfg:
 
 
 @dataclass
+class SpikeCfg:
+    """The loss-spike guard (anneal.train.guards): off by default."""
+    enabled: bool = False
+    window: int = 50                       # applied steps of the current stage the mean and std are taken over
+    k: float = 6.0                         # drop the update of a step whose loss > mean + k * std
+
+
+@dataclass
 class TrainerCfg:
     engine: str = "native"                 # native (one process) | deepspeed (launch with deepspeed/torchrun)
     device: str = "auto"                   # auto | cpu | cuda
@@ -67,6 +75,10 @@ class TrainerCfg:
     log_every: int = 1                     # optimizer steps between metric logs
     stop_after_steps: Optional[int] = None  # stop early (as if killed after that step's checkpoint)
     threads: Optional[int] = None          # torch CPU threads; null = torch's default
+    deterministic: Optional[bool] = None   # deterministic algorithms; null = on for CPU, off for CUDA (README)
+    on_nonfinite: str = "stop"             # stop | skip: what a NaN/inf loss or gradient norm does (the update is never applied)
+    max_skipped_steps: int = 10            # this many dropped updates in a row stop the run
+    spike: SpikeCfg = field(default_factory=SpikeCfg)
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed config keys (engine=deepspeed); see docs/deepspeed.md
 
 
@@ -122,3 +134,110 @@ class Config:
 def register_schema() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
+
+
+# ------------------------------------------------------------------------------------ validation
+# Sign and range of the numeric fields (Hydra checks only the types), and the allowed words.
+_RANGES = {  # key: (lowest allowed, lowest is exclusive, what it means)
+    "seed": (0, False, "a random seed"),
+    "model.aux_loss_coef": (0, False, "0 turns the balance loss off"),
+    "model.bias_update_rate": (0, False, "0 freezes the router biases"),
+    "model.init_seed": (0, False, "a random seed"),
+    "data.seq_len": (2, False, "tokens per training sequence"),
+    "data.eval_seqs": (0, False, "held-out sequences per source; 0 turns eval off"),
+    "data.tokenizer_vocab_size": (1, False, "BPE vocabulary size"),
+    "data.num_workers": (0, False, "background tokenizer processes"),
+    "schedule.start_lr": (0, True, "a learning rate"),
+    "trainer.micro_batch_size": (1, False, "sequences per forward/backward"),
+    "trainer.eps": (0, True, "AdamW epsilon"),
+    "trainer.weight_decay": (0, False, "AdamW weight decay"),
+    "trainer.grad_clip": (0, False, "max gradient norm; 0 turns clipping off"),
+    "trainer.keep_checkpoints": (1, False, "checkpoints kept; the newest is never deleted"),
+    "trainer.log_every": (1, False, "optimizer steps between logged rows"),
+    "trainer.stop_after_steps": (1, False, "optimizer steps before stopping"),
+    "trainer.threads": (1, False, "CPU threads"),
+    "trainer.max_skipped_steps": (1, False, "dropped updates in a row before the run stops"),
+    "trainer.spike.window": (2, False, "steps the loss mean and std are taken over"),
+    "trainer.spike.k": (0, True, "standard deviations above the mean"),
+    "parallel.ep_size": (1, False, "expert-parallel size"),
+}
+_CHOICES = {
+    "trainer.engine": ("native", "deepspeed"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.grad_accum_dtype": ("fp32", "bf16"),
+    "trainer.on_nonfinite": ("stop", "skip"),
+    "logging.mode": ("offline", "online", "disabled"),
+    "export.dtype": ("bfloat16", "float16", "float32"),
+}
+# subtrees whose keys are the user's (HF config fields, DeepSpeed keys, list items)
+_FREE_FORM = ("model.arch.", "trainer.deepspeed.", "schedule.stages.", "schedule.batch_tokens.",
+              "catalog_files.", "trainer.betas.")
+CONFIG_GROUPS = ("model", "data", "schedule", "trainer", "parallel", "logging", "recipe")
+
+
+def validate_config(cfg) -> None:
+    """One AnnealError naming the key for a number out of range or a word not allowed."""
+    from omegaconf import OmegaConf
+
+    from anneal.errors import AnnealError
+
+    for key, (low, exclusive, what) in _RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AnnealError(f"{key}={value!r}: must be a number ({what})")
+        if value < low or (exclusive and value == low):
+            bound = f"> {low}" if exclusive else f">= {low}"
+            raise AnnealError(f"{key}={value}: must be {bound} ({what})")
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise AnnealError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
+    betas = list(cfg.trainer.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise AnnealError(f"trainer.betas={betas}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+
+
+def schema_keys() -> list[str]:
+    """Every dotted key of the schema, sections included (trainer, trainer.spike, ...)."""
+    from omegaconf import OmegaConf
+
+    keys: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        for k, v in node.items_ex(resolve=False) if hasattr(node, "items_ex") else node.items():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if OmegaConf.is_dict(child) and not full.startswith(tuple(p.rstrip(".") for p in _FREE_FORM)):
+                walk(child, full + ".")
+
+    walk(OmegaConf.structured(Config), "")
+    return keys
+
+
+def check_keys(keys, where: str) -> None:
+    """An AnnealError with the nearest valid key for the first key the schema does not have."""
+    import difflib
+
+    from anneal.errors import AnnealError
+
+    valid = set(schema_keys())
+    for key in keys:
+        if key in valid or key in CONFIG_GROUPS or key.startswith(("hydra.", *_FREE_FORM)) \
+                or (key + ".") in _FREE_FORM:
+            continue
+        section, _, leaf = key.rpartition(".")
+        siblings = sorted(k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section)
+        near = [f"{section}.{m}" if section else m for m in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)]
+        if not near:  # a misspelt section, or a key that lives in another one
+            near = difflib.get_close_matches(key, sorted(k for k in valid if not key.startswith(k + ".")),
+                                             n=1, cutoff=0.6)
+        if near:
+            hint = f"; did you mean {near[0]}?"
+        elif siblings:
+            hint = f"; {section or 'the top level'} has: {', '.join(siblings)}"
+        else:
+            hint = ""
+        raise AnnealError(f"{where}: unknown config key {key}{hint}")

@@ -16,6 +16,8 @@ from typing import Mapping
 
 import torch
 
+from anneal.checkpoints.write_guards import (NonFiniteWeightsError, ensure_free_space, first_nonfinite,
+                                             reporting_full_disk)
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
 from anneal.checkpoints.hf_layout import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, TOKENIZER_FILES, export_dtype,
@@ -140,14 +142,24 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
                 or name in ("config.json", "generation_config.json", SAFE_WEIGHTS_INDEX_NAME):
             raise AnnealError(f"export: extra file name {name!r} must be a plain file name that is not "
                               "config.json, generation_config.json or a weights file")
+    weights = model.state_dict()
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise NonFiniteWeightsError(f"export to {folder}: weight {bad} is not finite; refusing to write a broken "
+                                    "model (resume from the last good checkpoint with a lower LR)")
+    itemsize = dtype.itemsize if dtype is not None else None
+    need = sum(v.numel() * (itemsize if itemsize and v.is_floating_point() else v.element_size())
+               for v in weights.values())
     folder.parent.mkdir(parents=True, exist_ok=True)
+    ensure_free_space(folder.parent, need, f"export to {folder}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         os.chmod(tmp, 0o755)
         cfg: Dots1Config = model.config
         _write_json(tmp / "config.json", export_config_dict(cfg, dtype, extra_config))
         _write_json(tmp / "generation_config.json", _generation_config(cfg))
-        _write_weights(model, tmp, dtype, max_shard_size)
+        with reporting_full_disk(f"export to {folder}", folder.parent, need):
+            _write_weights(model, tmp, dtype, max_shard_size)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
         for f in tmp.iterdir():  # some writers create 0600 files; an export is for others to read

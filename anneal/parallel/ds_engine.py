@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from anneal.checkpoints import training_state
+from anneal.checkpoints import state_io, training_state, write_guards
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
 from anneal.model.precision import PrecisionPolicy
@@ -111,7 +112,9 @@ def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = 
         "managed_gradient_accumulation": False,  # the trainer's step() is the accumulation boundary
         "gradient_clipping": float(tcfg.grad_clip),
         "zero_optimization": {"stage": int(zero_stage), "contiguous_gradients": True, "reduce_scatter": True},
-        "bf16": {"enabled": bool(bf16)},
+        # check_grad_overflow: a non-finite gradient drops the step's update (DeepSpeed's overflow
+        # path, the one fp16 uses) instead of writing NaN into the masters (anneal.train.guards)
+        "bf16": {"enabled": bool(bf16), **({"check_grad_overflow": True} if bf16 else {})},
         # the mixed-precision policy (anneal.model.precision): bf16 compute weights, fp32 masters and
         # optimizer state, gradients accumulated over the micro-batches in fp32
         **({"data_types": {"grad_accum_dtype": grad_accum_dtype}} if bf16 else {}),
@@ -254,12 +257,29 @@ class DeepSpeedEngine(PostStepHooks):
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self, lr: float) -> float:
+        """One optimizer step; DeepSpeed drops it when the gradients are not finite (fp32 always,
+        bf16 with check_grad_overflow), which `step_applied` then reports."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        self._run_post_step_hooks()
+        self.step_applied = self.engine.was_step_applied()
+        self._run_post_step_hooks(self.step_applied)
         return float(norm) if norm is not None else float("nan")
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without an update, through DeepSpeed's own overflow path (it
+        clears the partitioned gradient buffers; all ranks take the same decision)."""
+        opt = self.engine.optimizer
+        opt.check_grad_overflow, saved = True, opt.check_grad_overflow
+        opt.has_overflow = lambda *args, **kwargs: True  # this step only (an instance attribute)
+        try:
+            self.engine.step()
+        finally:
+            del opt.has_overflow
+            opt.check_grad_overflow = saved
+        self.step_applied = False
+        self._run_post_step_hooks(False)
 
     def reduce_expert_load(self, routers) -> None:
         """Global expert load (sum over all ranks) into each router's `expert_load`, before the
@@ -268,8 +288,11 @@ class DeepSpeedEngine(PostStepHooks):
 
     def state_dict(self) -> dict:
         """This rank's ZeRO partition (fp32 master weights and AdamW state) and the layout it was
-        written under; resume needs the same layout (see `load_state_dict`)."""
-        return {"zero": self.engine.optimizer.state_dict(), "layout": self.layout()}
+        written under; resume needs the same layout (see `load_state_dict`). DeepSpeed's objects
+        (loss scaler, fragment maps) are left out: they are rebuilt by the engine, and a state
+        without them is stored without pickle."""
+        zero = {k: v for k, v in self.engine.optimizer.state_dict().items() if k not in LIVE_ZERO_KEYS}
+        return {"zero": zero, "layout": self.layout()}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("layout") != self.layout():
@@ -278,8 +301,9 @@ class DeepSpeedEngine(PostStepHooks):
         # ZeRO's loader indexes the list of every rank's partition by DP rank; a rigid (same layout)
         # checkpoint only reads this rank's entry, so the others need not be read from disk.
         opt = self.engine.optimizer
+        live = opt.state_dict()
         parts = [None] * dist.get_world_size(opt.dp_process_group)
-        parts[dist.get_rank(opt.dp_process_group)] = sd["zero"]
+        parts[dist.get_rank(opt.dp_process_group)] = {**sd["zero"], **{k: live[k] for k in LIVE_ZERO_KEYS if k in live}}
         opt.load_state_dict(parts, load_from_fp32_weights=True)
 
     def layout(self) -> dict:
@@ -290,16 +314,21 @@ class DeepSpeedEngine(PostStepHooks):
         """Each rank writes its ZeRO partition (ckpt/zero/step_N/rank_R.pt); then rank 0 writes the
         step folder (experts gathered into the unsharded layout) atomically: the commit point."""
         rank = dist.get_rank()
-        save_rank_state(ckpt_root, step, rank, self.state_dict())
+        error = _collective_errors(lambda: save_rank_state(ckpt_root, step, rank, self.state_dict()))
         full = ep.full_state_dict(self.model, self.groups)  # collective
-        dist.barrier()
         final = Path(ckpt_root) / f"step_{step:08d}"
-        if rank == 0:
-            state = {**state, "optimizer": None, "layout": self.layout()}
-            final = training_state.save_checkpoint(ckpt_root, step, training_state.StateDictView(full), hf_config,
-                                                   state, meta, keep=keep)
-            prune_rank_states(ckpt_root)
-        dist.barrier()
+
+        def commit():
+            if rank == 0:
+                st = {**state, "optimizer": None, "layout": self.layout()}
+                training_state.save_checkpoint(ckpt_root, step, training_state.StateDictView(full), hf_config,
+                                               st, meta, keep=keep)
+                prune_rank_states(ckpt_root)
+
+        error = error or _collective_errors(commit)
+        if error is not None:
+            shutil.rmtree(rank_state_path(ckpt_root, step, rank).parent, ignore_errors=True)  # not committed
+            raise error
         return final
 
     def restore_state(self, ckpt_root, state: dict) -> None:
@@ -317,33 +346,55 @@ class DeepSpeedEngine(PostStepHooks):
 
 
 # ---------------------------------------------------------------------------------- checkpoints
+# DeepSpeed objects in its ZeRO state dict that the live optimizer supplies on load
+LIVE_ZERO_KEYS = ("loss_scaler", "param_slice_mappings")
+
+
+def _collective_errors(fn) -> AnnealError | None:
+    """Run `fn` on every rank and agree on failure: an error on any rank (a full disk on one
+    node) is returned on all of them, instead of leaving the others waiting in a collective."""
+    outcome = ("", "")
+    try:
+        fn()
+    except write_guards.DiskFullError as e:
+        outcome = ("disk_full", str(e))
+    except (AnnealError, OSError) as e:
+        outcome = ("error", f"rank {dist.get_rank()}: {e}")
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)  # plain (str, str) pairs
+    for kind, message in outcomes:
+        if kind:
+            return (write_guards.DiskFullError if kind == "disk_full" else AnnealError)(message)
+    return None
+
+
 def rank_state_path(ckpt_root, step: int, rank: int) -> Path:
-    return Path(ckpt_root) / "zero" / f"step_{step:08d}" / f"rank_{rank:05d}.pt"
+    """The stem of this rank's state files (<stem>.json + <stem>.safetensors, anneal.checkpoints.state_io)."""
+    return Path(ckpt_root) / "zero" / f"step_{step:08d}" / f"rank_{rank:05d}"
 
 
 def save_rank_state(ckpt_root, step: int, rank: int, state: dict) -> None:
-    """This rank's engine state, written atomically (tmp file + rename). The step's checkpoint is
-    complete only once rank 0 has renamed the step folder into place after every rank wrote."""
+    """This rank's engine state, each file written atomically. The step's checkpoint is complete
+    only once rank 0 has renamed the step folder into place after every rank wrote."""
     path = rank_state_path(ckpt_root, step, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    need = state_io.state_bytes(state)
+    write_guards.ensure_free_space(path.parent, need, f"rank {rank} state of step {step}")
+    with write_guards.reporting_full_disk(f"rank {rank} state of step {step}", path.parent, need):
+        state_io.save_state(state, path)
 
 
 def load_rank_state(ckpt_root, step: int, rank: int) -> dict:
     path = rank_state_path(ckpt_root, step, rank)
-    if not path.exists():
-        raise AnnealError(f"resume: {path} is missing: the checkpoint of step {step} was written by fewer ranks "
+    if not path.with_name(path.name + ".json").exists() and not path.with_name(path.name + ".pt").exists():
+        raise AnnealError(f"resume: {path}.json is missing: the checkpoint of step {step} was written by fewer ranks "
                           "(another parallel layout) or by the native engine; resume with the layout it was "
                           "written under")
-    return torch.load(path, weights_only=False)
+    return state_io.load_state(path)
 
 
 def prune_rank_states(ckpt_root) -> None:
     """Drop the per-rank states of steps whose step folder is gone (pruned by checkpointing)."""
-    import shutil
-
     for d in (Path(ckpt_root) / "zero").glob("step_*"):
         if not (Path(ckpt_root) / d.name).is_dir():
             shutil.rmtree(d, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Aux-loss-free load balancing as an optimizer post-step hook (DeepSeek-V3's bias update).
 
-After each optimizer step the engine runs `RouterBalance(engine)`: the routers' expert-load
+After each optimizer step the engine runs `RouterBalance(engine, applied)`: the routers' expert-load
 counters become the global load (`engine.reduce_expert_load`: summed over ranks under DeepSpeed),
 then each router moves its correction bias against its load (`Router.update_bias`). The per-layer
 load statistics of the step are left in `stats` for the metrics row (one device read).
@@ -15,9 +15,11 @@ class RouterBalance:
         self.routers, self.rate = routers, rate
         self.stats: dict = {}
 
-    def __call__(self, engine) -> None:
+    def __call__(self, engine, applied: bool = True) -> None:
         routers = self.routers
-        if not routers:
+        if not routers or not applied:  # a skipped step moves no bias; its load is forgotten
+            for router in routers.values():
+                router.expert_load.zero_()
             self.stats = {}
             return
         engine.reduce_expert_load(routers)

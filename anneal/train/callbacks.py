@@ -3,8 +3,11 @@ row (console, JSONL, W&B), resumable checkpoints, and at the end the plots and t
 
 The loop (`anneal.train.loop`) calls, in order of registration,
     on_train_start(step)          before the first step of this process (fresh or resumed)
+    before_update(stage, row)     after the step's backward, before its update: a reason (str)
+                                  vetoes the update (`anneal.train.guards`)
     on_step_end(info, row)        after each optimizer step; `row` is the step's metrics row
     on_train_end(tokens)          once the schedule's token budget is spent (not after an early stop)
+    state_dict()/load_state_dict  what a callback needs to resume exactly (None: nothing)
 Every callback sees the same `Run` (config, prepared pieces, engine, tracker, layout).
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Run:
     device: torch.device
     run_dir: Path
     export_dir: str | None = None
+    last_checkpoint: Path | None = None   # the newest checkpoint of this run (written or resumed from)
 
     @property
     def ckpt_root(self) -> Path:
@@ -48,7 +52,7 @@ class StepInfo:
     stage: str           # the stage this step trained in
     lr: float
     at_stage_end: bool   # the step ended a stage (or the schedule)
-    stop_now: bool       # trainer.stop_after_steps reached
+    stop_now: bool       # trainer.stop_after_steps reached, or preemption: checkpoint and stop
 
     def crossed(self, every: int) -> bool:
         """This step crossed a multiple of `every` tokens (0: never)."""
@@ -62,10 +66,19 @@ class Callback:
     def on_train_start(self, step: int) -> None:
         pass
 
+    def before_update(self, stage: str, row: dict) -> str | None:
+        return None
+
     def on_step_end(self, info: StepInfo, row: dict) -> None:
         pass
 
     def on_train_end(self, tokens: int) -> None:
+        pass
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, sd: dict) -> None:
         pass
 
 
@@ -123,11 +136,12 @@ class Metrics(Callback):
 
 class Checkpoint(Callback):
     """A resumable checkpoint every `every` tokens, at each stage end and before an early stop:
-    step, tokens, data cursor, RNG and history here, weights and optimizer by the engine."""
+    step, tokens, data cursor, RNG, history and the callbacks' states here, weights and optimizer
+    by the engine."""
 
-    def __init__(self, run: Run, every: int):
+    def __init__(self, run: Run, every: int, callbacks: list[Callback]):
         super().__init__(run)
-        self.every = every
+        self.every, self.callbacks = every, callbacks
 
     def on_step_end(self, info: StepInfo, row: dict) -> None:
         if info.crossed(self.every) or info.at_stage_end or info.stop_now:
@@ -137,10 +151,12 @@ class Checkpoint(Callback):
         run, p = self.run, self.run.p
         meta = {"step": info.step, "tokens": info.tokens, "stage": info.stage, "lr": p.schedule.lr_at(info.tokens),
                 "checkpoint": p.checkpoint_name, "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + info.tokens}
+        callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None}
         state = {"step": info.step, "tokens": info.tokens, "data": p.stream.state_dict(),
-                 "rng": training_state.rng_state(), "history": list(run.tracker.history)}
-        return run.engine.save_state(run.ckpt_root, info.step, state, p.hf_config, meta,
-                                     keep=run.cfg.trainer.keep_checkpoints)
+                 "rng": training_state.rng_state(), "history": list(run.tracker.history), "callbacks": callbacks}
+        run.last_checkpoint = run.engine.save_state(run.ckpt_root, info.step, state, p.hf_config, meta,
+                                                    keep=run.cfg.trainer.keep_checkpoints)
+        return run.last_checkpoint
 
 
 class Plots(Callback):

@@ -2,6 +2,8 @@
 defaults per device, the dense bf16 peak for MFU, peak host memory."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from anneal.errors import AnnealError
@@ -23,6 +25,22 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise AnnealError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto")
     return torch.device(name)
+
+
+def set_deterministic(setting: bool | None, device: torch.device) -> bool:
+    """trainer.deterministic: null = on for CPU (measured cost in bench/RESULTS.md), off on CUDA.
+    On: torch's deterministic algorithms (an op without one raises instead of varying), cuDNN
+    without autotuning, and cuBLAS with a fixed workspace, so two runs, and a killed + resumed run,
+    give the same bits. Uninitialized memory is not filled (nothing of ours reads it; the fill costs
+    a pass over every new tensor)."""
+    on = device.type == "cpu" if setting is None else bool(setting)
+    torch.use_deterministic_algorithms(on)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    if device.type == "cuda" and on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return on
 
 
 def compile_enabled(setting: bool | None, device: torch.device) -> bool:

@@ -5,8 +5,11 @@ so the loop has no branch on `trainer.engine`:
 
     launch(cfg, device) -> (device, layout)      join the processes (classmethod)
     from_config(model, cfg, policy, layout)      build it around the model (classmethod)
-    backward(loss), step(lr) -> grad_norm        one micro-batch's backward; one optimizer step
-    add_post_step_hook(fn)                       fn(engine) after every optimizer step
+    backward(loss), step(lr) -> grad_norm        one micro-batch's backward; one optimizer step, not
+                                                 applied when the gradients are not finite
+    skip_step()                                  drop the step's gradients, no update (anneal.train.guards)
+    step_applied                                 whether the last step/skip_step changed the weights
+    add_post_step_hook(fn)                       fn(engine, applied) after every step or skip
     reduce_expert_load(routers)                  routers' expert_load -> the global load
     save_state(...) / restore_state(...)         resumable checkpoints (weights, optimizer)
     export_model()                               the whole model in full precision, on rank 0
@@ -17,6 +20,7 @@ so the loop has no branch on `trainer.engine`:
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -28,16 +32,17 @@ from anneal.parallel.layout import ParallelLayout
 
 
 class PostStepHooks:
-    """Functions the engine runs after each optimizer step, with the engine as argument (the
-    router-bias update, `anneal.train.balance`). Engines set `self.post_step_hooks = []`."""
+    """Functions the engine runs after each optimizer step or skipped step, as fn(engine, applied)
+    (the router-bias update, `anneal.train.balance`). Engines set `self.post_step_hooks = []`."""
     post_step_hooks: list
+    step_applied: bool = False
 
-    def add_post_step_hook(self, fn: Callable[[object], None]) -> None:
+    def add_post_step_hook(self, fn: Callable[[object, bool], None]) -> None:
         self.post_step_hooks.append(fn)
 
-    def _run_post_step_hooks(self) -> None:
+    def _run_post_step_hooks(self, applied: bool) -> None:
         for fn in self.post_step_hooks:
-            fn(self)
+            fn(self, applied)
 
 
 class Engine(PostStepHooks):
@@ -75,19 +80,34 @@ class Engine(PostStepHooks):
         loss.backward()
 
     def step(self, lr: float) -> float:
+        """Clip, then update, unless the gradient norm is not finite (then the step's gradients are
+        dropped and `step_applied` is False). Reading the norm is the step's one host sync."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.masters:
             self.masters.before_step()
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        self.step_applied = math.isfinite(grad_norm)
+        if self.step_applied:
+            self.optimizer.step()
+        self._clear_gradients()
+        self._run_post_step_hooks(self.step_applied)
+        return grad_norm
+
+    def skip_step(self) -> None:
+        """Drop the step's gradients without an update."""
+        if self.masters:
+            self.masters.before_step()
+        self.step_applied = False
+        self._clear_gradients()
+        self._run_post_step_hooks(False)
+
+    def _clear_gradients(self) -> None:
         if self.masters:
             self.masters.after_step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        self._run_post_step_hooks()
-        return float(grad_norm)
 
     def reduce_expert_load(self, routers: dict) -> None:
         """One process: the local expert load is the global one."""

@@ -25,20 +25,27 @@ from anneal.model.config import Dots1Config
 from anneal.model.precision import PrecisionPolicy
 from anneal.train.balance import RouterBalance
 from anneal.train.build import engine_class, prepare
+from anneal.config import validate_config
 from anneal.train.callbacks import Checkpoint, Eval, Export, Metrics, Plots, Run, StepInfo
-from anneal.train.devices import compile_enabled, device_peak_tflops, peak_host_memory_gb, pick_device
-from anneal.train.run_dir import claim_run_dir, resume_point
+from anneal.train.devices import (compile_enabled, device_peak_tflops, peak_host_memory_gb, pick_device,
+                                  set_deterministic)
+from anneal.train.guards import StepGuard
+from anneal.train.preemption import PreemptionRequest
+from anneal.train.run_dir import claim_run_dir, resume_command, resume_point
 from anneal.train.schedule import format_tokens, parse_tokens
 from anneal.train.step import train_step
 from anneal.train.tracking import NullTracker, Tracker
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    validate_config(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     engine_cls = engine_class(cfg.trainer.engine)
-    device, layout = engine_cls.launch(cfg, pick_device(cfg.trainer.device))
+    device = pick_device(cfg.trainer.device)
+    set_deterministic(cfg.trainer.deterministic, device)
+    device, layout = engine_cls.launch(cfg, device)
     run_dir = Path(layout.broadcast(str(run_dir)))  # Hydra's timestamped folder may differ between ranks
     resume_from = layout.rank0_first(lambda: claim_run_dir(cfg, run_dir), lambda: resume_point(cfg, run_dir))
     p = layout.rank0_first(lambda: prepare(cfg, run_dir, device, layout))
@@ -72,10 +79,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if resume_from is not None:
         tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)")
     tracker.print(f"model ready: peak host memory per rank {', '.join(f'{g:.2f}' for g in load_peak_gb)} GB")
-    run = Run(cfg, p, engine, tracker, layout, device, run_dir)
+    run = Run(cfg, p, engine, tracker, layout, device, run_dir, last_checkpoint=resume_from)
     try:
-        result = fit(run, step, tokens)
+        with PreemptionRequest() as preemption:
+            result = fit(run, step, tokens, callback_states=state.get("callbacks", {}) if state else {},
+                         stop_requested=lambda: bool(preemption))
         tracker.print(p.stream.format_accounting(), markup=False, highlight=False)
+        if result["preempted"]:
+            tracker.print(f"{preemption.received}: stopped after step {result['step']} with a checkpoint; resume with\n  "
+                          + resume_command(cfg, run_dir), markup=False, highlight=False)
     finally:
         tracker.close()
         p.stream.close()
@@ -83,16 +95,25 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     return result
 
 
-def fit(run: Run, step: int, tokens: int) -> dict:
-    """Optimizer steps from (step, tokens) to the end of the schedule, or to trainer.stop_after_steps."""
+def fit(run: Run, step: int, tokens: int, callback_states: dict | None = None,
+        stop_requested=lambda: False) -> dict:
+    """Optimizer steps from (step, tokens) to the end of the schedule, to trainer.stop_after_steps,
+    or to the step after `stop_requested()` turned true on any rank (preemption)."""
     cfg, p, engine, layout = run.cfg, run.p, run.engine, run.layout
     schedule, seq_len = p.schedule, cfg.data.seq_len
     balance = RouterBalance(p.model.routers(), cfg.model.bias_update_rate)
     engine.add_post_step_hook(balance)
-    callbacks = [Eval(run, parse_tokens(cfg.trainer.eval_every, "trainer.eval_every")),
-                 Metrics(run, cfg.trainer.log_every),
-                 Checkpoint(run, parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every")),
-                 Plots(run), Export(run)]
+    callbacks = [StepGuard(run),  # first: a failed step stops the run before anything is written from it
+                 Eval(run, parse_tokens(cfg.trainer.eval_every, "trainer.eval_every")),
+                 Metrics(run, cfg.trainer.log_every)]
+    callbacks += [Checkpoint(run, parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every"), callbacks),
+                  Plots(run), Export(run)]
+    for cb in callbacks:
+        if type(cb).__name__ in (callback_states or {}):
+            cb.load_state_dict(callback_states[type(cb).__name__])
+
+    def before_update(row: dict) -> str | None:
+        return next((r for cb in callbacks if (r := cb.before_update(stage.name, row)) is not None), None)
     total = schedule.total_tokens
     stage_ends = {schedule.stage_end(n) for n in schedule.stage_names}
     flops_per_token = Dots1Config.from_hf_dict(p.hf_config).train_flops_per_token(seq_len)
@@ -100,7 +121,7 @@ def fit(run: Run, step: int, tokens: int) -> dict:
     for cb in callbacks:
         cb.on_train_start(step)
 
-    t_last, tokens_last, stopped_early = time.perf_counter(), tokens, False
+    t_last, tokens_last, stopped_early, preempted = time.perf_counter(), tokens, False, False
     while tokens < total:
         stage = schedule.stage_at(tokens)
         p.stream.set_stage(stage.name)
@@ -109,7 +130,8 @@ def fit(run: Run, step: int, tokens: int) -> dict:
         n_micro = n_seqs // cfg.trainer.micro_batch_size
 
         metrics = train_step(p.model, engine, p.stream, p.spec.source_names, layout, run.device,
-                             n_micro, cfg.trainer.micro_batch_size, lr)
+                             n_micro, cfg.trainer.micro_batch_size, lr, before_update, stop_requested)
+        preempted = metrics.pop("stop_requested")
         step += 1
         tokens += n_seqs * seq_len
 
@@ -124,7 +146,7 @@ def fit(run: Run, step: int, tokens: int) -> dict:
         if run.device.type == "cuda":
             row["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         at_stage_end = tokens in stage_ends or tokens >= total or schedule.stage_at(tokens).name != stage.name
-        stop_now = cfg.trainer.stop_after_steps is not None and step >= cfg.trainer.stop_after_steps
+        stop_now = preempted or (cfg.trainer.stop_after_steps is not None and step >= cfg.trainer.stop_after_steps)
         info = StepInfo(step, tokens, tokens - n_seqs * seq_len, stage.name, lr, at_stage_end, stop_now)
         for cb in callbacks:
             cb.on_step_end(info, row)
@@ -136,4 +158,4 @@ def fit(run: Run, step: int, tokens: int) -> dict:
         for cb in callbacks:
             cb.on_train_end(tokens)
     return {"step": step, "tokens": tokens, "run_dir": str(run.run_dir), "history": run.tracker.history,
-            "stopped_early": stopped_early, "export_dir": run.export_dir}
+            "stopped_early": stopped_early, "preempted": preempted and stopped_early, "export_dir": run.export_dir}

@@ -1,6 +1,7 @@
 """The run folder: claimed once, never written over by accident."""
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 
@@ -35,3 +36,23 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
 def resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint a run.resume=true run continues from (what ranks other than 0 read)."""
     return training_state.latest_checkpoint(run_dir / "ckpt") if cfg.run.resume else None
+
+
+def resume_command(cfg: DictConfig, run_dir: Path, *extra: str) -> str:
+    """The command that continues this run: the overrides it was started with (under Hydra), the
+    run folder spelled out, run.resume=true, and `extra`."""
+    overrides: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            overrides = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        pass
+    replaced = {"run.name", "run.root", "run.dir", "run.resume", "run.overwrite",
+                *(e.split("=", 1)[0] for e in extra)}
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in replaced]
+    run_dir = Path(run_dir)
+    where = [f"run.root={run_dir.parent}", f"run.name={run_dir.name}"]
+    return " ".join(["anneal", *map(shlex.quote, kept), *map(shlex.quote, where), "run.resume=true",
+                     *map(shlex.quote, extra)])

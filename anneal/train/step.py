@@ -1,14 +1,19 @@
 """One optimizer step: forward + backward over the step's micro-batches, then `engine.step`.
 
 `accumulate` is the GPU hot path: nothing in it waits on the GPU (tested under CUDA's sync debug
-mode); the step's statistics are read from the device once, after the optimizer step.
+mode); the step's statistics are read from the device once, after the last backward, when they
+decide whether the update is applied (`anneal.train.guards`).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from anneal.model.dots1 import Dots1ForCausalLM
 from anneal.parallel.layout import ParallelLayout
+
+NONFINITE_GRAD = "non-finite gradient norm"  # the reason a step is dropped when the engine refused it
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -51,10 +56,14 @@ def accumulate(model: Dots1ForCausalLM, engine, batches, n_micro: int, n_sources
 
 
 def train_step(model: Dots1ForCausalLM, engine, stream, source_names: list[str], layout: ParallelLayout,
-               device: torch.device, n_micro: int, micro_batch_size: int, lr: float) -> dict:
+               device: torch.device, n_micro: int, micro_batch_size: int, lr: float,
+               before_update: Callable[[dict], str | None] = lambda row: None,
+               stop_requested: Callable[[], bool] = lambda: False) -> dict:
     """Gradient accumulation over `n_micro` global micro-batches, then one optimizer step (the
-    engine runs its post-step hooks); the step's statistics are read from the device once, after
-    the step, and summed over ranks."""
+    engine runs its post-step hooks). The step's statistics are read from the device once, after
+    the last backward and before the update, and summed over ranks; `before_update(row)` may then
+    veto the update (returns the reason, which lands in row["skipped"]). `stop_requested()` is this
+    rank's wish to stop after the step (preemption); row["stop_requested"] is every rank's."""
     mbs, rank, world = micro_batch_size, layout.rank, layout.world
     n_micro //= world
     n_src = len(source_names)
@@ -67,16 +76,29 @@ def train_step(model: Dots1ForCausalLM, engine, stream, source_names: list[str],
             yield {k: v[rank * mbs:(rank + 1) * mbs] for k, v in batch.items()} if world > 1 else batch
 
     sums = accumulate(model, engine, batches(), n_micro, n_src, device)
-    grad_norm = engine.step(lr)
     aux = sums["aux_sum"]
+    flags = torch.zeros(n_src, dtype=torch.float64, device=device)
+    flags[0] = float(stop_requested())
     stats = torch.stack([sums["loss_sum"], sums["count"],
-                         (aux.double() if aux is not None else sums["count"].new_zeros(())).expand(n_src)])
+                         (aux.double() if aux is not None else sums["count"].new_zeros(())).expand(n_src), flags])
     if world > 1:
         stats = layout.all_reduce_(stats.cpu())
         stats[2] /= world
-    loss_sum, count, aux_mean = stats.tolist()
-    out = {"loss": sum(loss_sum) / sum(count), "grad_norm": grad_norm,
+    loss_sum, count, aux_mean, flags = stats.tolist()
+    total = sum(count)
+    out = {"loss": sum(loss_sum) / total if total else float("nan"),
            **{f"loss/{name}": s / c for name, s, c in zip(source_names, loss_sum, count) if c}}
     if aux is not None:
         out["aux_loss"] = aux_mean[0] / n_micro
+    out["stop_requested"] = flags[0] > 0
+    reason = before_update(out)
+    if reason is None:
+        out["grad_norm"] = engine.step(lr)
+        if not engine.step_applied:
+            reason = NONFINITE_GRAD
+    else:
+        engine.skip_step()
+        out["grad_norm"] = float("nan")
+    if reason is not None:
+        out["skipped"] = reason
     return out
