@@ -147,7 +147,7 @@ _RANGES = {  # key: (lowest allowed, lowest is exclusive, what it means)
     "data.eval_seqs": (0, False, "held-out sequences per source; 0 turns eval off"),
     "data.tokenizer_vocab_size": (1, False, "BPE vocabulary size"),
     "data.num_workers": (0, False, "background tokenizer processes"),
-    "schedule.start_lr": (0, True, "a learning rate"),
+    "schedule.start_lr": (0, False, "a learning rate; 0 starts a warm-up from zero"),
     "trainer.micro_batch_size": (1, False, "sequences per forward/backward"),
     "trainer.eps": (0, True, "AdamW epsilon"),
     "trainer.weight_decay": (0, False, "AdamW weight decay"),

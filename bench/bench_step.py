@@ -155,7 +155,7 @@ def run_trainer(case: dict, args) -> dict:
         "schedule": {"start_lr": 3e-4, "batch_tokens": args.batch_tokens,
                      "stages": [{"name": "stage1", "tokens": n_steps * args.batch_tokens, "lr_end": 3e-5}]},
         "trainer": {"engine": case["engine"], "device": "cuda", "bf16": True, "micro_batch_size": args.micro_batch,
-                    "grad_accum_dtype": case["accum"],
+                    "grad_accum_dtype": case["accum"], "deterministic": case.get("deterministic", False),
                     "eval_every": "0", "ckpt_every": "0", "log_every": 1},
         "logging": {"wandb": False, "progress": False, "plots": False},
         "export": {"enabled": False},
@@ -213,8 +213,10 @@ def grid(args) -> list[dict]:
                 for comp in args.compile:
                     for ckpt in args.grad_ckpt:
                         for accum in args.grad_accum:
-                            cases.append({"mode": mode, "engine": engine, "backend": backend, "accum": accum,
-                                          "compile": comp == "on", "grad_ckpt": ckpt == "on"})
+                            for det in args.deterministic if mode == "trainer" else ["off"]:
+                                cases.append({"mode": mode, "engine": engine, "backend": backend, "accum": accum,
+                                              "compile": comp == "on", "grad_ckpt": ckpt == "on",
+                                              **({"deterministic": True} if det == "on" else {})})
     return cases
 
 
@@ -227,6 +229,8 @@ def main() -> None:
     ap.add_argument("--grad-ckpt", nargs="+", default=["off"], choices=["on", "off"])
     ap.add_argument("--grad-accum", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                     help="dtype gradients are summed in over the micro-batches (trainer.grad_accum_dtype)")
+    ap.add_argument("--deterministic", nargs="+", default=["off"], choices=["on", "off"],
+                    help="trainer cases: trainer.deterministic (torch deterministic algorithms, fixed cuBLAS workspace)")
     ap.add_argument("--dense-layers", type=int, default=1)
     ap.add_argument("--moe-layers", type=int, default=3)
     ap.add_argument("--experts", type=int, default=16)

@@ -82,3 +82,37 @@ def test_micro_batch_loop_has_no_host_sync(backend, compiled):
         torch.cuda.set_sync_debug_mode(0)
     engine.step(1e-3)
     assert sums["count"].sum().item() == 4 * 4 * 128
+
+
+def _three_steps(backend: str, compiled: bool) -> tuple[list, dict]:
+    torch.manual_seed(0)
+    model = Dots1ForCausalLM(Dots1Config(**CFG), experts_backend=backend).cuda()
+    model.init_weights(seed=0)
+    tcfg = OmegaConf.structured(TrainerCfg)
+    engine = Engine(model, tcfg, PrecisionPolicy.for_device(True, torch.device("cuda")))
+    if compiled:
+        model.compile_layers()
+    losses = []
+    for step in range(3):
+        sums = accumulate(model, engine, _batches(2, seed=step), 2, 3, torch.device("cuda"))
+        engine.step(1e-3)
+        losses.append((sums["loss_sum"].sum() / sums["count"].sum()).item())
+    return losses, {k: v.detach().cpu().clone() for k, v in engine.model_state_dict().items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, compiled", [("torch", False), ("grouped_mm", False), ("grouped_mm", True),
+                                               ("triton", False)])
+def test_deterministic_mode_repeats_bitwise_on_cuda(backend, compiled):
+    """trainer.deterministic=true on a GPU: two runs give the same losses and weights, bit for bit."""
+    from anneal.train.devices import set_deterministic
+
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not available")
+    set_deterministic(True, torch.device("cuda"))
+    try:
+        (la, wa), (lb, wb) = _three_steps(backend, compiled), _three_steps(backend, compiled)
+    finally:
+        set_deterministic(False, torch.device("cuda"))
+    assert la == lb
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -14,14 +14,15 @@ from anneal.model.config import Dots1Config
 
 
 def find_step_folder(path: Path) -> Path:
-    """Accept a step folder, a run's ckpt/ folder, or a run folder."""
-    if (path / "trainer_state.pt").exists():
+    """Accept a step folder, a run's ckpt/ folder, or a run folder. Only the weights, config and
+    meta JSON of the step are read (never its training state), so any step folder exports."""
+    if (path / "model.safetensors").exists() and (path / "config.json").exists():
         return path
     for root in (path, path / "ckpt"):
         latest = training_state.latest_checkpoint(root)
         if latest is not None:
             return latest
-    raise AnnealError(f"{path}: not a training checkpoint (no trainer_state.pt) and no ckpt/latest inside. "
+    raise AnnealError(f"{path}: not a training checkpoint (no model.safetensors + config.json) and no ckpt/latest inside. "
                       "Pass runs/<id>/ckpt/step_N or runs/<id>")
 
 
