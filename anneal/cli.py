@@ -284,3 +284,25 @@ def soup_main(argv: list[str] | None = None) -> None:
     console.print(f"averaged {result.tensors} tensors into {result.shards} shard(s); peak host memory "
                   f"{result.peak_host_gb:.2f} GB ({result.peak_host_before_gb:.2f} GB before the first tensor)")
     console.print(f"wrote {result.folder}")
+
+
+def compare_main(argv: list[str] | None = None) -> None:
+    """`anneal-compare RUN_OR_SWEEP ... [--eval EXPORT ...] [--out table.png]`: final and per-source
+    held-out eval loss of every run, and of exports scored on the same held-out documents."""
+    parser = argparse.ArgumentParser(prog="anneal-compare", description=compare_main.__doc__)
+    parser.add_argument("runs", nargs="+", help="run folders (runs/<name>) or sweep folders (their runs)")
+    parser.add_argument("--eval", nargs="+", default=[], metavar="EXPORT",
+                        help="HF folders (soups, runs/<name>/hf) to score on the first run's held-out set")
+    parser.add_argument("--out", default="compare.png", help="PNG path to write")
+    parser.add_argument("--device", default="cpu", help="where --eval runs the models (cpu, cuda)")
+    args = parser.parse_args(argv)
+    try:
+        from anneal.compare import compare, comparison_table, plot_rows
+
+        rows = compare(args.runs, args.eval, device=args.device)
+    except USER_ERRORS as e:
+        _report_error(e)
+        sys.exit(2)
+    console = Console(width=max(120, Console().width))
+    console.print(comparison_table(rows))
+    console.print(f"wrote {plot_rows(rows, args.out)}")

@@ -5,8 +5,11 @@ branches that left one stable checkpoint by a short, low-LR anneal stays in the 
 usually beats each branch. `make_soup` streams: for each tensor it reads it from one ingredient
 at a time (a `safe_open` handle opened for that read and closed after, so no input file stays
 mapped) into one fp32 accumulator, casts the mean back to the ingredients' dtype and adds it to
-the output shard being built; a full shard is written and freed. Peak host memory is one output
-shard (`max_shard_size`) + one fp32 tensor + one input tensor, whatever the number of inputs.
+the output shard being built; a full shard is written and freed. Peak host memory is about
+2 × `max_shard_size` (the shard and the bytes safetensors serializes it into) + one fp32 tensor +
+two copies of one input tensor (the read and its mapped file pages), whatever the number of
+inputs (measured: three 115 MB bf16 exports with a 33 MB largest tensor, +0.20 GB over the
+process's 0.26 GB at 20MB shards, +0.30 GB at one 110 MB shard).
 
 The router's `e_score_correction_bias` is averaged like every other tensor. It is a per-expert
 additive term in expert *selection* (`sigmoid(x·g_e) + b_e`, top-k); the soup's gate weights are
