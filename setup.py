@@ -46,6 +46,8 @@ setup(
             "anneal-catalog=anneal.cli:catalog_main",
             "anneal-plot-schedule=anneal.cli:plot_schedule_main",
             "anneal-plan=anneal.cli:plan_main",
+            "anneal-soup=anneal.cli:soup_main",
+            "anneal-compare=anneal.cli:compare_main",
         ]
     },
 )

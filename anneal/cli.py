@@ -7,6 +7,9 @@
 - `anneal-plan [overrides...]`: per-source documents, tokens, shares and epochs a recipe implies.
 - `anneal-plan mixture FILE --stage-tokens stage1=20B stage2=5B [--seq-len N] [--tokenizer DIR|train]`:
   the same for a mixture file alone, with the stages' token budgets and the tokenizer given by hand.
+- `anneal-soup A B [C ...] --out SOUP [--weights ...]`: the weighted mean of HF exports (a "soup").
+- `anneal-compare RUN_OR_SWEEP ... [--eval EXPORT ...]`: final and per-source held-out eval loss of
+  runs, and of exports evaluated on the same held-out documents.
 
 `recipe=NAME` picks a bundled recipe from recipes/; `recipe=path/to/file.yaml` uses your own file
 (we put its folder on Hydra's search path under the `recipe` group).
@@ -292,3 +295,55 @@ def _plan_mixture_main(argv: list[str]) -> None:
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
+
+
+def soup_main(argv: list[str] | None = None) -> None:
+    """`anneal-soup A B [C ...] --out SOUP [--weights wA wB ...]`: the weighted mean of HF exports."""
+    parser = argparse.ArgumentParser(
+        prog="anneal-soup",
+        description="Average two or more HF exports of one base checkpoint, weight by weight (streamed, fp32), "
+                    "into a new HF folder (anneal.checkpoints.soup says why the router bias is averaged too).")
+    parser.add_argument("ingredients", nargs="+", help="HF export folders (e.g. runs/sweep/0/hf)")
+    parser.add_argument("--out", required=True, help="the soup's HF folder (must not exist)")
+    parser.add_argument("--weights", nargs="+", type=float, default=None,
+                        help="one weight per ingredient, normalized to sum 1 (default: uniform)")
+    parser.add_argument("--allow-different-bases", action="store_true",
+                        help="soup exports whose anneal_meta.json started_from differ")
+    parser.add_argument("--max-shard-size", default="2GB")
+    args = parser.parse_args(argv)
+    try:
+        from anneal.checkpoints.soup import make_soup
+
+        result = make_soup(args.ingredients, args.out, args.weights, allow_different_bases=args.allow_different_bases,
+                           max_shard_size=args.max_shard_size)
+    except USER_ERRORS as e:
+        _report_error(e)
+        sys.exit(2)
+    console = Console()
+    for path, w in zip(args.ingredients, result.weights):
+        console.print(f"{w:8.4f}  {path}")
+    console.print(f"averaged {result.tensors} tensors into {result.shards} shard(s); peak host memory "
+                  f"{result.peak_host_gb:.2f} GB ({result.peak_host_before_gb:.2f} GB before the first tensor)")
+    console.print(f"wrote {result.folder}")
+
+
+def compare_main(argv: list[str] | None = None) -> None:
+    """`anneal-compare RUN_OR_SWEEP ... [--eval EXPORT ...] [--out table.png]`: final and per-source
+    held-out eval loss of every run, and of exports scored on the same held-out documents."""
+    parser = argparse.ArgumentParser(prog="anneal-compare", description=compare_main.__doc__)
+    parser.add_argument("runs", nargs="+", help="run folders (runs/<name>) or sweep folders (their runs)")
+    parser.add_argument("--eval", nargs="+", default=[], metavar="EXPORT",
+                        help="HF folders (soups, runs/<name>/hf) to score on the first run's held-out set")
+    parser.add_argument("--out", default="compare.png", help="PNG path to write")
+    parser.add_argument("--device", default="cpu", help="where --eval runs the models (cpu, cuda)")
+    args = parser.parse_args(argv)
+    try:
+        from anneal.compare import compare, comparison_table, plot_rows
+
+        rows = compare(args.runs, args.eval, device=args.device)
+    except USER_ERRORS as e:
+        _report_error(e)
+        sys.exit(2)
+    console = Console(width=max(120, Console().width))
+    console.print(comparison_table(rows))
+    console.print(f"wrote {plot_rows(rows, args.out)}")

@@ -69,11 +69,11 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
     return copied
 
 
-def _write_json(path: Path, d: dict) -> None:
+def write_json(path: Path, d: dict) -> None:
     path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
-def _split_into_shards(metas: dict[str, torch.Tensor], max_shard_size: int | str
+def split_into_shards(metas: dict[str, torch.Tensor], max_shard_size: int | str
                        ) -> tuple[dict[str, list[str]], bool]:
     """filename -> tensor names, and whether the export is sharded (needs an index)."""
     try:
@@ -99,7 +99,7 @@ def _write_weights(model, folder: Path, dtype: torch.dtype | None, max_shard_siz
                           f"(extra: {extra[:3]}, missing: {absent[:3]})")
     metas = {n: torch.empty(shape, dtype=export_dtype(n, dt, dtype), device="meta")
              for n, (shape, dt, _) in producers.items()}
-    shards, sharded = _split_into_shards(metas, max_shard_size)
+    shards, sharded = split_into_shards(metas, max_shard_size)
     total = 0
     for filename, names in shards.items():
         tensors = {n: export_tensor(n, producers[n][2](), dtype) for n in names}
@@ -108,7 +108,7 @@ def _write_weights(model, folder: Path, dtype: torch.dtype | None, max_shard_siz
         del tensors
     if sharded:
         weight_map = {n: f for f, names in shards.items() for n in names}
-        _write_json(folder / SAFE_WEIGHTS_INDEX_NAME,
+        write_json(folder / SAFE_WEIGHTS_INDEX_NAME,
                     {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
@@ -156,8 +156,8 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
     try:
         os.chmod(tmp, 0o755)
         cfg: Dots1Config = model.config
-        _write_json(tmp / "config.json", export_config_dict(cfg, dtype, extra_config))
-        _write_json(tmp / "generation_config.json", _generation_config(cfg))
+        write_json(tmp / "config.json", export_config_dict(cfg, dtype, extra_config))
+        write_json(tmp / "generation_config.json", _generation_config(cfg))
         with reporting_full_disk(f"export to {folder}", folder.parent, need):
             _write_weights(model, tmp, dtype, max_shard_size)
         if tokenizer_dir is not None:

@@ -55,16 +55,18 @@ def _safetensors_files(folder: Path) -> dict[Path, list[str] | None]:
 
 
 @dataclass
-class _TensorInfo:
+class TensorInfo:
     file: Path
     shape: tuple[int, ...]
+    dtype: str  # safetensors' name: "BF16", "F32", ...
 
 
-def _scan(folder: Path) -> dict[str, _TensorInfo]:
-    """Tensor name -> (file, shape), from the safetensors headers only (no tensor data read)."""
+def scan_tensors(folder: Path) -> dict[str, TensorInfo]:
+    """Tensor name -> (file, shape, dtype), from the safetensors headers only (no tensor data read).
+    Raises AnnealError for a shard the index names but the folder lacks, or a corrupt header."""
     from safetensors import safe_open
 
-    found: dict[str, _TensorInfo] = {}
+    found: dict[str, TensorInfo] = {}
     for path, names in _safetensors_files(folder).items():
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
@@ -73,7 +75,8 @@ def _scan(folder: Path) -> dict[str, _TensorInfo]:
                     if k in found:
                         raise AnnealError(f"{path}: tensor '{k}' is also in {found[k].file.name}; "
                                           "a checkpoint must hold each tensor once.")
-                    found[k] = _TensorInfo(path, tuple(f.get_slice(k).get_shape()))
+                    sl = f.get_slice(k)
+                    found[k] = TensorInfo(path, tuple(sl.get_shape()), sl.get_dtype())
         except AnnealError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt headers
@@ -129,7 +132,7 @@ def load_hf_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
     cfg = Dots1Config.from_json(folder / "config.json")
     rng = expert_range_or_all(cfg, expert_range)
     plan = hf_weight_plan(cfg, rng)
-    tensors = _scan(folder)
+    tensors = scan_tensors(folder)
     check_names({n: i.shape for n, i in tensors.items()}, plan, cfg, rng, str(folder))
     for name, slot in plan.items():
         check_shape(name, tensors[name].shape, slot, str(tensors[name].file))

@@ -83,20 +83,28 @@ class Callback:
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict:
-    """Mean held-out loss per source (`eval_loss/<source>`) and their mean (`eval_loss`)."""
-    model, p, cfg = run.p.model, run.p, run.cfg
-    model.eval()
+def heldout_losses(model, stream, source_names, eval_seqs: int, seq_len: int, device: torch.device) -> dict:
+    """Mean held-out loss per source (`eval_loss/<source>`) and their mean (`eval_loss`) of `model`
+    (in eval mode) on `stream`'s held-out batches: one function for the trainer's evals and for
+    `anneal-compare --eval`, so an export is scored on exactly what its run was scored on."""
     out, means = {}, []
-    for name in p.spec.source_names:
-        batch = p.stream.heldout_batches(name, cfg.data.eval_seqs, cfg.data.seq_len)
+    for name in source_names:
+        batch = stream.heldout_batches(name, eval_seqs, seq_len)
         if batch is None or batch["input_ids"].numel() == 0:
             continue
-        losses = token_losses(model, to_device(batch, run.device))
+        losses = token_losses(model, to_device(batch, device))
         out[f"eval_loss/{name}"] = float(losses.mean())
         means.append(out[f"eval_loss/{name}"])
     if means:
         out["eval_loss"] = sum(means) / len(means)
+    return out
+
+
+def evaluate(run: Run) -> dict:
+    """The run's held-out losses (`heldout_losses`) at its current weights."""
+    model, p, cfg = run.p.model, run.p, run.cfg
+    model.eval()
+    out = heldout_losses(model, p.stream, p.spec.source_names, cfg.data.eval_seqs, cfg.data.seq_len, run.device)
     model.train()
     return out
 

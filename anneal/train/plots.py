@@ -1,4 +1,5 @@
-"""PNG plots of a schedule (LR and batch size vs tokens) and of a run's losses.
+"""PNG plots of a schedule (LR and batch size vs tokens), of a run's losses, and of the final eval
+losses of several runs/exports side by side (anneal-compare).
 
 Uses matplotlib's object API with the Agg canvas directly (no pyplot), so it never touches the
 global backend or needs a display, and is safe to call from a training process.
@@ -19,7 +20,7 @@ from matplotlib.ticker import FuncFormatter
 from anneal.train.batch_ramp import BatchRamp
 from anneal.train.schedule import Schedule, format_tokens
 
-__all__ = ["plot_losses", "plot_schedule"]
+__all__ = ["plot_comparison", "plot_losses", "plot_schedule"]
 
 _TOKENS_FMT = FuncFormatter(lambda x, _pos: format_tokens(x) if x else "0")
 
@@ -149,4 +150,31 @@ def plot_losses(history: list[Mapping[str, Any]], path: str | os.PathLike, title
     ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_comparison(names: list[str], columns: Mapping[str, list[float | None]], path: str | os.PathLike,
+                    title: str = "held-out eval loss") -> Path:
+    """Write a PNG of grouped bars: one group per column (e.g. ``eval_loss`` and each source), one
+    bar per name (run, export, soup), its value written on top. None draws no bar. The y axis
+    starts near the smallest value so that small differences between branches are visible."""
+    fig, axes = _new_figure(1, 4.5)
+    ax = axes[0]
+    fig.set_size_inches(max(6.0, 1.2 + 0.45 * len(names) * len(columns)), 4.5)
+    width = 0.8 / max(1, len(names))
+    values = [v for vs in columns.values() for v in vs if v is not None]
+    for i, name in enumerate(names):
+        xs = [g + (i - (len(names) - 1) / 2) * width for g, vs in enumerate(columns.values()) if vs[i] is not None]
+        ys = [vs[i] for vs in columns.values() if vs[i] is not None]
+        bars = ax.bar(xs, ys, width, label=name, color=f"C{i % 10}")
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(range(len(columns)), list(columns))
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(hi - lo, 1e-3)
+        ax.set_ylim(lo - pad, hi + 0.8 * pad)
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title)
     return _save(fig, path)

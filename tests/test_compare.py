@@ -1,0 +1,65 @@
+"""anneal-compare (anneal.compare) on a real sweep of two tiny anneals and a soup of their exports:
+the exports scored with --eval reproduce their runs' logged final eval losses (same held-out
+documents, same eval function), so the soup's row is comparable; the table and PNG are written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from anneal.checkpoints.soup import make_soup
+from anneal.cli import compare_main, compose
+from anneal.compare import compare
+from anneal.train.loop import train
+
+TINY_RUN = ["schedule.stages.0.tokens=1024", "schedule.stages.1.tokens=1024", "schedule.batch_tokens=512",
+            "data.seq_len=64", "data.eval_seqs=2", "trainer.micro_batch_size=8", "trainer.threads=1",
+            "logging.wandb=false", "logging.progress=false", "logging.plots=false",
+            "export.dtype=float32"]  # fp32 export: --eval must reproduce the logged loss to rounding
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """runs/sweep/{0,1}: two anneals of the shipped tiny checkpoint that differ in the data seed,
+    laid out as `anneal --multirun seed=1,2 run.name=sweep` lays them out."""
+    root = tmp_path_factory.mktemp("runs") / "sweep"
+    for job, seed in (("0", 1), ("1", 2)):
+        train(compose([*TINY_RUN, f"seed={seed}", f"run.dir={root / job}"]), root / job)
+    return root
+
+
+def final_eval(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval_loss" in r][-1]
+
+
+def test_runs_exports_and_a_soup_in_one_table(sweep, tmp_path, capsys):
+    soup = make_soup([sweep / "0" / "hf", sweep / "1" / "hf"], tmp_path / "soup").folder
+    rows = compare([sweep], [sweep / "0" / "hf", sweep / "1" / "hf", soup])
+    assert [(r.name, r.kind) for r in rows] == [("sweep/0", "run"), ("sweep/1", "run"), ("sweep/0/hf", "export"),
+                                                ("sweep/1/hf", "export"), ("soup", "soup")]
+    assert [r.differs for r in rows[:2]] == ["seed=1", "seed=2"]
+    for run_row, export_row, job in zip(rows[:2], rows[2:4], ("0", "1")):
+        logged = final_eval(sweep / job)
+        assert run_row.eval_loss == logged["eval_loss"] and run_row.tokens == 2048
+        assert set(export_row.per_source) == {"wiki", "gsm8k", "humaneval"} == set(run_row.per_source)
+        for source, loss in run_row.per_source.items():   # the export, rescored, gives the run's numbers
+            assert export_row.per_source[source] == pytest.approx(loss, abs=1e-5), source
+    assert rows[0].eval_loss != rows[1].eval_loss        # two seeds, two models
+    assert rows[4].eval_loss not in (rows[2].eval_loss, rows[3].eval_loss)
+
+    png = tmp_path / "table.png"
+    compare_main([str(sweep), "--eval", str(soup), "--out", str(png)])
+    out = capsys.readouterr().out
+    assert "sweep/0" in out and "sweep/1" in out and "soup" in out and "humaneval" in out
+    assert f"{rows[4].eval_loss:.4f}" in out             # the soup's loss is in the printed table
+    assert png.stat().st_size > 10_000
+
+
+def test_not_a_run_is_one_clear_error(sweep, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        compare_main([str(tmp_path), "--out", str(tmp_path / "t.png")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "neither a run folder" in err and "Traceback" not in err
+    assert not (tmp_path / "t.png").exists()
