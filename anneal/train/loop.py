@@ -25,7 +25,7 @@ from anneal.model.config import Dots1Config
 from anneal.model.precision import PrecisionPolicy
 from anneal.train.balance import RouterBalance
 from anneal.train.build import engine_class, prepare
-from anneal.train.callbacks import Checkpoint, Eval, Export, Metrics, Plots, Run, StepInfo
+from anneal.train.callbacks import Checkpoint, Eval, Export, Metrics, Plots, Run, StepInfo, global_accounting
 from anneal.train.devices import compile_enabled, device_peak_tflops, peak_host_memory_gb, pick_device
 from anneal.train.run_dir import claim_run_dir, resume_point
 from anneal.train.schedule import format_tokens, parse_tokens
@@ -58,7 +58,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     step, tokens, history = 0, 0, []
     if state is not None:  # optimizer, data cursor and RNG (the weights are already loaded)
         engine.restore_state(run_dir / "ckpt", state)
-        p.stream.load_state_dict(state["data"])
+        restore_data(p.stream, state["data"])
         training_state.set_rng_state(state["rng"])
         step, tokens, history = state["step"], state["tokens"], state["history"]
 
@@ -75,12 +75,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     run = Run(cfg, p, engine, tracker, layout, device, run_dir)
     try:
         result = fit(run, step, tokens)
-        tracker.print(p.stream.format_accounting(), markup=False, highlight=False)
+        tracker.print(p.stream.format_accounting(global_accounting(run)), markup=False, highlight=False)
     finally:
         tracker.close()
         p.stream.close()
     result["wandb_dir"] = tracker.wandb_dir
     return result
+
+
+def restore_data(stream, data: list[dict] | dict) -> None:
+    """The data cursor of every shard; a run resumes on any number of ranks that divides the saved
+    number of data shards (a dict: a checkpoint from before data shards, one shard)."""
+    saved = len(data) if isinstance(data, list) else 1
+    if saved != stream.n_shards:
+        raise AnnealError(f"the checkpoint's data cursor has {saved} data shard(s) but this run reads "
+                          f"{stream.n_shards}: resume with data.shards={saved} and a number of ranks that divides it")
+    stream.load_state_dict(data)
 
 
 def fit(run: Run, step: int, tokens: int) -> dict:

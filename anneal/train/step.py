@@ -55,18 +55,13 @@ def train_step(model: Dots1ForCausalLM, engine, stream, source_names: list[str],
     """Gradient accumulation over `n_micro` global micro-batches, then one optimizer step (the
     engine runs its post-step hooks); the step's statistics are read from the device once, after
     the step, and summed over ranks."""
-    mbs, rank, world = micro_batch_size, layout.rank, layout.world
+    mbs, world = micro_batch_size, layout.world
     n_micro //= world
     n_src = len(source_names)
 
-    def batches():
-        # Every rank reads the same stream (same seed, same state: one data cursor in the
-        # checkpoint) and keeps its own rows of each global micro-batch.
-        for _ in range(n_micro):
-            batch = stream.next_batch(mbs * world)
-            yield {k: v[rank * mbs:(rank + 1) * mbs] for k, v in batch.items()} if world > 1 else batch
-
-    sums = accumulate(model, engine, batches(), n_micro, n_src, device)
+    # `stream` is this rank's data shards (mixtures.shards): it tokenizes only this rank's rows.
+    batches = (stream.next_batch(mbs) for _ in range(n_micro))
+    sums = accumulate(model, engine, batches, n_micro, n_src, device)
     grad_norm = engine.step(lr)
     aux = sums["aux_sum"]
     stats = torch.stack([sums["loss_sum"], sums["count"],
