@@ -172,10 +172,22 @@ def plot_schedule_main(argv: list[str] | None = None) -> None:
 def catalog_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anneal-catalog", description="List the checkpoint catalog.")
     parser.add_argument("--catalog", action="append", default=[], help="extra catalog YAML (repeatable)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="list the hub repo's branches and tags (the intermediate dots.llm1 checkpoints) and "
+                             "write them into the user catalog, which `anneal` reads by default")
+    parser.add_argument("--repo", default=None, help="with --refresh: the hub repo (default rednote-hilab/dots.llm1.base)")
+    parser.add_argument("--out", default=None,
+                        help="with --refresh: the catalog file to write (default $XDG_CONFIG_HOME/anneal/catalog.yaml, "
+                             "i.e. ~/.config/anneal/catalog.yaml; another file is read with catalog_files=[FILE])")
     args = parser.parse_args(argv)
     try:
-        from anneal.checkpoints.catalog import Catalog, format_catalog_table
+        from anneal.checkpoints.catalog import DOTS1_BASE_REPO, Catalog, format_catalog_table, refresh_catalog
 
+        if args.refresh:
+            path, found = refresh_catalog(args.repo or DOTS1_BASE_REPO, args.out)
+            Console().print(f"{len(found)} refs of {args.repo or DOTS1_BASE_REPO} written to {path}: "
+                            f"{', '.join(e['name'] for e in found) or '(none besides main)'}", soft_wrap=True)
+            args.catalog.append(str(path))
         Console().print(format_catalog_table(Catalog.load(args.catalog)))
     except USER_ERRORS as e:
         _report_error(e)
