@@ -220,11 +220,13 @@ def plan_main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["mixture"]:
         return _plan_mixture_main(argv[1:])
+    if argv[:1] == ["memory"]:
+        return _plan_memory_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="anneal-plan",
         description="What a recipe's mixture and schedule imply per source, before any GPU time.",
         epilog="A mixture file without a recipe: anneal-plan mixture FILE --stage-tokens stage1=20B ... "
-               "(see anneal-plan mixture --help).")
+               "(see anneal-plan mixture --help). GPU memory per rank: anneal-plan memory [overrides] --gpus N.")
     parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal`")
     parser.add_argument("--repeat-warn", type=float, default=4.0, help="warn above this many epochs of a source")
     args = parser.parse_args(argv)
@@ -263,3 +265,31 @@ def _plan_mixture_main(argv: list[str]) -> None:
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
+
+
+def _plan_memory_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="anneal-plan memory",
+        description="GPU memory per rank of a recipe under a parallel layout (anneal/memory_plan.py): weights, "
+                    "masters, gradients, optimizer state, activations, all-to-all buffers, and whether it fits.")
+    parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal` "
+                        "(parallel.ep_size, parallel.zero_stage, trainer.micro_batch_size, data.seq_len, "
+                        "model.gradient_checkpointing, ...)")
+    parser.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: parallel.ep_size)")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU (GiB)")
+    parser.add_argument("--reserve-gb", type=float, default=6.0,
+                        help="kept free for the CUDA context, NCCL and allocator fragmentation")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        from anneal.memory_plan import format_memory_plan, layout_from_config, model_config_for_plan, plan_memory
+
+        cfg = compose(args.overrides)
+        mcfg, source = model_config_for_plan(cfg)
+        lay = layout_from_config(cfg, args.gpus or cfg.parallel.ep_size, args.gpus_per_node, args.gpu_mem_gb,
+                                 args.reserve_gb)
+        out = format_memory_plan(mcfg, plan_memory(mcfg, lay), source)
+    except USER_ERRORS as e:
+        _report_error(e)
+        sys.exit(2)
+    print(out)
