@@ -216,10 +216,22 @@ def plot_schedule_main(argv: list[str] | None = None) -> None:
 def catalog_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anneal-catalog", description="List the checkpoint catalog.")
     parser.add_argument("--catalog", action="append", default=[], help="extra catalog YAML (repeatable)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="list the hub repo's branches and tags (the intermediate dots.llm1 checkpoints) and "
+                             "write them into the user catalog, which `anneal` reads by default")
+    parser.add_argument("--repo", default=None, help="with --refresh: the hub repo (default rednote-hilab/dots.llm1.base)")
+    parser.add_argument("--out", default=None,
+                        help="with --refresh: the catalog file to write (default $XDG_CONFIG_HOME/anneal/catalog.yaml, "
+                             "i.e. ~/.config/anneal/catalog.yaml; another file is read with catalog_files=[FILE])")
     args = parser.parse_args(argv)
     try:
-        from anneal.checkpoints.catalog import Catalog, format_catalog_table
+        from anneal.checkpoints.catalog import DOTS1_BASE_REPO, Catalog, format_catalog_table, refresh_catalog
 
+        if args.refresh:
+            path, found = refresh_catalog(args.repo or DOTS1_BASE_REPO, args.out)
+            Console().print(f"{len(found)} refs of {args.repo or DOTS1_BASE_REPO} written to {path}: "
+                            f"{', '.join(e['name'] for e in found) or '(none besides main)'}", soft_wrap=True)
+            args.catalog.append(str(path))
         Console().print(format_catalog_table(Catalog.load(args.catalog)))
     except USER_ERRORS as e:
         _report_error(e)
@@ -252,11 +264,13 @@ def plan_main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["mixture"]:
         return _plan_mixture_main(argv[1:])
+    if argv[:1] == ["memory"]:
+        return _plan_memory_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="anneal-plan",
         description="What a recipe's mixture and schedule imply per source, before any GPU time.",
         epilog="A mixture file without a recipe: anneal-plan mixture FILE --stage-tokens stage1=20B ... "
-               "(see anneal-plan mixture --help).")
+               "(see anneal-plan mixture --help). GPU memory per rank: anneal-plan memory [overrides] --gpus N.")
     parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal`")
     parser.add_argument("--repeat-warn", type=float, default=4.0, help="warn above this many epochs of a source")
     args = parser.parse_args(argv)
@@ -347,3 +361,31 @@ def compare_main(argv: list[str] | None = None) -> None:
     console = Console(width=max(120, Console().width))
     console.print(comparison_table(rows))
     console.print(f"wrote {plot_rows(rows, args.out)}")
+
+
+def _plan_memory_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="anneal-plan memory",
+        description="GPU memory per rank of a recipe under a parallel layout (anneal/memory_plan.py): weights, "
+                    "masters, gradients, optimizer state, activations, all-to-all buffers, and whether it fits.")
+    parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal` "
+                        "(parallel.ep_size, parallel.zero_stage, trainer.micro_batch_size, data.seq_len, "
+                        "model.gradient_checkpointing, ...)")
+    parser.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: parallel.ep_size)")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU (GiB)")
+    parser.add_argument("--reserve-gb", type=float, default=6.0,
+                        help="kept free for the CUDA context, NCCL and allocator fragmentation")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        from anneal.memory_plan import format_memory_plan, layout_from_config, model_config_for_plan, plan_memory
+
+        cfg = compose(args.overrides)
+        mcfg, source = model_config_for_plan(cfg)
+        lay = layout_from_config(cfg, args.gpus or cfg.parallel.ep_size, args.gpus_per_node, args.gpu_mem_gb,
+                                 args.reserve_gb)
+        out = format_memory_plan(mcfg, plan_memory(mcfg, lay), source)
+    except USER_ERRORS as e:
+        _report_error(e)
+        sys.exit(2)
+    print(out)

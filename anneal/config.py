@@ -31,6 +31,7 @@ class DataCfg:
     tokenizer: Optional[str] = None        # null: the checkpoint's; "train": train a BPE on the mixture
     tokenizer_vocab_size: int = 4096
     num_workers: Optional[int] = None      # background tokenization processes (0 = in the trainer); null = 1 on CUDA, 0 on CPU
+    shards: Optional[int] = None           # disjoint data streams, split over the ranks (mixtures/shards.py); null = one per rank
 
 
 @dataclass

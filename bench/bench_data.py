@@ -12,6 +12,12 @@ Cases (tokens/s = tokens returned by next_batch per wall second, after one warm-
   pretokenized         sample + pack alone: every document tokenized beforehand
   bg wait @ C ms       background w=1 while the main process sleeps C ms per batch (a stand-in for a
                        training step): mean time next_batch still blocks, per batch
+Per-rank cases (--worlds, simulated ranks in this one process; tokens/s = tokens of ONE rank's rows
+per wall second, i.e. tokens per rank per second; sync tokenization, `--batch` rows per rank per call):
+  rank shards W=n      what each rank runs now: rank 0 of n reads its own data shard
+                       (mixtures.ShardedStream with data.shards = n) and tokenizes only its documents
+  whole stream W=n     the path it replaced: every rank read the whole stream (n x --batch rows per
+                       call) and kept its --batch rows, tokenizing n times the data it trained on
 
     PYTHONPATH=. python bench/bench_data.py --json /tmp/bench_data.json [--seq-len 2048 --batch 8 --tokens 4M]
 """
@@ -26,7 +32,7 @@ import time
 
 import numpy as np
 
-from mixtures import PackedMixtureStream, build_tokenizer_from_corpus, load_mixture
+from mixtures import PackedMixtureStream, ShardedStream, build_tokenizer_from_corpus, load_mixture, rank_shards
 from mixtures.plan import parse_tokens
 from mixtures.sources import load_sources
 from mixtures.fetch import Fetcher
@@ -97,6 +103,31 @@ def run_stream(stream, n_tokens, batch, seq_len, compute_s=0.0):
     return n_batches * batch * seq_len, wall, waited / n_batches
 
 
+class WholeStreamRank:
+    """Rank 0 of `world` on the removed path: read `world` x the rows, keep the first `n`."""
+
+    def __init__(self, stream, world: int):
+        self.stream, self.world = stream, world
+
+    def next_batch(self, n):
+        return {k: v[:n] for k, v in self.stream.next_batch(n * self.world).items()}
+
+
+def rank_rows(spec, tok, a, stage, n_tokens):
+    """Tokens per rank per second, world 1 vs simulated world 2/4 (see the module docstring)."""
+    rows = []
+    for world in a.worlds:
+        shard = ShardedStream(spec, tok, seq_len=a.seq_len, seed=0, stage=stage, shards=rank_shards(world, 0, world),
+                              n_shards=world)
+        whole = WholeStreamRank(PackedMixtureStream(spec, tok, seq_len=a.seq_len, seed=0, stage=stage), world)
+        for case, st in ((f"rank shards W={world}", shard), (f"whole stream W={world}", whole)):
+            if world == 1 and case.startswith("whole"):
+                continue          # the same stream as W=1 shards
+            n_tok, wall, _ = run_stream(st, n_tokens, a.batch, a.seq_len)
+            rows.append(dict(case=case, world=world, tokens=n_tok, seconds=wall, tok_per_s=n_tok / wall))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -104,6 +135,8 @@ def main():
     ap.add_argument("--tokens", default="4M", help="tokens per measurement")
     ap.add_argument("--compute-ms", type=float, default=50.0, help="simulated step for the wait case")
     ap.add_argument("--json", default=None, help="write meta + rows here")
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4], help="simulated ranks for the per-rank cases")
+    ap.add_argument("--ranks-only", action="store_true", help="only the per-rank cases")
     a = ap.parse_args()
     n_tokens = parse_tokens(a.tokens)
     load_before = os.getloadavg()
@@ -117,6 +150,9 @@ def main():
 
     rows = []
     for tname, tok in toks.items():
+        rows += [dict(tokenizer=tname, **r) for r in rank_rows(spec, tok, a, stage, n_tokens)]
+        if a.ranks_only:
+            continue
         srcs = load_sources(spec)
         texts = [t for s in srcs for t in s.texts(s.train_idx)]
         st = PackedMixtureStream(spec, tok, seq_len=a.seq_len, seed=0, stage=stage)
@@ -155,6 +191,7 @@ def main():
                              tokens=n_tok, seconds=wall, tok_per_s=n_tok / wall,
                              wait_ms_per_batch=wait * 1000))
         print(f"[{tname}] corpus: {corpus_tokens:,} training tokens")
+    print("per-rank cases: tokens/s = tokens of one rank's rows per second (tokens per rank per second)")
 
     print(f"\nseq_len {a.seq_len}, {a.batch} sequences per next_batch ({a.batch * a.seq_len:,} tokens), "
           f"{os.cpu_count()} CPUs, TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}")

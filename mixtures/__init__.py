@@ -27,6 +27,8 @@ _EXPORTS = {
     "build_tokenizer_from_corpus": "tokenizer",
     "PackedMixtureStream": "stream",
     "TokenFairSampler": "stream",
+    "ShardedStream": "shards",
+    "rank_shards": "shards",
     "plan_mixture": "plan",
     "format_plan": "plan",
 }

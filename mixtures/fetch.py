@@ -1,9 +1,15 @@
 """Tokenized training documents by ``(source, epoch, pos)`` for the mixture stream: the
 synchronous reference path (:class:`Fetcher`) and background tokenization in worker processes
-(:class:`BackgroundFetcher`), which yields the same documents."""
+(:class:`BackgroundFetcher`), which yields the same documents.
+
+A fetcher serves one data shard ``(index, count)``: in every epoch, shard ``i`` of ``n`` owns the
+documents at positions ``i, i+n, i+2n, ...`` of the epoch's permutation (or, for streaming sources,
+of the epoch's read order), so ``pos`` counts this shard's documents only and only they are
+tokenized. Shard ``(0, 1)`` is the whole source."""
 from __future__ import annotations
 
 import collections
+import itertools
 import zlib
 
 import numpy as np
@@ -19,11 +25,13 @@ class Fetcher:
     batch encode), caching the current block of each source.
     """
 
-    def __init__(self, sources: list[SourceData], encode, seed: int, block: int = 32):
+    def __init__(self, sources: list[SourceData], encode, seed: int, block: int = 32,
+                 shard: tuple[int, int] = (0, 1)):
         self.sources = sources
         self.encode = encode
         self.seed = seed
         self.block = block
+        self.shard = shard
         self._perm: dict[int, tuple[int, np.ndarray]] = {}
         self._cache: dict[int, tuple[int, int, list]] = {}   # s -> (epoch, start, docs)
         self._readers: dict[int, list] = {}                  # streaming sources
@@ -33,9 +41,18 @@ class Fetcher:
         if got is None or got[0] != epoch:
             src = self.sources[s]
             rng = np.random.default_rng([self.seed, zlib.crc32(src.spec.name.encode()), epoch])
-            got = (epoch, src.train_idx[rng.permutation(len(src.train_idx))])
+            i, n = self.shard
+            got = (epoch, src.train_idx[rng.permutation(len(src.train_idx))][i::n])
             self._perm[s] = got
         return got[1]
+
+    def n_train(self, s: int) -> int | None:
+        """Training documents per epoch in this shard (None: a streaming source not yet read to its end)."""
+        src = self.sources[s]
+        if src.streaming:
+            return src.n_train
+        i, n = self.shard
+        return len(range(i, src.n_train, n))
 
     def _texts(self, s: int, epoch: int, start: int, stop: int) -> list[str]:
         return self.sources[s].texts(self.perm(s, epoch)[start:stop])
@@ -45,12 +62,13 @@ class Fetcher:
         src = self.sources[s]
         if src.streaming:
             return self._get_streaming(s, epoch, pos)
-        if pos >= src.n_train:
+        n_train = self.n_train(s)
+        if pos >= n_train:
             return None
         c = self._cache.get(s)
         if c is not None and c[0] == epoch and c[1] <= pos < c[1] + len(c[2]):
             return c[2][pos - c[1]]
-        stop = min(pos + self.block, src.n_train)
+        stop = min(pos + self.block, n_train)
         docs = self.encode(self._texts(s, epoch, pos, stop))
         self._cache[s] = (epoch, pos, docs)
         return docs[0]
@@ -59,7 +77,8 @@ class Fetcher:
         # reader: [epoch, next position, iterator, lookahead texts]
         r = self._readers.get(s)
         if r is None or r[0] != epoch or r[1] > pos:
-            it = self.sources[s].iter_epoch(self.seed, epoch)
+            i, n = self.shard
+            it = itertools.islice(self.sources[s].iter_epoch(self.seed, epoch), i, None, n)
             r = [epoch, 0, it, collections.deque()]
             self._readers[s] = r
         while r[1] < pos:                      # skip to pos (resume): read, do not tokenize
@@ -92,8 +111,9 @@ class BackgroundFetcher(Fetcher):
     so this process does nothing but sample and pack.
     """
 
-    def __init__(self, sources, tokenizer, seed, block, num_workers: int, depth: int, spec):
-        super().__init__(sources, None, seed, block)
+    def __init__(self, sources, tokenizer, seed, block, num_workers: int, depth: int, spec,
+                 shard: tuple[int, int] = (0, 1)):
+        super().__init__(sources, None, seed, block, shard)
         import multiprocessing as mp
         import pickle
         from concurrent.futures import ProcessPoolExecutor
@@ -106,13 +126,13 @@ class BackgroundFetcher(Fetcher):
         self.encode = make_encoder(tokenizer)     # for streaming sources
 
     def _next_block(self, s: int, epoch: int, b: int):
-        n = len(self.sources[s].train_idx)
+        n = self.n_train(s)
         if (b + 1) * self.block < n:
             return epoch, b + 1
         return (None if self.stoppers[s] else (epoch + 1, 0))
 
     def _submit(self, s: int, epoch: int, b: int):
-        n = len(self.sources[s].train_idx)
+        n = self.n_train(s)
         start, stop = b * self.block, min((b + 1) * self.block, n)
         fut = self.pool.submit(worker_encode_docs, s, self.perm(s, epoch)[start:stop])
         return (epoch, b, fut)
@@ -121,7 +141,7 @@ class BackgroundFetcher(Fetcher):
         src = self.sources[s]
         if src.streaming:          # read in order here; tokenized in this process
             return self._get_streaming(s, epoch, pos)
-        if pos >= src.n_train:
+        if pos >= self.n_train(s):
             return None
         b = pos // self.block
         q = self.queues.setdefault(s, collections.deque())

@@ -28,6 +28,16 @@ How a batch is made
    boundaries in the position resets (e.g. for flash-attention varlen). ``source_ids`` give
    the source of every token, for per-source loss.
 
+Data shards
+-----------
+``shard=(i, n)`` makes the stream one of ``n`` disjoint streams of the same mixture, for data
+parallelism: in every epoch of every source, shard ``i`` owns the documents at positions
+``i, i+n, i+2n, ...`` of the epoch's order, and it samples, tokenizes and packs only those (its
+own sampler, packing buffer and cursors), so ``n`` ranks share the tokenization work instead of
+each tokenizing everything. ``(0, 1)``, the default, is the whole mixture. The shares and
+guarantees above hold per shard. :class:`mixtures.shards.ShardedStream` combines shards into
+one batch.
+
 Resume
 ------
 :meth:`PackedMixtureStream.state_dict` is small and JSON-able: the stage, per-source cursors
@@ -106,13 +116,19 @@ class PackedMixtureStream:
             Call :meth:`close` (or use ``with``) to stop them.
         block_docs: documents tokenized together per source (default 32, or 8 with workers).
         prefetch_blocks: blocks per source kept in flight with ``num_workers > 0``.
+        shard: ``(index, count)``: this stream is data shard ``index`` of ``count`` (see the
+            module docstring); ``(0, 1)`` is the whole mixture.
     """
 
     def __init__(self, spec: MixtureSpec, tokenizer, seq_len: int, seed: int = 0,
                  stage: str | None = None, *, num_workers: int = 0, block_docs: int | None = None,
-                 prefetch_blocks: int = 32):
+                 prefetch_blocks: int = 32, shard: tuple[int, int] = (0, 1)):
         if not isinstance(seq_len, int) or seq_len < 1:
             raise MixtureError(f"seq_len must be a positive integer, got {seq_len!r}")
+        shard = tuple(shard)
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise MixtureError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+        self.shard = shard
         self.spec = spec
         self.tokenizer = tokenizer
         self.seq_len = seq_len
@@ -124,9 +140,9 @@ class PackedMixtureStream:
             block_docs = 8 if num_workers > 0 else 32
         if num_workers > 0:
             self._fetcher: Fetcher = BackgroundFetcher(self.sources, tokenizer, self.seed, block_docs,
-                                                         num_workers, max(1, prefetch_blocks), spec)
+                                                         num_workers, max(1, prefetch_blocks), spec, shard)
         else:
-            self._fetcher = Fetcher(self.sources, self.encode, self.seed, block_docs)
+            self._fetcher = Fetcher(self.sources, self.encode, self.seed, block_docs, shard)
         self.num_workers = num_workers
         self.sampler = TokenFairSampler(n)
         self._cursor = [[0, 0] for _ in range(n)]     # next document: [epoch, pos]
@@ -183,8 +199,10 @@ class PackedMixtureStream:
         src = self.sources[s]
         name = src.spec.name
         if n == 0:
+            of_shard = (f" for data shard {self.shard[0]} of {self.shard[1]} (fewer documents than "
+                        f"shards: use fewer data shards or add data)" if self.shard[1] > 1 else "; check its data")
             raise MixtureError(f"{self.spec.path}: source {name!r} has no training documents in "
-                               f"epoch {epoch}; check its data")
+                               f"epoch {epoch}{of_shard}")
         if src.spec.on_exhausted == "repeat":
             self._cursor[s] = [epoch + 1, 0]
             log.info("mixture %s: source %s finished epoch %d (%d documents), starting epoch %d "
@@ -271,7 +289,7 @@ class PackedMixtureStream:
         passes and half of a third)."""
         out = {}
         for i, src in enumerate(self.sources):
-            n = src.n_train
+            n = self._fetcher.n_train(i)
             out[src.spec.name] = {
                 "tokens": self._acct_tokens[i],
                 "documents": self._acct_docs[i],
@@ -284,13 +302,7 @@ class PackedMixtureStream:
 
     def format_accounting(self) -> str:
         """A small table of :meth:`accounting` for the console/log."""
-        acc = self.accounting()
-        total = sum(a["tokens"] for a in acc.values()) or 1
-        lines = [f"{'source':<16}{'tokens':>14}{'share':>8}{'docs':>10}{'epochs':>9}"]
-        for name, a in acc.items():
-            lines.append(f"{name:<16}{a['tokens']:>14,}{a['tokens'] / total:>8.1%}"
-                         f"{a['documents']:>10,}{a['epochs']:>9.3f}")
-        return "\n".join(lines)
+        return format_accounting(self.accounting())
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
@@ -303,6 +315,7 @@ class PackedMixtureStream:
             "stream_n_train": [s.n_train if s.streaming else None for s in self.sources],
             "seed": self.seed,
             "seq_len": self.seq_len,
+            "shard": list(self.shard),
             "stage": self.stage,
             "cursors": [list(c) for c in self._cursor],
             "dropped": list(self._dropped),
@@ -321,10 +334,11 @@ class PackedMixtureStream:
             raise MixtureError(f"{where}: state version {sd.get('version')!r}, expected {STATE_VERSION}")
         for key, mine in (("source_names", list(self.spec.source_names)),
                           ("n_train", [None if s.streaming else s.n_train for s in self.sources]),
-                          ("seed", self.seed), ("seq_len", self.seq_len)):
-            if sd[key] != mine:
-                raise MixtureError(f"{where}: the saved {key} {sd[key]!r} differs from this stream's "
-                                   f"{mine!r}; resume with the same mixture, data, seed and seq_len")
+                          ("seed", self.seed), ("seq_len", self.seq_len), ("shard", list(self.shard))):
+            saved = sd.get(key, [0, 1] if key == "shard" else None)   # states before shards: the whole mixture
+            if saved != mine:
+                raise MixtureError(f"{where}: the saved {key} {saved!r} differs from this stream's "
+                                   f"{mine!r}; resume with the same mixture, data, seed, seq_len and data shards")
         for src, n in zip(self.sources, sd.get("stream_n_train", [])):
             if src.streaming and n is not None:
                 src.n_train = n
@@ -405,3 +419,13 @@ class PackedMixtureStream:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def format_accounting(acc: dict) -> str:
+    """A small table of an accounting dict (:meth:`PackedMixtureStream.accounting`) for the console/log."""
+    total = sum(a["tokens"] for a in acc.values()) or 1
+    lines = [f"{'source':<16}{'tokens':>14}{'share':>8}{'docs':>10}{'epochs':>9}"]
+    for name, a in acc.items():
+        lines.append(f"{name:<16}{a['tokens']:>14,}{a['tokens'] / total:>8.1%}"
+                     f"{a['documents']:>10,}{a['epochs']:>9.3f}")
+    return "\n".join(lines)

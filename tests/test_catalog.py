@@ -28,6 +28,7 @@ def no_network(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))   # no user catalog of this machine's user
 
 
 def fake_checkpoint(folder: Path) -> Path:
@@ -230,3 +231,76 @@ def test_catalog_file_structure_errors(tmp_path):
     (e,) = read_catalog_file(f)
     assert e == CatalogEntry(name="b", stage="sft", path=Path("/abs/b"), source=str(f))
     assert e.location == "/abs/b"
+
+
+# ---------------------------------------------------------------------------------------------
+# anneal-catalog --refresh: the hub repo's refs -> the user catalog
+# ---------------------------------------------------------------------------------------------
+def _fake_refs(calls):
+    from huggingface_hub import GitRefInfo, GitRefs
+
+    def list_repo_refs(repo_id, **kw):      # the hub's answer; parsing and writing below are real
+        calls.append(repo_id)
+        ref = lambda name, kind="heads": GitRefInfo(name=name, ref=f"refs/{kind}/{name}",  # noqa: E731
+                                                     target_commit=f"{len(calls)}{name}".ljust(40, "0")[:40])
+        return GitRefs(branches=[ref("main"), ref("stable-10T"), ref("stable-1T"), ref("exp-a")],
+                       converts=[], tags=[ref("v1.0", "tags")])
+    return list_repo_refs
+
+
+def test_refresh_writes_the_user_catalog_that_resolves_by_revision(monkeypatch, tmp_path, capsys):
+    import huggingface_hub
+
+    from anneal.checkpoints.catalog import user_catalog_path
+    from anneal.cli import catalog_main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_refs", _fake_refs(calls))
+    user_catalog_path().parent.mkdir(parents=True)
+    write_catalog(user_catalog_path(), [{"name": "mine", "path": str(tmp_path), "stage": "sft"}])
+    catalog_main(["--refresh"])
+    assert calls == ["rednote-hilab/dots.llm1.base"]
+    out = capsys.readouterr().out
+    assert f"4 refs of rednote-hilab/dots.llm1.base written to {user_catalog_path()}" in out
+    cat = Catalog.load()                       # picks the user catalog up without catalog_files
+    e = cat.get("dots1.base-10T")              # replaces the bundled entry that had no repo id
+    assert (e.repo_id, e.revision, e.tokens_seen, e.stage, e.lr, e.verified) == \
+        ("rednote-hilab/dots.llm1.base", "stable-10T", 10 ** 13, "stable", 3e-4, True)
+    assert cat.get("dots1.base-1T").revision == "stable-1T"
+    other = cat.get("dots1.base@exp-a")
+    assert other.tokens_seen is None and other.lr is None and "unknown" in other.notes
+    assert cat.get("dots1.base@v1.0").revision == "v1.0" and "tag 'v1.0'" in cat.get("dots1.base@v1.0").notes
+    assert "dots1.base@main" not in cat and cat.get("mine").stage == "sft"   # the user's own entry is kept
+    # resolving uses the revision: the branch's snapshot in the HF cache, not main's
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "hf_cache" / "models--rednote-hilab--dots.llm1.base"
+    (repo / "refs").mkdir(parents=True)
+    for branch, commit in (("main", "a" * 40), ("stable-10T", "b" * 40)):
+        (repo / "refs" / branch).write_text(commit)
+        fake_checkpoint(repo / "snapshots" / commit)
+    assert cat.resolve("dots1.base-10T").path.name == "b" * 40
+    assert cat.resolve("dots1.base").path.name == "a" * 40
+
+
+def test_refresh_offline_is_one_line_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    import huggingface_hub
+
+    from anneal.checkpoints.catalog import user_catalog_path
+    from anneal.cli import catalog_main
+
+    with pytest.raises(SystemExit) as ex:
+        catalog_main(["--refresh"])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert "offline (HF_HUB_OFFLINE is set)" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def unreachable(repo_id, **kw):
+        raise ConnectionError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(huggingface_hub, "list_repo_refs", unreachable)
+    with pytest.raises(SystemExit):
+        catalog_main(["--refresh", "--out", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err
+    assert "cannot reach the Hugging Face hub" in err and "ConnectionError" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.yaml").exists() and not user_catalog_path().exists()

@@ -138,7 +138,8 @@ def test_dp2_x_ep2_zero2_matches_single_process_engine():
 # ------------------------------------------------------------------ the trainer under DeepSpeed
 def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
     """`torchrun --nproc-per-node 2 -m anneal trainer.engine=deepspeed parallel.ep_size=2`: the same
-    losses as the one-process run, exact resume, and a resume under another layout is refused."""
+    losses as the one-process run on the same data shards, exact resume, and a resume under another
+    layout is refused."""
     import json
     import os
     import subprocess
@@ -161,7 +162,8 @@ def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
         return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
 
     ds = ["trainer.engine=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=2"]
-    r = anneal("trainer.stop_after_steps=3", "run.name=native")
+    # the 2-rank run reads 2 data shards (one per rank): the one-process reference reads the same two
+    r = anneal("trainer.stop_after_steps=3", "run.name=native", "data.shards=2")
     assert r.returncode == 0, r.stderr[-3000:]
     r = anneal("trainer.stop_after_steps=2", "run.name=ds", *ds, world=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -191,7 +193,7 @@ def test_anneal_under_torchrun_runs_to_the_end_and_exports_the_whole_model(tmp_p
               "logging.plots=false", "export.dtype=float32", "schedule.stages.0.tokens=8192",
               "schedule.stages.1.tokens=4096", f"run.root={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "anneal", *common, "run.name=native"], env=env,
+    r = subprocess.run([sys.executable, "-m", "anneal", *common, "run.name=native", "data.shards=2"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",

@@ -10,8 +10,14 @@ format (`Catalog.load(extra_files=[...])`; user entries replace bundled ones by 
     print(format_catalog_table(cat))
 
 Resolving a hub entry calls `huggingface_hub.snapshot_download` (weights, config and tokenizer
-files only); with HF_HUB_OFFLINE=1 (or `offline=True`) only the local HF cache is used.
-`anneal-catalog` (anneal.cli) prints the catalog.
+files only) at the entry's `revision` (a branch, tag or commit); with HF_HUB_OFFLINE=1 (or
+`offline=True`) only the local HF cache is used. `anneal-catalog` (anneal.cli) prints the catalog.
+
+The intermediate dots.llm1 checkpoints are, per the maintainers, branches of the hub repo
+`rednote-hilab/dots.llm1.base`. `anneal-catalog --refresh` (`refresh_catalog`) lists that repo's
+branches and tags with `huggingface_hub.list_repo_refs` and writes one entry per ref into the user
+catalog (`user_catalog_path()`: $XDG_CONFIG_HOME/anneal/catalog.yaml, by default
+~/.config/anneal/catalog.yaml), which `Catalog.load` reads after the bundled one.
 """
 from __future__ import annotations
 
@@ -32,6 +38,16 @@ FIELDS = ("name", "repo_id", "path", "revision", "tokens_seen", "stage", "lr", "
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _TRUE = {"1", "on", "yes", "true"}
+
+
+DOTS1_BASE_REPO = "rednote-hilab/dots.llm1.base"
+_TOKENS_IN_REF = re.compile(r"(\d+(?:\.\d+)?)\s*([TB])(?![a-z])", re.IGNORECASE)
+
+
+def user_catalog_path() -> Path:
+    """The user catalog `anneal-catalog --refresh` writes and `Catalog.load` reads when it exists."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "anneal" / "catalog.yaml"
 
 
 def bundled_catalog_path() -> Path:
@@ -178,9 +194,11 @@ class Catalog:
 
     @classmethod
     def load(cls, extra_files: Iterable[str | os.PathLike] = ()) -> "Catalog":
-        """The bundled catalog plus user catalog files (later files override earlier by name)."""
+        """The bundled catalog, the user catalog (`user_catalog_path()`, if it exists) and catalog
+        files (later files override earlier by name)."""
         entries = {e.name: e for e in read_catalog_file(bundled_catalog_path(), base_dir=package_root())}
-        for f in extra_files:
+        user = user_catalog_path()
+        for f in ([user] if user.is_file() else []) + list(extra_files):
             entries.update({e.name: e for e in read_catalog_file(f)})
         return cls(entries)
 
@@ -225,7 +243,8 @@ class Catalog:
             if entry.repo_id is None:
                 raise AnnealError(
                     f"checkpoint '{entry.name}' (catalog {entry.source}): its hub repo id is not known "
-                    "(unverified). Find the repo in the dots1 collection "
+                    "(unverified). Run `anneal-catalog --refresh` online (it lists the branches of "
+                    f"{DOTS1_BASE_REPO}, where the intermediate checkpoints live), or find the repo in the dots1 collection "
                     "(https://huggingface.co/collections/rednote-hilab/dotsllm1-68246aaaaba3363374a8aa7c), "
                     "then add an entry with the same name and its repo_id (and revision) to your own "
                     "catalog file, or pass a local folder.")
@@ -333,3 +352,67 @@ def _snapshot(repo_id: str, revision: str | None, offline: bool | None, label: s
                           f"and it is not in the local HF cache ({kind}: {e}). {how}") from None
     return Path(path)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Refreshing from the hub
+# ---------------------------------------------------------------------------------------------
+def entries_from_refs(repo_id: str, refs) -> list[dict]:
+    """Catalog entries (raw dicts, the YAML format) for the branches and tags of `repo_id`
+    (`huggingface_hub.GitRefs`). A ref whose name holds a token count ("10T", "500B") becomes
+    `dots1.base-<count>` (replacing the bundled entry of that name: it now has its revision);
+    any other ref `dots1.base@<ref>`; the default branch is `dots1.base` (already bundled) and is
+    skipped. Stage and LR follow from the count (stable phase up to 10T, LR 3e-4); a ref without
+    a count gets stage 'stable' and no LR, and its notes say to check both."""
+    from anneal.train.schedule import format_tokens
+
+    out = []
+    for kind, ref_list in (("branch", refs.branches), ("tag", refs.tags)):
+        for ref in sorted(ref_list, key=lambda r: r.name):
+            if kind == "branch" and ref.name == "main":
+                continue
+            m = _TOKENS_IN_REF.search(ref.name)
+            tokens = round(float(m.group(1)) * (1e12 if m.group(2).upper() == "T" else 1e9)) if m else None
+            entry = {"name": f"dots1.base-{format_tokens(tokens)}" if m else f"dots1.base@{ref.name}",
+                     "repo_id": repo_id, "revision": ref.name, "tokens_seen": tokens, "stage": "stable",
+                     "lr": 3.0e-4 if tokens is not None and tokens <= 10 ** 13 else None, "verified": True}
+            why = ("stage and LR inferred from the token count in the name" if tokens is not None and tokens <= 10 ** 13
+                   else "stage and LR unknown: check the dots1 tech report and fix them here")
+            entry["notes"] = (f"{kind} '{ref.name}' of {repo_id} at commit {ref.target_commit} "
+                              f"(found by anneal-catalog --refresh); {why}.")
+            out.append(entry)
+    return out
+
+
+def refresh_catalog(repo_id: str = DOTS1_BASE_REPO, out: str | os.PathLike | None = None) -> tuple[Path, list[dict]]:
+    """List `repo_id`'s refs on the hub and merge one entry per ref into the catalog file `out`
+    (default `user_catalog_path()`; its other entries are kept). Returns (file, new entries)."""
+    from huggingface_hub import list_repo_refs
+
+    if _offline_from_env():
+        raise AnnealError(f"anneal-catalog --refresh: offline (HF_HUB_OFFLINE is set); cannot list the refs of "
+                          f"{repo_id}; run it on a machine with internet access")
+    try:
+        refs = list_repo_refs(repo_id)
+    except Exception as e:  # connection errors differ across huggingface_hub/requests/httpx versions
+        cause = " ".join(str(e).split())[:200]
+        raise AnnealError(f"anneal-catalog --refresh: cannot reach the Hugging Face hub to list the refs of {repo_id} "
+                          f"(offline? {type(e).__name__}: {cause}); the catalog is unchanged") from None
+    found = entries_from_refs(repo_id, refs)
+    path = Path(out) if out is not None else user_catalog_path()
+    import yaml
+
+    kept = []
+    if path.is_file():
+        read_catalog_file(path)   # refuse to rewrite a file that is not a valid catalog
+        data = yaml.safe_load(path.read_text())
+        kept = data["checkpoints"] if isinstance(data, dict) else data
+    names = {e["name"] for e in found}
+    merged = [e for e in kept if e.get("name") not in names] + found
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"# Written by anneal-catalog --refresh from the refs of {repo_id}; edit freely.\n"
+                   + yaml.safe_dump({"checkpoints": merged}, sort_keys=False, width=100))
+    read_catalog_file(tmp)        # what we write must load
+    os.replace(tmp, path)
+    return path, found

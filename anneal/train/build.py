@@ -136,8 +136,22 @@ def check_batch_shape(ramp: BatchRamp, seq_len: int, micro_batch_size: int, worl
                 "change one of them so each step is a whole number of micro-batches on every rank")
 
 
+def data_shards(cfg: DictConfig, layout: ParallelLayout) -> range:
+    """The data shards this rank reads (`mixtures.shards`): each rank tokenizes only its own rows."""
+    from mixtures import rank_shards
+
+    n, world, mbs = cfg.data.shards or layout.world, layout.world, cfg.trainer.micro_batch_size
+    if n < 1 or n % world:
+        raise AnnealError(f"data.shards={n} must be a positive multiple of the number of ranks ({world}); "
+                          f"leave it null for one shard per rank")
+    if mbs % (n // world):
+        raise AnnealError(f"trainer.micro_batch_size={mbs} must be a multiple of data.shards / ranks = "
+                          f"{n // world}: each micro-batch takes the same number of rows from each shard")
+    return rank_shards(n, layout.rank, world)
+
+
 def prepare(cfg: DictConfig, run_dir: Path, device: torch.device, layout: ParallelLayout) -> Prepared:
-    from mixtures import PackedMixtureStream, load_mixture
+    from mixtures import ShardedStream, load_mixture
 
     model, mcfg, tokenizer, tok_dir, ckpt_name, entry_lr, folder_meta = \
         build_model_and_tokenizer(cfg, run_dir, device, layout)
@@ -152,8 +166,9 @@ def prepare(cfg: DictConfig, run_dir: Path, device: torch.device, layout: Parall
     # serves pretraining and anneal); any other stage name must be one of the schedule's.
     spec.check_stages(list(schedule.stage_names) + [s for s in WSD_PHASES if s not in schedule.stage_names],
                       active_stages=schedule.stage_names)
-    stream = PackedMixtureStream(spec, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.seed,
-                                 stage=schedule.stage_names[0], num_workers=data_workers(cfg.data.num_workers, device))
+    stream = ShardedStream(spec, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.seed, stage=schedule.stage_names[0],
+                           shards=data_shards(cfg, layout), n_shards=cfg.data.shards or layout.world,
+                           num_workers=data_workers(cfg.data.num_workers, device))
     model.train()
     return Prepared(model, mcfg.to_hf_dict(), tokenizer, tok_dir, schedule, ramp, stream, spec,
                     ckpt_name, folder_meta)

@@ -109,6 +109,17 @@ def evaluate(run: Run) -> dict:
     return out
 
 
+def global_accounting(run: Run) -> dict:
+    """Tokens/documents per source consumed by all ranks (each rank reads its own data shards)."""
+    parts = [a for rank_parts in run.layout.all_gather(run.p.stream.shard_accounting()) for a in rank_parts]
+    return run.p.stream.merge_accounting(parts)
+
+
+def global_data_state(run: Run) -> list[dict]:
+    """Every data shard's state (one per shard, from all ranks): the checkpoint's data cursor."""
+    return [st for rank_states in run.layout.all_gather(run.p.stream.state_dict()) for st in rank_states]
+
+
 class Eval(Callback):
     """Held-out losses at step 0, every `every` tokens and at each stage end (with the data
     accounting of the stream)."""
@@ -124,7 +135,7 @@ class Eval(Callback):
     def on_step_end(self, info: StepInfo, row: dict) -> None:
         if info.crossed(self.every) or info.at_stage_end:
             row.update(evaluate(self.run))
-            row["data"] = self.run.p.stream.accounting()
+            row["data"] = global_accounting(self.run)
 
 
 class Metrics(Callback):
@@ -160,7 +171,7 @@ class Checkpoint(Callback):
         meta = {"step": info.step, "tokens": info.tokens, "stage": info.stage, "lr": p.schedule.lr_at(info.tokens),
                 "checkpoint": p.checkpoint_name, "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + info.tokens}
         callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None}
-        state = {"step": info.step, "tokens": info.tokens, "data": p.stream.state_dict(),
+        state = {"step": info.step, "tokens": info.tokens, "data": global_data_state(run),
                  "rng": training_state.rng_state(), "history": list(run.tracker.history), "callbacks": callbacks}
         run.last_checkpoint = run.engine.save_state(run.ckpt_root, info.step, state, p.hf_config, meta,
                                                     keep=run.cfg.trainer.keep_checkpoints)

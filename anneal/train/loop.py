@@ -26,7 +26,7 @@ from anneal.model.precision import PrecisionPolicy
 from anneal.train.balance import RouterBalance
 from anneal.train.build import engine_class, prepare
 from anneal.config import validate_config
-from anneal.train.callbacks import Checkpoint, Eval, Export, Metrics, Plots, Run, StepInfo
+from anneal.train.callbacks import Checkpoint, Eval, Export, Metrics, Plots, Run, StepInfo, global_accounting
 from anneal.train.devices import (compile_enabled, device_peak_tflops, peak_host_memory_gb, pick_device,
                                   set_deterministic)
 from anneal.train.guards import StepGuard
@@ -65,7 +65,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     step, tokens, history = 0, 0, []
     if state is not None:  # optimizer, data cursor and RNG (the weights are already loaded)
         engine.restore_state(run_dir / "ckpt", state)
-        p.stream.load_state_dict(state["data"])
+        restore_data(p.stream, state["data"])
         training_state.set_rng_state(state["rng"])
         step, tokens, history = state["step"], state["tokens"], state["history"]
 
@@ -84,7 +84,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         with PreemptionRequest() as preemption:
             result = fit(run, step, tokens, callback_states=state.get("callbacks", {}) if state else {},
                          stop_requested=lambda: bool(preemption))
-        tracker.print(p.stream.format_accounting(), markup=False, highlight=False)
+        tracker.print(p.stream.format_accounting(global_accounting(run)), markup=False, highlight=False)
         if result["preempted"]:
             tracker.print(f"{preemption.received}: stopped after step {result['step']} with a checkpoint; resume with\n  "
                           + resume_command(cfg, run_dir), markup=False, highlight=False)
@@ -93,6 +93,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         p.stream.close()
     result["wandb_dir"] = tracker.wandb_dir
     return result
+
+
+def restore_data(stream, data: list[dict] | dict) -> None:
+    """The data cursor of every shard; a run resumes on any number of ranks that divides the saved
+    number of data shards (a dict: a checkpoint from before data shards, one shard)."""
+    saved = len(data) if isinstance(data, list) else 1
+    if saved != stream.n_shards:
+        raise AnnealError(f"the checkpoint's data cursor has {saved} data shard(s) but this run reads "
+                          f"{stream.n_shards}: resume with data.shards={saved} and a number of ranks that divides it")
+    stream.load_state_dict(data)
 
 
 def fit(run: Run, step: int, tokens: int, callback_states: dict | None = None,

@@ -64,18 +64,13 @@ def train_step(model: Dots1ForCausalLM, engine, stream, source_names: list[str],
     the last backward and before the update, and summed over ranks; `before_update(row)` may then
     veto the update (returns the reason, which lands in row["skipped"]). `stop_requested()` is this
     rank's wish to stop after the step (preemption); row["stop_requested"] is every rank's."""
-    mbs, rank, world = micro_batch_size, layout.rank, layout.world
+    mbs, world = micro_batch_size, layout.world
     n_micro //= world
     n_src = len(source_names)
 
-    def batches():
-        # Every rank reads the same stream (same seed, same state: one data cursor in the
-        # checkpoint) and keeps its own rows of each global micro-batch.
-        for _ in range(n_micro):
-            batch = stream.next_batch(mbs * world)
-            yield {k: v[rank * mbs:(rank + 1) * mbs] for k, v in batch.items()} if world > 1 else batch
-
-    sums = accumulate(model, engine, batches(), n_micro, n_src, device)
+    # `stream` is this rank's data shards (mixtures.shards): it tokenizes only this rank's rows.
+    batches = (stream.next_batch(mbs) for _ in range(n_micro))
+    sums = accumulate(model, engine, batches, n_micro, n_src, device)
     aux = sums["aux_sum"]
     flags = torch.zeros(n_src, dtype=torch.float64, device=device)
     flags[0] = float(stop_requested())
