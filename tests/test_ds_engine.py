@@ -2,6 +2,7 @@
 losses, grad norms, weights and router biases as our single-process Engine on the same batches."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -62,6 +63,26 @@ def _train_steps(engine, model, rank, world, steps, check=None):
             assert abs(norm - check[s][1]) < 1e-4 * max(1.0, check[s][1]), (s, norm, check[s][1])
 
 
+def _dropped_steps_leave_no_trace(engine, model, rank):
+    """A step with NaN gradients (DeepSpeed drops it) and a vetoed step (`skip_step`) change no
+    weight, and the router-bias hook forgets their load: the next steps still match the reference."""
+    from anneal.train.balance import RouterBalance
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    junk = torch.randint(0, TINY["vocab_size"], (1, 13), generator=torch.Generator().manual_seed(99 + rank))
+    engine.add_post_step_hook(RouterBalance(model.routers(), RATE))
+    engine.backward(_loss(model, junk) * float("nan"))
+    norm = engine.step(1.0)
+    assert not engine.step_applied and not math.isfinite(norm), norm
+    engine.backward(_loss(model, junk))
+    engine.skip_step()
+    assert not engine.step_applied
+    engine.post_step_hooks.clear()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+    assert all(float(r.expert_load.sum()) == 0 for r in model.routers().values())
+
+
 def _worker(rank, world, ep_size, zero_stage):
     import io
 
@@ -74,6 +95,7 @@ def _worker(rank, world, ep_size, zero_stage):
     assert engine.engine.has_moe_layers
     assert any(g.get("moe") for g in engine.engine.optimizer.param_groups)
     _train_steps(engine, model, rank, world, range(STEPS - 1), ref)
+    _dropped_steps_leave_no_trace(engine, model, rank)
     # what a per-rank checkpoint holds: model state (local experts, router biases) + ZeRO partition
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "engine": engine.state_dict()}, buf)

@@ -268,16 +268,30 @@ class DeepSpeedEngine(PostStepHooks):
         return float(norm) if norm is not None else float("nan")
 
     def skip_step(self) -> None:
-        """Drop this step's gradients without an update, through DeepSpeed's own overflow path (it
-        clears the partitioned gradient buffers; all ranks take the same decision)."""
+        """Drop this step's gradients without an update. DeepSpeed's step runs as usual up to the
+        optimizer (the same collectives on every rank, which all take the same decision); there the
+        optimizer reports an overflow, the flag DeepSpeed itself uses to drop an fp16 step:
+        - the ZeRO 1/2 optimizer (fp32, or bf16 with ZeRO 2) takes its own overflow path, which
+          also clears the partitioned gradient buffers;
+        - the bf16 optimizer (bf16 with ZeRO 1) skips its update, and the `zero_grad` DeepSpeed
+          calls after every step clears its bf16 and fp32 gradients."""
         opt = self.engine.optimizer
-        opt.check_grad_overflow, saved = True, opt.check_grad_overflow
-        opt.has_overflow = lambda *args, **kwargs: True  # this step only (an instance attribute)
+        if hasattr(opt, "check_grad_overflow"):
+            saved = opt.check_grad_overflow
+            opt.check_grad_overflow = True
+            opt.has_overflow = lambda *args, **kwargs: True  # this step only (instance attributes)
+        else:
+            opt.step = lambda closure=None: setattr(opt, "overflow", True)
         try:
             self.engine.step()
         finally:
-            del opt.has_overflow
-            opt.check_grad_overflow = saved
+            if hasattr(opt, "check_grad_overflow"):
+                del opt.has_overflow
+                opt.check_grad_overflow = saved
+            else:
+                del opt.step
+        if self.engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied a step the trainer dropped: its overflow handling changed")
         self.step_applied = False
         self._run_post_step_hooks(False)
 
