@@ -65,8 +65,15 @@ _WORKER_SOURCES = None
 
 def worker_init(payload: bytes, spec_payload: bytes | None = None) -> None:
     """Runs once in each worker: rebuild the encoder and, if given the mixture spec, load its
-    sources (from the `datasets` cache: memory-mapped Arrow, so cheap) to render texts here."""
+    sources (from the `datasets` cache: memory-mapped Arrow, so cheap) to render texts here.
+    Preemption signals (SIGTERM, SIGUSR1) are the trainer's to handle: a scheduler that signals
+    the whole process group must not kill the worker the trainer still reads its last step from."""
     global _WORKER_ENCODE, _WORKER_SOURCES
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     _WORKER_ENCODE = encoder_from_payload(payload)
     if spec_payload is not None:
         import logging
