@@ -162,7 +162,8 @@ def _print_summary(result: dict) -> None:
         console.print(f"eval loss  {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}")
     console.print(f"run folder : {result['run_dir']}")
     if result.get("wandb_dir"):
-        console.print(f"W&B run    : {result['wandb_dir']}  (offline; `wandb sync {result['wandb_dir']}` to upload)")
+        group = f", group {result['wandb_group']}" if result.get("wandb_group") else ""
+        console.print(f"W&B run    : {result['wandb_dir']}  (offline{group}; `wandb sync {result['wandb_dir']}` to upload)")
     if result.get("export_dir"):
         console.print(f"HF export  : {result['export_dir']}")
     elif result.get("preempted"):

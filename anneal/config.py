@@ -93,6 +93,7 @@ class ParallelCfg:
 class LoggingCfg:
     wandb: bool = True
     project: str = "anneal"
+    group: Optional[str] = None            # W&B group; null = the sweep's name under --multirun (branches side by side)
     entity: Optional[str] = None
     mode: str = "offline"                  # offline (sync later with `wandb sync`) | online | disabled
     progress: bool = True

@@ -54,10 +54,14 @@ def test_recipe_by_path_and_multirun(tmp_path):
     bad = anneal(f"recipe={recipe}", *ENV_QUIET, cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "schedule_batch" in bad.stdout + bad.stderr   # typo in a recipe names the key
     recipe.write_text(GOOD_RECIPE)
-    anneal("--multirun", f"recipe={recipe}", "seed=1,2", "logging.wandb=false", "export.enabled=false",
-           "run.name=sweep", *ENV_QUIET, cwd=tmp_path)
+    r = anneal("--multirun", f"recipe={recipe}", "seed=1,2", "export.enabled=false", "logging.plots=false",
+               "run.name=sweep", *ENV_QUIET, cwd=tmp_path)
+    assert r.stdout.count("offline, group sweep;") == 2      # both branches in one W&B group
     losses = []
     for job in ("0", "1"):
+        assert (tmp_path / "runs" / "sweep" / job / "expert_load.png").stat().st_size > 0  # heatmap at the evals
+        assert list((tmp_path / "runs" / "sweep" / job / "wandb").glob("offline-run-*/files/media/images/moe/"
+                                                                         "expert_load_*.png"))
         cfg = (tmp_path / "runs" / "sweep" / job / "config.yaml").read_text()
         assert "tokens: '1024'" in cfg or "tokens: 1024" in cfg
         rows = [json.loads(x) for x in (tmp_path / "runs" / "sweep" / job / "metrics.jsonl").read_text().splitlines()]

@@ -14,6 +14,13 @@ class RouterBalance:
     def __init__(self, routers: dict, rate: float):
         self.routers, self.rate = routers, rate
         self.stats: dict = {}
+        self._interval_load = None  # [layers, experts] global load of the applied steps since the last take
+
+    def take_interval_load(self):
+        """The global expert load (layers x experts, on the device) summed over the applied steps
+        since the last call, and a fresh sum; None before any step."""
+        load, self._interval_load = self._interval_load, None
+        return load
 
     def __call__(self, engine, applied: bool = True) -> None:
         routers = self.routers
@@ -23,6 +30,8 @@ class RouterBalance:
             self.stats = {}
             return
         engine.reduce_expert_load(routers)
+        loads = torch.stack([router.expert_load for router in routers.values()])
+        self._interval_load = loads if self._interval_load is None else self._interval_load + loads
         ratios, spreads = [], []
         for router in routers.values():
             load = router.expert_load

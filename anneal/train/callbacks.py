@@ -122,11 +122,13 @@ def global_data_state(run: Run) -> list[dict]:
 
 class Eval(Callback):
     """Held-out losses at step 0, every `every` tokens and at each stage end (with the data
-    accounting of the stream)."""
+    accounting of the stream), and with each eval after step 0 the expert-load heatmap of the
+    training steps since the previous eval (`expert_load()`: layers x experts; rank 0 draws it to
+    expert_load.png in the run folder and logs it to W&B)."""
 
-    def __init__(self, run: Run, every: int):
+    def __init__(self, run: Run, every: int, expert_load=lambda: None):
         super().__init__(run)
-        self.every = every
+        self.every, self.expert_load = every, expert_load
 
     def on_train_start(self, step: int) -> None:
         if step == 0 and not self.run.tracker.history:
@@ -136,6 +138,18 @@ class Eval(Callback):
         if info.crossed(self.every) or info.at_stage_end:
             row.update(evaluate(self.run))
             row["data"] = global_accounting(self.run)
+            self._heatmap(info)
+
+    def _heatmap(self, info: StepInfo) -> None:
+        load = self.expert_load()
+        if load is None or not self.run.layout.is_rank0:
+            return
+        from anneal.train.plots import plot_expert_load
+
+        layers = list(self.run.p.model.routers())
+        path = plot_expert_load(load.float().cpu().numpy(), layers, self.run.run_dir / "expert_load.png",
+                                title=f"expert load / layer mean, steps up to {info.step} ({info.stage})")
+        self.run.tracker.log_image("moe/expert_load", path, step=info.step)
 
 
 class Metrics(Callback):

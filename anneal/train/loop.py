@@ -31,7 +31,7 @@ from anneal.train.devices import (compile_enabled, device_peak_tflops, peak_host
                                   set_deterministic)
 from anneal.train.guards import StepGuard
 from anneal.train.preemption import PreemptionRequest
-from anneal.train.run_dir import claim_run_dir, resume_command, resume_point
+from anneal.train.run_dir import claim_run_dir, resume_command, resume_point, wandb_group
 from anneal.train.schedule import format_tokens, parse_tokens
 from anneal.train.step import train_step
 from anneal.train.tracking import NullTracker, Tracker
@@ -71,7 +71,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     if layout.is_rank0:
         tracker = Tracker(run_dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True),
-                          p.schedule.total_tokens, tokens, history)
+                          p.schedule.total_tokens, tokens, history, group=wandb_group(cfg, run_dir))
     else:
         tracker = NullTracker(history)
     for note in notes:
@@ -92,6 +92,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         tracker.close()
         p.stream.close()
     result["wandb_dir"] = tracker.wandb_dir
+    result["wandb_group"] = getattr(tracker, "group", None)
     return result
 
 
@@ -114,7 +115,7 @@ def fit(run: Run, step: int, tokens: int, callback_states: dict | None = None,
     balance = RouterBalance(p.model.routers(), cfg.model.bias_update_rate)
     engine.add_post_step_hook(balance)
     callbacks = [StepGuard(run),  # first: a failed step stops the run before anything is written from it
-                 Eval(run, parse_tokens(cfg.trainer.eval_every, "trainer.eval_every")),
+                 Eval(run, parse_tokens(cfg.trainer.eval_every, "trainer.eval_every"), balance.take_interval_load),
                  Metrics(run, cfg.trainer.log_every)]
     callbacks += [Checkpoint(run, parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every"), callbacks),
                   Plots(run), Export(run)]

@@ -178,3 +178,26 @@ def plot_comparison(names: list[str], columns: Mapping[str, list[float | None]],
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_expert_load(load, layers: list, path: str | os.PathLike, title: str = "") -> Path:
+    """Heatmap of routed tokens per expert (columns) and MoE layer (rows), each row as a share of
+    its layer's mean: 1.0 is a perfectly balanced expert."""
+    import numpy as np
+
+    share = np.asarray(load, dtype=float)
+    share = share / np.maximum(share.mean(axis=1, keepdims=True), 1e-9)
+    fig = Figure(figsize=(max(6.0, share.shape[1] * 0.08 + 2), max(2.5, len(layers) * 0.25 + 1.2)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    img = ax.imshow(share, aspect="auto", cmap="magma", vmin=0.0, vmax=max(2.0, float(share.max())),
+                    interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_title(title or "expert load / layer mean")
+    fig.colorbar(img, ax=ax, label="load / mean")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path

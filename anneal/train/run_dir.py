@@ -56,3 +56,19 @@ def resume_command(cfg: DictConfig, run_dir: Path, *extra: str) -> str:
     where = [f"run.root={run_dir.parent}", f"run.name={run_dir.name}"]
     return " ".join(["anneal", *map(shlex.quote, kept), *map(shlex.quote, where), "run.resume=true",
                      *map(shlex.quote, extra)])
+
+
+def wandb_group(cfg: DictConfig, run_dir: Path) -> str | None:
+    """logging.group, or under `anneal --multirun` the sweep's folder name: every branch of a sweep
+    lands in one W&B group, so its per-source eval curves sit side by side."""
+    if cfg.logging.group:
+        return cfg.logging.group
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return Path(run_dir).parent.name
+    except (ImportError, ValueError):
+        pass
+    return None

@@ -17,8 +17,8 @@ console = Console(stderr=False)
 
 class Tracker:
     def __init__(self, run_dir: Path, logging_cfg, run_config: dict, total_tokens: int, start_tokens: int,
-                 history: list[dict] | None = None):
-        self.run_dir, self.cfg = run_dir, logging_cfg
+                 history: list[dict] | None = None, group: str | None = None):
+        self.run_dir, self.cfg, self.group = run_dir, logging_cfg, group
         self.metrics_path = run_dir / "metrics.jsonl"
         self.history: list[dict] = list(history or [])
         # Rewrite the JSONL from the checkpoint's history so a resumed run has no duplicate rows.
@@ -49,7 +49,8 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         return wandb.init(project=self.cfg.project, entity=self.cfg.entity, mode=self.cfg.mode,
                           dir=str(self.run_dir), config=run_config, id=run_id, resume="allow",
-                          name=self.run_dir.name, settings=wandb.Settings(console="off"))
+                          name=f"{self.group}/{self.run_dir.name}" if self.group else self.run_dir.name,
+                          group=self.group, settings=wandb.Settings(console="off"))
 
     @property
     def wandb_dir(self) -> str | None:
@@ -62,6 +63,13 @@ class Tracker:
             f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(row, step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """A PNG into W&B (the file itself stays in the run folder)."""
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
 
     def update_progress(self, tokens: int, stage: str, loss: float, lr: float, tokens_per_s: float) -> None:
         if self.progress is not None:
@@ -88,6 +96,9 @@ class NullTracker:
         self.history.append({"step": step, **row})
 
     def print(self, *a, **k) -> None:
+        pass
+
+    def log_image(self, *a, **k) -> None:
         pass
 
     def update_progress(self, *a, **k) -> None:
