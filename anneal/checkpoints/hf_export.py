@@ -86,8 +86,6 @@ def split_into_shards(metas: dict[str, torch.Tensor], max_shard_size: int | str
 
 
 def _write_weights(model, folder: Path, dtype: torch.dtype | None, max_shard_size: int | str) -> None:
-    from safetensors.torch import save_file
-
     cfg: Dots1Config = model.config
     producers = hf_producers(model.state_dict(), cfg)
     expected = set(hf_weight_plan(cfg))
@@ -100,16 +98,24 @@ def _write_weights(model, folder: Path, dtype: torch.dtype | None, max_shard_siz
     metas = {n: torch.empty(shape, dtype=export_dtype(n, dt, dtype), device="meta")
              for n, (shape, dt, _) in producers.items()}
     shards, sharded = split_into_shards(metas, max_shard_size)
+    write_shards(folder, shards, sharded, lambda n: export_tensor(n, producers[n][2](), dtype))
+
+
+def write_shards(folder: Path, shards: dict[str, list[str]], sharded: bool, make_tensor) -> None:
+    """Write each shard's tensors (`make_tensor(name)`, one shard in memory at a time) and, when
+    sharded, the index with the total size."""
+    from safetensors.torch import save_file
+
     total = 0
     for filename, names in shards.items():
-        tensors = {n: export_tensor(n, producers[n][2](), dtype) for n in names}
+        tensors = {n: make_tensor(n) for n in names}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(folder / filename), metadata={"format": "pt"})
         del tensors
     if sharded:
         weight_map = {n: f for f, names in shards.items() for n in names}
         write_json(folder / SAFE_WEIGHTS_INDEX_NAME,
-                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+                   {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,

@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from anneal.checkpoints.export import META_FILE
-from anneal.checkpoints.hf_export import copy_tokenizer_files, split_into_shards, write_json
-from anneal.checkpoints.hf_layout import (SAFE_WEIGHTS_INDEX_NAME, TOKENIZER_FILES, check_names, check_shape,
+from anneal.checkpoints.hf_export import copy_tokenizer_files, split_into_shards, write_json, write_shards
+from anneal.checkpoints.hf_layout import (TOKENIZER_FILES, check_names, check_shape,
                                           hf_weight_plan)
 from anneal.checkpoints.hf_load import TensorInfo, scan_tensors
 from anneal.errors import AnnealError
@@ -191,18 +191,7 @@ def make_soup(folders: list[str | os.PathLike], out: str | os.PathLike, weights:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     before = peak_host_memory_gb()
     try:
-        from safetensors.torch import save_file
-
-        total = 0
-        for filename, names in shards.items():
-            tensors = {n: _mean_tensor(n, ings, w) for n in names}
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
-            del tensors
-        if sharded:
-            weight_map = {n: f for f, names in shards.items() for n in names}
-            write_json(tmp / SAFE_WEIGHTS_INDEX_NAME,
-                       {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        write_shards(tmp, shards, sharded, lambda n: _mean_tensor(n, ings, w))
         for name in ("config.json", "generation_config.json"):
             if (ref.folder / name).is_file():
                 shutil.copy2(ref.folder / name, tmp / name)
