@@ -213,8 +213,8 @@ class Export(Callback):
         if not cfg.export.enabled:
             return
         model = run.engine.export_model()  # collective under expert parallelism
-        out = None
-        if run.layout.is_rank0:
+
+        def write() -> str:
             from anneal.checkpoints.hf_export import export_hf_checkpoint
 
             export_dir = Path(cfg.export.dir) if cfg.export.dir else run.run_dir / "hf"
@@ -224,5 +224,8 @@ class Export(Callback):
             export_hf_checkpoint(model, export_dir, tokenizer_dir=p.tokenizer_dir,
                                  dtype=getattr(torch, cfg.export.dtype), max_shard_size=cfg.export.max_shard_size,
                                  overwrite=cfg.export.overwrite, extra_files={META_FILE: json.dumps(meta, indent=2)})
-            out = str(export_dir)
+            return str(export_dir)
+
+        # rank 0 writes; its error (a full disk, non-finite weights) stops every rank, none waits
+        out = run.layout.rank0_first(write, lambda: None)
         run.export_dir = run.layout.broadcast(out)
