@@ -174,6 +174,9 @@ _CHOICES = {
 # subtrees whose keys are the user's (HF config fields, DeepSpeed keys, list items)
 _FREE_FORM = ("model.arch.", "trainer.deepspeed.", "schedule.stages.", "schedule.batch_tokens.",
               "catalog_files.", "trainer.betas.")
+# names other trainers use for what lives elsewhere here
+_ELSEWHERE = {"lr": "schedule.start_lr", "learning_rate": "schedule.start_lr", "batch_size": "schedule.batch_tokens",
+              "global_batch_size": "schedule.batch_tokens", "max_steps": "trainer.stop_after_steps"}
 CONFIG_GROUPS = ("model", "data", "schedule", "trainer", "parallel", "logging", "recipe")
 
 
@@ -232,10 +235,17 @@ def check_keys(keys, where: str) -> None:
             continue
         section, _, leaf = key.rpartition(".")
         siblings = sorted(k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section)
-        near = [f"{section}.{m}" if section else m for m in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)]
-        if not near:  # a misspelt section, or a key that lives in another one
-            near = difflib.get_close_matches(key, sorted(k for k in valid if not key.startswith(k + ".")),
-                                             n=1, cutoff=0.6)
+        leaves = {k.rpartition(".")[2]: k for k in sorted(valid, key=len, reverse=True)}
+        near = [leaves[leaf]] if leaf in leaves else []  # the key lives in another section: trainer.seed -> seed
+        if not near and leaf in _ELSEWHERE:
+            near = [_ELSEWHERE[leaf]]
+        if not near:
+            near = [f"{section}.{m}" if section else m for m in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)]
+        if not near:
+            near = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)]
+        if not near and section:
+            fixed = difflib.get_close_matches(section, sorted(k for k in valid if "." not in k), n=1, cutoff=0.6)
+            near = [f"{fixed[0]}.{leaf}"] if fixed and f"{fixed[0]}.{leaf}" in valid else []
         if near:
             hint = f"; did you mean {near[0]}?"
         elif siblings:

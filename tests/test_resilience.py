@@ -365,6 +365,7 @@ def test_numbers_out_of_range_name_the_key(override, message):
 @pytest.mark.parametrize("key, near", [
     ("trainer.micro_batch", "trainer.micro_batch_size"), ("schedule.start_lrr", "schedule.start_lr"),
     ("trainer.on_nonfinit", "trainer.on_nonfinite"), ("sed", "seed"), ("trainer.spike.kk", "trainer.spike.k"),
+    ("trainer.seed", "seed"), ("trainr.eps", "trainer.eps"), ("trainer.lr", "schedule.start_lr"),
 ])
 def test_unknown_key_gets_the_nearest_valid_one(key, near):
     with pytest.raises(AnnealError, match=f"unknown config key {key}; did you mean {near}\\?"):
