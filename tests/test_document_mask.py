@@ -162,14 +162,25 @@ def test_cuda_flex_packed_row_matches_documents_bf16(compile_layers):
 
 
 @pytest.mark.gpu
-def test_cuda_compiled_layers_have_no_graph_break_and_no_recompile():
+def test_cuda_compiled_layers_have_no_graph_break_no_recompile_and_no_host_sync():
+    """The mask is built outside the compiled layers (compiled create_block_mask) and passed in:
+    no graph break, one graph for every document layout of a row shape, and the forward + backward
+    never waits on the GPU (the micro-batch loop's promise, anneal.train.step)."""
     model = _cuda_model(compile_layers=True)
     torch._dynamo.reset()
     counters.clear()
-    for docs, seed in [((700, 1100, 248), 0), ((2000, 48), 1), ((2048,), 2)]:
-        ids, pos, targets, _ = _packed(docs, seed)
-        model.token_losses(ids.cuda(), targets.cuda(), pos.cuda()).sum().backward()
-        if seed == 0:
+    rows = [[t.cuda() for t in _packed(docs, seed)[:3]]
+            for seed, docs in enumerate([(700, 1100, 248), (2000, 48), (2048,), (5, 2043)])]
+    for i, (ids, pos, targets) in enumerate(rows[:3]):
+        model.token_losses(ids, targets, pos).sum().backward()
+        if i == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
     assert counters["stats"]["unique_graphs"] == graphs
+    ids, pos, targets = rows[3]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.token_losses(ids, targets, pos).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -64,16 +64,19 @@ def build_document_mask(position_ids: torch.Tensor, flex: bool) -> BlockMask | t
     def same_document_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
-    build = create_block_mask if flex else create_mask
+    if not flex:
+        return create_mask(same_document_causal, bsz, None, seq, seq, device=position_ids.device)
+    # on an H100 (B 2, S 4096): 0.4 ms compiled, without a host sync; 10 ms eager
+    build = _compiled(create_block_mask) if position_ids.is_cuda else create_block_mask
     return build(same_document_causal, bsz, None, seq, seq, device=position_ids.device)
 
 
 @functools.cache
-def _compiled_flex_attention():
-    """Eager flex_attention materializes the whole score matrix; compiled it is one fused Triton
-    kernel. Inside an already compiled decoder layer (compile_layers) dynamo inlines this wrapper.
-    Made on first use: torch.compile imports dynamo (seconds), which a CPU run never needs."""
-    return torch.compile(flex_attention)
+def _compiled(fn):
+    """torch.compile(fn), made on first use (torch.compile imports dynamo: seconds a CPU run never
+    needs). Eager flex_attention materializes the whole score matrix; compiled it is one fused
+    Triton kernel, and inside an already compiled decoder layer (compile_layers) dynamo inlines it."""
+    return torch.compile(fn)
 
 
 class Attention(nn.Module):
@@ -102,7 +105,7 @@ class Attention(nn.Module):
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif isinstance(mask, BlockMask):
-            flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+            flex = _compiled(flex_attention) if q.is_cuda else flex_attention
             out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
