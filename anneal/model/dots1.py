@@ -75,7 +75,7 @@ def build_document_mask(position_ids: torch.Tensor, flex: bool) -> BlockMask | t
 def _compiled(fn):
     """torch.compile(fn), made on first use (torch.compile imports dynamo: seconds a CPU run never
     needs). Eager flex_attention materializes the whole score matrix; compiled it is one fused
-    Triton kernel, and inside an already compiled decoder layer (compile_layers) dynamo inlines it."""
+    Triton kernel."""
     return torch.compile(fn)
 
 
@@ -105,7 +105,10 @@ class Attention(nn.Module):
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif isinstance(mask, BlockMask):
-            flex = _compiled(flex_attention) if q.is_cuda else flex_attention
+            # traced inside a compiled layer, plain flex_attention is what inductor fuses; eager on
+            # CUDA, the compiled wrapper; on CPU, eager (forward only: no CPU backward)
+            eager = not q.is_cuda or torch.compiler.is_compiling()
+            flex = flex_attention if eager else _compiled(flex_attention)
             out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
