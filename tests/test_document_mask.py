@@ -17,8 +17,8 @@ CFG = dict(vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediat
 DOCS = (11, 19, 7)  # three documents of different lengths in one packed row
 
 
-def _model(document_mask: bool, **kw) -> Dots1ForCausalLM:
-    model = Dots1ForCausalLM(Dots1Config(**CFG), document_mask=document_mask, **kw)
+def _model(document_mask: bool, cfg=CFG, **kw) -> Dots1ForCausalLM:
+    model = Dots1ForCausalLM(Dots1Config(**cfg), document_mask=document_mask, **kw)
     model.init_weights(seed=0)
     return model
 
@@ -134,8 +134,11 @@ def test_compiled_layers_with_the_mask_match_eager():
 
 
 # ---------------------------------------------------------------------------------- CUDA
+CUDA_CFG = {**CFG, "hidden_size": 64, "head_dim": 16}  # FlexAttention's Triton kernel needs head_dim >= 16
+
+
 def _cuda_model(compile_layers: bool):
-    model = _model(document_mask=True, experts_backend="grouped_mm").cuda().to_dtype(torch.bfloat16)
+    model = _model(document_mask=True, cfg=CUDA_CFG, experts_backend="grouped_mm").cuda().to_dtype(torch.bfloat16)
     if compile_layers:
         model.compile_layers()
     return model
@@ -155,7 +158,7 @@ def test_cuda_flex_packed_row_matches_documents_bf16(compile_layers):
     torch.testing.assert_close(packed_loss, alone, atol=3e-2, rtol=3e-2)
     assert abs(packed_loss.sum().item() - alone.sum().item()) / alone.sum().item() < 2e-3
 
-    ref = _model(document_mask=True)  # fp32 CPU, dense mask
+    ref = _model(document_mask=True, cfg=CUDA_CFG)  # fp32 CPU, dense mask
     with torch.no_grad():
         want = ref.token_losses(ids, targets, pos)
     assert (packed_loss.float().cpu() - want).abs().mean() < 2e-2
