@@ -98,6 +98,8 @@ class HeldOut:
 
         data = cfg["data"]
         self.run_dir, self.eval_seqs, self.seq_len = run_dir, data["eval_seqs"], data["seq_len"]
+        # exports are scored with the run's attention (a document mask changes every loss)
+        self.document_mask = bool(cfg.get("model", {}).get("document_mask", False))
         self.tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
         self.spec = load_mixture(data["mixture"])
         self.stream = PackedMixtureStream(self.spec, self.tokenizer, seq_len=self.seq_len, seed=cfg["seed"])
@@ -110,6 +112,7 @@ class HeldOut:
         from anneal.train.callbacks import heldout_losses
 
         model, mcfg = load_hf_checkpoint(export, dtype=torch.float32, device=device)
+        model.document_mask = self.document_mask
         if len(self.tokenizer) > mcfg.vocab_size:
             raise AnnealError(f"{export}: vocab_size {mcfg.vocab_size} is smaller than the tokenizer of "
                               f"{self.run_dir} ({len(self.tokenizer)} tokens); it is not a model of these runs")
@@ -138,6 +141,10 @@ def compare(paths: list[str | os.PathLike], evals: list[str | os.PathLike] = (),
                 if other.get(key) != ref.get(key):
                     raise AnnealError(f"--eval: run {label} has {key}={other.get(key)} but {first_label} has "
                                       f"{ref.get(key)}; their held-out sets differ, so compare such runs separately")
+            if bool(other.get("model.document_mask")) != bool(ref.get("model.document_mask")):
+                raise AnnealError(f"--eval: run {label} has model.document_mask={bool(other.get('model.document_mask'))} "
+                                  f"but {first_label} has {bool(ref.get('model.document_mask'))}; exports are scored "
+                                  "with one attention, so compare such runs separately")
         for e in map(Path, evals):
             if not e.is_dir():
                 raise AnnealError(f"--eval {e}: not a folder; pass HF export folders (e.g. a soup, runs/<name>/hf)")

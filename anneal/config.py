@@ -18,6 +18,7 @@ class ModelCfg:
     aux_loss_coef: float = 0.0             # sequence-wise balance loss; 0 = aux-loss-free only
     bias_update_rate: float = 1e-3         # aux-loss-free bias step per optimizer step (DeepSeek-V3)
     gradient_checkpointing: bool = False
+    document_mask: bool = False            # attention inside each packed document (README: intra-document attention)
     compile: Optional[bool] = None         # torch.compile each decoder layer + the loss head; null = on for CUDA
     arch: Optional[dict] = None            # HF config.json fields; only used when checkpoint is null
     init_seed: int = 0

@@ -11,13 +11,17 @@ Cases (each in its own process, so compile caches and memory do not leak between
   no data pipeline, no logging;
 - `trainer`: `python -m anneal` end to end on the bundled demo mixture (data, logging, bias
   update and eval included; tokens/s as the trainer logs it).
-Both for engine native|deepspeed x backend x compile on/off x gradient checkpointing on/off.
+Both for engine native|deepspeed x backend x compile on/off x gradient checkpointing on/off x
+document mask on/off (`model.document_mask`: attention inside each packed document). The bare
+case's rows are packed documents of random lengths (exponential, mean `--doc-len`, 0 = one
+document per row); without the mask they only move RoPE, so they cost what plain rows cost.
 Reported: median tokens/s over the measured steps (after warm-up), model TFLOP/s (6 x active
 params + attention, as anneal.model.config counts it), MFU against the GPU's dense bf16 peak and
 against an 8192^3 bf16 matmul timed in the same run, peak GPU memory.
 
     python bench/bench_step.py --json bench/results/bench_step.json            # the default grid
     python bench/bench_step.py --cases bare --backends triton --compile on     # one row
+    python bench/bench_step.py --engines native --backends grouped_mm --compile on --document-mask on off
 """
 from __future__ import annotations
 
@@ -64,7 +68,8 @@ def run_bare(case: dict, args) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda")
     cfg = Dots1Config.from_hf_dict(slice_arch(args), source="bench slice")
-    model = Dots1ForCausalLM(cfg, case["backend"], gradient_checkpointing=case["grad_ckpt"])
+    model = Dots1ForCausalLM(cfg, case["backend"], gradient_checkpointing=case["grad_ckpt"],
+                             document_mask=case["document_mask"])
     model.init_weights(seed=0)
     model.to(device).train()
     tcfg = OmegaConf.structured(TrainerCfg(micro_batch_size=args.micro_batch))
@@ -84,7 +89,7 @@ def run_bare(case: dict, args) -> dict:
 
     def batch():
         ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq + 1), generator=gen)
-        pos = torch.arange(args.seq + 1).expand(args.micro_batch, -1).contiguous()
+        pos = packed_positions(args.micro_batch, args.seq + 1, args.doc_len, gen)
         return {"input_ids": ids, "position_ids": pos, "source_ids": torch.zeros_like(ids)}
 
     times = []
@@ -111,11 +116,29 @@ def run_bare(case: dict, args) -> dict:
     return out
 
 
+def packed_positions(rows: int, length: int, mean_doc: int, gen):
+    """Position ids of rows packed with documents of exponential random lengths (mean `mean_doc`
+    tokens; 0: one document per row), restarting at 0 at each document as mixtures.stream does."""
+    import torch
+
+    idx = torch.arange(length)
+    if not mean_doc:
+        return idx.expand(rows, -1).contiguous()
+    out = []
+    for _ in range(rows):
+        lens = torch.empty(2 * length // mean_doc + 8).exponential_(1 / mean_doc, generator=gen).long() + 1
+        first = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        starts = torch.zeros(length, dtype=torch.bool)
+        starts[first[first < length]] = True
+        out.append(idx - torch.cummax(torch.where(starts, idx, 0), 0).values)
+    return torch.stack(out)
+
+
 # kernel name patterns -> what they are, for the per-step breakdown (first match wins)
 KERNEL_KINDS = [
     ("experts (triton)", ("_gate_up_fwd", "_rows_gemm", "_down_bwd", "_wgrad")),
     ("grouped GEMM (cutlass)", ("grouped", "GroupedGemm", "gemm_grouped")),
-    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "triton_tem_")),  # tem: inductor's flex template
     ("optimizer", ("multi_tensor", "fused_adam", "FusedAdam", "adam", "foreach")),
     ("dense GEMM", ("gemm", "nvjet", "xmma", "cutlass", "sm90", "Kernel2")),
     ("fused elementwise (inductor)", ("triton_",)),
@@ -149,7 +172,7 @@ def run_trainer(case: dict, args) -> dict:
     n_steps = args.warmup + args.steps
     recipe = {
         "checkpoint": None,
-        "model": {"experts_backend": case["backend"], "compile": case["compile"],
+        "model": {"experts_backend": case["backend"], "compile": case["compile"], "document_mask": case["document_mask"],
                   "gradient_checkpointing": case["grad_ckpt"], "arch": slice_arch(args)},
         "data": {"mixture": "demo", "seq_len": args.seq, "tokenizer": str(tokenizer), "eval_seqs": 1},
         "schedule": {"start_lr": 3e-4, "batch_tokens": args.batch_tokens,
@@ -214,9 +237,11 @@ def grid(args) -> list[dict]:
                     for ckpt in args.grad_ckpt:
                         for accum in args.grad_accum:
                             for det in args.deterministic if mode == "trainer" else ["off"]:
-                                cases.append({"mode": mode, "engine": engine, "backend": backend, "accum": accum,
-                                              "compile": comp == "on", "grad_ckpt": ckpt == "on",
-                                              **({"deterministic": True} if det == "on" else {})})
+                                for mask in args.document_mask:
+                                    cases.append({"mode": mode, "engine": engine, "backend": backend, "accum": accum,
+                                                  "compile": comp == "on", "grad_ckpt": ckpt == "on",
+                                                  "document_mask": mask == "on",
+                                                  **({"deterministic": True} if det == "on" else {})})
     return cases
 
 
@@ -231,6 +256,10 @@ def main() -> None:
                     help="dtype gradients are summed in over the micro-batches (trainer.grad_accum_dtype)")
     ap.add_argument("--deterministic", nargs="+", default=["off"], choices=["on", "off"],
                     help="trainer cases: trainer.deterministic (torch deterministic algorithms, fixed cuBLAS workspace)")
+    ap.add_argument("--document-mask", nargs="+", default=["off"], choices=["on", "off"],
+                    help="model.document_mask: attention inside each packed document")
+    ap.add_argument("--doc-len", type=int, default=1024,
+                    help="bare cases: mean document length of the packed rows (exponential); 0 = one per row")
     ap.add_argument("--dense-layers", type=int, default=1)
     ap.add_argument("--moe-layers", type=int, default=3)
     ap.add_argument("--experts", type=int, default=16)
@@ -267,7 +296,7 @@ def main() -> None:
     print(f"{name}: dense bf16 peak {peak} TFLOP/s, 8192^3 bf16 matmul {mm:.0f} TFLOP/s; "
           f"{flops_per_token / 1e9:.2f} GFLOP per token; torch {torch.__version__}", flush=True)
     rows = []
-    hdr = (f"{'mode':<8}{'engine':<10}{'backend':<11}{'compile':>8}{'ckpt':>6}{'accum':>6}{'tok/s':>10}{'step ms':>9}"
+    hdr = (f"{'mode':<8}{'engine':<10}{'backend':<11}{'compile':>8}{'ckpt':>6}{'accum':>6}{'docmask':>8}{'tok/s':>10}{'step ms':>9}"
            f"{'TFLOP/s':>9}{'MFU':>7}{'vs mm':>7}{'mem GB':>8}")
     print(hdr, flush=True)
     for case in grid(args):
@@ -275,18 +304,19 @@ def main() -> None:
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         row = {"device": name, **case, "torch": torch.__version__, "seq": args.seq, "vocab": args.vocab,
+               "doc_len": args.doc_len if case["mode"] == "bare" else "demo mixture",
                "batch_tokens": args.batch_tokens, "micro_batch": args.micro_batch, "peak_tflops": peak,
                "matmul_tflops": mm, "flops_per_token": flops_per_token}
         if line is None:
             row["error"] = (proc.stdout + proc.stderr)[-2000:]
             print(f"{case['mode']:<8}{case['engine']:<10}{case['backend']:<11}{str(case['compile']):>8}"
-                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}  FAILED: {row['error'][-300:]}", flush=True)
+                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}{str(case['document_mask']):>8}  FAILED: {row['error'][-300:]}", flush=True)
         else:
             res = json.loads(line[len("RESULT "):])
             tflops = res["tokens_per_s"] * flops_per_token / 1e12
             row.update(res, model_tflops=tflops, mfu=tflops / peak if peak else None, mfu_vs_matmul=tflops / mm)
             print(f"{case['mode']:<8}{case['engine']:<10}{case['backend']:<11}{str(case['compile']):>8}"
-                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}{res['tokens_per_s']:>10.0f}{res['step_ms']:>9.1f}{tflops:>9.1f}"
+                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}{str(case['document_mask']):>8}{res['tokens_per_s']:>10.0f}{res['step_ms']:>9.1f}{tflops:>9.1f}"
                   f"{(row['mfu'] or 0):>7.1%}{row['mfu_vs_matmul']:>7.1%}{res['peak_mem_gb']:>8.1f}", flush=True)
         rows.append(row)
         if "kernels" in row:

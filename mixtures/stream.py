@@ -20,13 +20,13 @@ How a batch is made
    or padded. A document may span two or more sequences.
 4. **Document boundaries** are kept through ``position_ids``: they restart at 0 at every
    document start (the token after an EOS) and at the start of every sequence. The model
-   (``anneal.model``) uses them for RoPE only: its attention stays plain causal over the
-   whole packed row, so a token does attend to earlier documents of its row (separated from
-   it by EOS); no block mask is built. Positions stay below ``L+1`` (never the untrained
-   absolute positions a long document would reach), and RoPE's relative positions inside a
-   document are exact. A consumer that wants attention confined to one document can find the
-   boundaries in the position resets (e.g. for flash-attention varlen). ``source_ids`` give
-   the source of every token, for per-source loss.
+   (``anneal.model``) uses them for RoPE, and, when its document mask is on, to confine
+   attention to each document (a block mask from the position resets); off (the default), its
+   attention is plain causal over the whole packed row, so a token attends to earlier
+   documents of its row (separated from it by EOS). Positions stay below ``L+1`` (never the
+   untrained absolute positions a long document would reach), and RoPE's relative positions
+   inside a document are exact. ``source_ids`` give the source of every token, for per-source
+   loss.
 
 Data shards
 -----------

@@ -11,6 +11,7 @@ import pytest
 from anneal.checkpoints.soup import make_soup
 from anneal.cli import compare_main, compose
 from anneal.compare import compare
+from anneal.errors import AnnealError
 from anneal.train.loop import train
 
 TINY_RUN = ["schedule.stages.0.tokens=1024", "schedule.stages.1.tokens=1024", "schedule.batch_tokens=512",
@@ -63,3 +64,18 @@ def test_not_a_run_is_one_clear_error(sweep, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "neither a run folder" in err and "Traceback" not in err
     assert not (tmp_path / "t.png").exists()
+
+
+def test_a_document_masked_run_is_rescored_with_its_mask(sweep, tmp_path):
+    """model.document_mask reaches the trainer's evals and anneal-compare's rescoring: the fp32
+    export of a masked run, scored with --eval, gives the run's logged losses (scored without the
+    mask it would not: the held-out rows are packed), and masked and unmasked runs cannot share one
+    --eval."""
+    run = tmp_path / "masked"
+    train(compose([*TINY_RUN, "seed=1", "model.document_mask=true", f"run.dir={run}"]), run)
+    assert final_eval(run)["eval_loss"] != final_eval(sweep / "0")["eval_loss"]  # same data, other attention
+    rows = compare([run], [run / "hf"])
+    for source, loss in rows[0].per_source.items():
+        assert rows[1].per_source[source] == pytest.approx(loss, abs=1e-5), source
+    with pytest.raises(AnnealError, match="model.document_mask"):
+        compare([sweep / "0", run], [run / "hf"])

@@ -8,9 +8,12 @@ has no KV-cache/generation machinery, and takes pluggable expert backends.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
 from anneal.model.config import Dots1Config
 from moe.layer import Dots1MoE, SwiGLUMLP
@@ -49,6 +52,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+def build_document_mask(position_ids: torch.Tensor, flex: bool) -> BlockMask | torch.Tensor:
+    """Causal attention confined to each packed document, built once per forward and shared by
+    every layer. A document starts where its position id is 0 (the packing restarts them there).
+    One predicate, two forms: `flex` -> a FlexAttention BlockMask (CUDA: the fused kernel skips
+    the blocks outside every document); else the dense bool mask [B, 1, S, S] for SDPA (CPU:
+    FlexAttention has no CPU backward, and eager flex is ~10x slower than SDPA there)."""
+    doc = (position_ids == 0).cumsum(-1)
+    bsz, seq = position_ids.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    if not flex:
+        return create_mask(same_document_causal, bsz, None, seq, seq, device=position_ids.device)
+    # on an H100 (B 2, S 4096): 0.4 ms compiled, without a host sync; 10 ms eager
+    build = _compiled(create_block_mask) if position_ids.is_cuda else create_block_mask
+    return build(same_document_causal, bsz, None, seq, seq, device=position_ids.device)
+
+
+@functools.cache
+def _compiled(fn):
+    """torch.compile(fn), made on first use (torch.compile imports dynamo: seconds a CPU run never
+    needs). Eager flex_attention materializes the whole score matrix; compiled it is one fused
+    Triton kernel."""
+    return torch.compile(fn)
+
+
 class Attention(nn.Module):
     """Qwen3-style attention: no biases, RMSNorm over head_dim on q and k before RoPE (QK-norm)."""
 
@@ -63,13 +93,25 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: BlockMask | torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: None = causal over the whole row; else a `build_document_mask`."""
         bsz, seq, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(bsz, seq, self.n_kv, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seq, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        gqa = self.n_kv != self.n_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(mask, BlockMask):
+            # traced inside a compiled layer, plain flex_attention is what inductor fuses; eager on
+            # CUDA, the compiled wrapper; on CPU, eager (forward only: no CPU backward)
+            eager = not q.is_cuda or torch.compiler.is_compiling()
+            flex = flex_attention if eager else _compiled(flex_attention)
+            out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -87,8 +129,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -104,10 +146,13 @@ class Dots1Model(nn.Module):
 
 class Dots1ForCausalLM(nn.Module):
     """`expert_range=(start, stop)` builds a model holding only those routed experts of every MoE
-    layer (one rank's share under expert parallelism); default: all of them."""
+    layer (one rank's share under expert parallelism); default: all of them. `document_mask`
+    keeps attention inside each packed document (`build_document_mask`); off, attention is causal
+    over the whole packed row."""
 
     def __init__(self, cfg: Dots1Config, experts_backend: str = "torch", aux_loss_coef: float = 0.0,
-                 gradient_checkpointing: bool = False, expert_range: tuple[int, int] | None = None):
+                 gradient_checkpointing: bool = False, expert_range: tuple[int, int] | None = None,
+                 document_mask: bool = False):
         super().__init__()
         self.config = cfg
         self.model = Dots1Model(cfg, experts_backend, aux_loss_coef, expert_range)
@@ -115,22 +160,27 @@ class Dots1ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = gradient_checkpointing
+        self.document_mask = document_mask
 
     # -- forward --------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, S] -> final-normed hidden states [B, S, H] in the model's compute dtype.
-        position_ids (restarting per packed document) only move RoPE; attention stays causal over
-        the whole packed row."""
+        position_ids restart at 0 at each packed document: they move RoPE, and with
+        `document_mask` they also confine attention to each document (the mask is built here,
+        outside the compiled layers, once for all of them). None: one document per row."""
         bsz, seq = input_ids.shape
+        mask = None
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(bsz, seq)
+        elif self.document_mask:
+            mask = build_document_mask(position_ids, flex=position_ids.is_cuda)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
