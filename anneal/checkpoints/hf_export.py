@@ -85,11 +85,13 @@ def split_into_shards(metas: dict[str, torch.Tensor], max_shard_size: int | str
     return dict(split.filename_to_tensors), split.is_sharded
 
 
-def _write_weights(model, folder: Path, dtype: torch.dtype | None, max_shard_size: int | str) -> None:
+def _write_weights(state_dict, cfg: Dots1Config, folder: Path, dtype: torch.dtype | None,
+                   max_shard_size: int | str) -> None:
+    """The HF tensors of `state_dict` (our names; values may be lazy, `StreamedCheckpoint`), one
+    shard at a time: at most one shard's tensors are held, and each is checked to be finite."""
     from safetensors.torch import save_file
 
-    cfg: Dots1Config = model.config
-    producers = hf_producers(model.state_dict(), cfg)
+    producers = hf_producers(state_dict, cfg)
     expected = set(hf_weight_plan(cfg))
     extra = sorted(n for n in set(producers) - expected if not is_ignorable(
         n, producers[n][0], cfg))
@@ -103,6 +105,10 @@ def _write_weights(model, folder: Path, dtype: torch.dtype | None, max_shard_siz
     total = 0
     for filename, names in shards.items():
         tensors = {n: export_tensor(n, producers[n][2](), dtype) for n in names}
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            raise NonFiniteWeightsError(f"export to {folder.name}: weight {bad} is not finite; refusing to write a "
+                                        "broken model (resume from the last good checkpoint with a lower LR)")
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(folder / filename), metadata={"format": "pt"})
         del tensors
@@ -142,8 +148,9 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
                 or name in ("config.json", "generation_config.json", SAFE_WEIGHTS_INDEX_NAME):
             raise AnnealError(f"export: extra file name {name!r} must be a plain file name that is not "
                               "config.json, generation_config.json or a weights file")
+    streamed = getattr(model, "streamed", False)   # StreamedCheckpoint: checked tensor by tensor while written
     weights = model.state_dict()
-    bad = first_nonfinite(weights)
+    bad = None if streamed else first_nonfinite(weights)
     if bad is not None:
         raise NonFiniteWeightsError(f"export to {folder}: weight {bad} is not finite; refusing to write a broken "
                                     "model (resume from the last good checkpoint with a lower LR)")
@@ -159,7 +166,7 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
         write_json(tmp / "config.json", export_config_dict(cfg, dtype, extra_config))
         write_json(tmp / "generation_config.json", _generation_config(cfg))
         with reporting_full_disk(f"export to {folder}", folder.parent, need):
-            _write_weights(model, tmp, dtype, max_shard_size)
+            _write_weights(weights, model.config, tmp, dtype, max_shard_size)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
         for f in tmp.iterdir():  # some writers create 0600 files; an export is for others to read
