@@ -88,6 +88,23 @@ def test_checkpoint_of_a_model_reads_back_whole_and_as_an_expert_slice(tmp_path)
     assert torch.equal(w, model.model.layers[1].mlp.experts.w_gate_up[2:5].detach())
 
 
+def test_anneal_export_streams_a_dcp_checkpoint_into_shards_transformers_loads(tmp_path, capsys):
+    import transformers
+
+    from anneal.cli import export_main
+
+    model = tiny_model()
+    step = training_state.save_checkpoint(tmp_path / "ckpt", 1, model, model.config.to_hf_dict(), {"step": 1}, {})
+    export_main([str(step), str(tmp_path / "hf"), "--dtype", "float32", "--max-shard-size", "20KB"])
+    assert "peak host memory" in capsys.readouterr().out
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 3 and "model.layers.2.mlp.experts.7.up_proj.weight" in index
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+
+
 class _Payload:
     def __init__(self, sentinel: Path):
         self.sentinel = sentinel
@@ -123,6 +140,30 @@ def test_a_step_folder_without_the_marker_is_not_a_checkpoint(tmp_path):
     assert training_state.latest_checkpoint(tmp_path) is None
     (tmp_path / "latest").write_text(first.name)
     assert training_state.latest_checkpoint(tmp_path) == first
+
+
+def test_missing_rank_file_and_full_disk_mid_write_are_one_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from anneal.checkpoints import dcp_io, write_guards
+    from anneal.errors import AnnealError
+
+    model = tiny_model()
+    first = training_state.save_checkpoint(tmp_path, 1, model, model.config.to_hf_dict(), {"step": 1}, {})
+    real = dcp_io.dcp.save
+
+    def fill_up(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp_io.dcp, "save", fill_up)
+    with pytest.raises(write_guards.DiskFullError, match="disk filled up"):
+        training_state.save_checkpoint(tmp_path, 2, model, model.config.to_hf_dict(), {"step": 2}, {})
+    monkeypatch.setattr(dcp_io.dcp, "save", real)
+    assert training_state.latest_checkpoint(tmp_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", first.name]
+    (first / "__0_0.distcp").unlink()
+    with pytest.raises(AnnealError, match=r"lacks __0_0.distcp: the files of 1 of the 1 writing ranks are missing"):
+        training_state.load_checkpoint(first, tiny_model())
 
 
 # ---------------------------------------------------------------------------------- resharding

@@ -207,7 +207,13 @@ def load(folder: Path, tensors: dict[str, torch.Tensor], chunks: dict[str, tuple
          collective: bool = True) -> None:
     """Fill `tensors` (in place) from `folder`: each a range (`chunks`) of a saved global 1-D
     tensor, or a whole saved tensor. Collective unless `collective=False` (one process reads)."""
-    read_metadata(Path(folder) / METADATA)  # refuse a foreign pickle here, before DCP reads anything
+    md = read_metadata(Path(folder) / METADATA)  # refuse a foreign pickle here, before DCP reads anything
+    files = sorted({info.relative_path for info in (md.storage_data or {}).values()})
+    missing = [f for f in files if not (Path(folder) / f).is_file()]
+    if missing:
+        raise AnnealError(f"checkpoint {folder} lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: "
+                          f"the files of {len(missing)} of the {len(files)} writing ranks are missing (an incomplete "
+                          "copy?); copy the whole step folder, or resume from another step")
     reader = SafeFileSystemReader(str(folder))
     try:
         with warnings.catch_warnings():
