@@ -19,6 +19,7 @@ which it reads with `torch.load(weights_only=False)`) and refuse to read one.
 from __future__ import annotations
 
 import collections
+import functools
 import pickle
 import warnings
 from pathlib import Path
@@ -89,8 +90,17 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_metadata(path: Path) -> dcp_md.Metadata:
-    """A DCP `.metadata` file, unpickled with the allowlist only."""
+    """A DCP `.metadata` file, unpickled with the allowlist only (cached while the file is
+    unchanged: the streamed export reads one expert at a time)."""
     path = Path(path)
+    if not path.is_file():
+        raise AnnealError(f"{path} is missing: not a complete checkpoint (DCP writes it after every rank's files)")
+    st = path.stat()
+    return _read_metadata(str(path), st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_metadata(path: str, mtime_ns: int, size: int, inode: int) -> dcp_md.Metadata:
     with open(path, "rb") as f:
         try:
             md = _MetadataUnpickler(f, str(path)).load()
@@ -119,22 +129,31 @@ class SafeFileSystemReader(FileSystemReader):
 # --------------------------------------------------------------------------------- planners
 class _ChunkSavePlanner(DefaultSavePlanner):
     """Plain local tensors, each the chunk [offset, offset + numel) of a global 1-D tensor of
-    `global_numel` elements (`chunks[fqn] = (offset, global_numel)`)."""
+    `global_numel` elements (`chunks[fqn] = (offset, global_numel)`). With `splits[fqn] = n` the
+    chunk is stored as separate items cut at multiples of n (one expert's numel): a reader of one
+    expert then loads only that expert's items, never the whole stacked tensor."""
 
-    def __init__(self, chunks: dict[str, tuple[int, int]]):
+    def __init__(self, chunks: dict[str, tuple[int, int]], splits: dict[str, int] | None = None):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.chunks = chunks
+        self.chunks, self.splits = chunks, splits or {}
+        self._views: dict[tuple[str, int], tuple[int, int]] = {}
 
     def create_local_plan(self) -> SavePlan:
         items = []
         for fqn, t in self.state_dict.items():
             if fqn in self.chunks:
                 offset, total = self.chunks[fqn]
-                chunk = dcp_md.ChunkStorageMetadata(offsets=torch.Size([offset]), sizes=torch.Size([t.numel()]))
-                items.append(WriteItem(index=dcp_md.MetadataIndex(fqn, torch.Size([offset])), type=WriteItemType.SHARD,
-                                       tensor_data=TensorWriteData(chunk=chunk,
-                                                                   properties=dcp_md.TensorProperties.create_from_tensor(t),
-                                                                   size=torch.Size([total]))))
+                per = self.splits.get(fqn) or t.numel() or 1
+                pos, end = offset, offset + t.numel()
+                while pos < end:
+                    stop = min(end, (pos // per + 1) * per)
+                    self._views[(fqn, pos)] = (pos - offset, stop - pos)
+                    chunk = dcp_md.ChunkStorageMetadata(offsets=torch.Size([pos]), sizes=torch.Size([stop - pos]))
+                    items.append(WriteItem(index=dcp_md.MetadataIndex(fqn, torch.Size([pos])), type=WriteItemType.SHARD,
+                                           tensor_data=TensorWriteData(
+                                               chunk=chunk, properties=dcp_md.TensorProperties.create_from_tensor(t),
+                                               size=torch.Size([total]))))
+                    pos = stop
             else:
                 items += _create_write_items(fqn, t)
         self.plan = SavePlan(items)
@@ -142,7 +161,8 @@ class _ChunkSavePlanner(DefaultSavePlanner):
 
     def lookup_object(self, index):
         if index.fqn in self.chunks:
-            return self.state_dict[index.fqn]
+            start, n = self._views[(index.fqn, index.offset[0])]
+            return self.state_dict[index.fqn].narrow(0, start, n)
         return super().lookup_object(index)
 
 
@@ -191,14 +211,16 @@ def _no_dist() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
-def save(folder: Path, tensors: dict[str, torch.Tensor], chunks: dict[str, tuple[int, int]]) -> None:
+def save(folder: Path, tensors: dict[str, torch.Tensor], chunks: dict[str, tuple[int, int]],
+         splits: dict[str, int] | None = None) -> None:
     """Collective (every rank, when a process group exists): write this rank's `tensors` into
-    `folder`, each one either a chunk (`chunks`) of a global 1-D tensor or a whole tensor."""
+    `folder`, each one either a chunk (`chunks`) of a global 1-D tensor or a whole tensor; a chunk
+    with `splits[fqn] = n` is stored cut at multiples of n."""
     writer = FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True, thread_count=1)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(tensors, storage_writer=writer, planner=_ChunkSavePlanner(chunks), no_dist=_no_dist())
+            dcp.save(tensors, storage_writer=writer, planner=_ChunkSavePlanner(chunks, splits), no_dist=_no_dist())
     except dcp.api.CheckpointException as e:
         raise _unwrap(e, f"writing checkpoint {folder}") from None
 

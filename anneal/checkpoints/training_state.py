@@ -130,8 +130,10 @@ def agree_on_errors(fn) -> Exception | None:
     return None
 
 
-def _dcp_entries(pieces: list[Piece], moments: bool) -> tuple[dict, dict]:
-    tensors, chunks = {}, {}
+def _dcp_entries(pieces: list[Piece], moments: bool) -> tuple[dict, dict, dict]:
+    """DCP's tensors, their (offset, global numel), and where stacked expert tensors are cut into
+    items (one expert each: the streamed export reads an expert without the rest of its layer)."""
+    tensors, chunks, splits = {}, {}, {}
     for p in pieces:
         if p.value.numel() == 0:
             continue
@@ -141,7 +143,9 @@ def _dcp_entries(pieces: list[Piece], moments: bool) -> tuple[dict, dict]:
         for prefix, t in pairs:
             tensors[prefix + p.name] = t
             chunks[prefix + p.name] = (p.offset, p.full_numel)
-    return tensors, chunks
+            if p.name.endswith(_EXPERT_SUFFIXES) and p.shape:
+                splits[prefix + p.name] = p.full_numel // p.shape[0]
+    return tensors, chunks, splits
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, hf_config: dict, trainer_state: dict, meta: dict,
@@ -160,7 +164,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, hf_config: dict, trainer_
     rank = dist.get_rank() if _distributed() else 0
     name = f"step_{step:08d}"
     final = ckpt_root / name
-    tensors, chunks = _dcp_entries(pieces, moments=True)
+    tensors, chunks, splits = _dcp_entries(pieces, moments=True)
     need = state_io.state_bytes(tensors) + (state_io.state_bytes(trainer_state) if rank == 0 else 0)
     what = f"checkpoint of step {step}"
 
@@ -184,7 +188,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, hf_config: dict, trainer_
     def write():
         tmp.mkdir(exist_ok=True)
         with write_guards.reporting_full_disk(what, ckpt_root, need):
-            dcp_io.save(tmp, tensors, chunks)
+            dcp_io.save(tmp, tensors, chunks, splits)
 
     def commit():
         if rank != 0:
@@ -301,7 +305,7 @@ def load_pieces(path: Path, pieces: list[Piece], moments: bool = True) -> None:
         raise AnnealError(f"{path}: the checkpoint holds no optimizer state (written from a model, not by a "
                           "training run); start a new run from its weights instead")
     params = [p for p in pieces if p.exp_avg is not None]
-    tensors, chunks = _dcp_entries(params, moments=moments)
+    tensors, chunks, _ = _dcp_entries(params, moments=moments)
     dcp_io.load(path, tensors, chunks, collective=_distributed())
 
 
