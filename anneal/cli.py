@@ -256,7 +256,10 @@ def export_main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
+    from anneal.train.devices import peak_host_memory_gb
+
     Console().print(f"wrote {out}")
+    Console().print(f"peak host memory {peak_host_memory_gb():.2f} GB")
 
 
 def plan_main(argv: list[str] | None = None) -> None:

@@ -85,9 +85,11 @@ def split_into_shards(metas: dict[str, torch.Tensor], max_shard_size: int | str
     return dict(split.filename_to_tensors), split.is_sharded
 
 
-def _write_weights(model, folder: Path, dtype: torch.dtype | None, max_shard_size: int | str) -> None:
-    cfg: Dots1Config = model.config
-    producers = hf_producers(model.state_dict(), cfg)
+def _write_weights(state_dict, cfg: Dots1Config, folder: Path, dtype: torch.dtype | None,
+                   max_shard_size: int | str) -> None:
+    """The HF tensors of `state_dict` (our names; values may be lazy, `StreamedCheckpoint`), one
+    shard at a time: at most one shard's tensors are held, and each is checked to be finite."""
+    producers = hf_producers(state_dict, cfg)
     expected = set(hf_weight_plan(cfg))
     extra = sorted(n for n in set(producers) - expected if not is_ignorable(
         n, producers[n][0], cfg))
@@ -98,17 +100,22 @@ def _write_weights(model, folder: Path, dtype: torch.dtype | None, max_shard_siz
     metas = {n: torch.empty(shape, dtype=export_dtype(n, dt, dtype), device="meta")
              for n, (shape, dt, _) in producers.items()}
     shards, sharded = split_into_shards(metas, max_shard_size)
-    write_shards(folder, shards, sharded, lambda n: export_tensor(n, producers[n][2](), dtype))
+    write_shards(folder, shards, sharded, lambda n: export_tensor(n, producers[n][2](), dtype),
+                 what=f"export to {folder.parent}")
 
 
-def write_shards(folder: Path, shards: dict[str, list[str]], sharded: bool, make_tensor) -> None:
-    """Write each shard's tensors (`make_tensor(name)`, one shard in memory at a time) and, when
-    sharded, the index with the total size."""
+def write_shards(folder: Path, shards: dict[str, list[str]], sharded: bool, make_tensor, what: str = "export") -> None:
+    """Write each shard's tensors (`make_tensor(name)`, one shard in memory at a time, each checked
+    to be finite) and, when sharded, the index with the total size."""
     from safetensors.torch import save_file
 
     total = 0
     for filename, names in shards.items():
         tensors = {n: make_tensor(n) for n in names}
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            raise NonFiniteWeightsError(f"{what}: weight {bad} is not finite; refusing to write a broken "
+                                        "model (resume from the last good checkpoint with a lower LR)")
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(folder / filename), metadata={"format": "pt"})
         del tensors
@@ -148,8 +155,9 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
                 or name in ("config.json", "generation_config.json", SAFE_WEIGHTS_INDEX_NAME):
             raise AnnealError(f"export: extra file name {name!r} must be a plain file name that is not "
                               "config.json, generation_config.json or a weights file")
+    streamed = getattr(model, "streamed", False)   # StreamedCheckpoint: checked tensor by tensor while written
     weights = model.state_dict()
-    bad = first_nonfinite(weights)
+    bad = None if streamed else first_nonfinite(weights)
     if bad is not None:
         raise NonFiniteWeightsError(f"export to {folder}: weight {bad} is not finite; refusing to write a broken "
                                     "model (resume from the last good checkpoint with a lower LR)")
@@ -165,7 +173,7 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
         write_json(tmp / "config.json", export_config_dict(cfg, dtype, extra_config))
         write_json(tmp / "generation_config.json", _generation_config(cfg))
         with reporting_full_disk(f"export to {folder}", folder.parent, need):
-            _write_weights(model, tmp, dtype, max_shard_size)
+            _write_weights(weights, model.config, tmp, dtype, max_shard_size)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
         for f in tmp.iterdir():  # some writers create 0600 files; an export is for others to read

@@ -191,7 +191,7 @@ def make_soup(folders: list[str | os.PathLike], out: str | os.PathLike, weights:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     before = peak_host_memory_gb()
     try:
-        write_shards(tmp, shards, sharded, lambda n: _mean_tensor(n, ings, w))
+        write_shards(tmp, shards, sharded, lambda n: _mean_tensor(n, ings, w), what=f"soup {out}")
         for name in ("config.json", "generation_config.json"):
             if (ref.folder / name).is_file():
                 shutil.copy2(ref.folder / name, tmp / name)

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from anneal.checkpoints import state_io, training_state, write_guards
+from anneal.checkpoints import training_state
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
 from anneal.model.precision import PrecisionPolicy
@@ -324,30 +323,75 @@ class DeepSpeedEngine(PostStepHooks):
         return {"world_size": dist.get_world_size(), "ep_size": self.groups.ep_size,
                 "zero_stage": self.config["zero_optimization"]["stage"]}
 
+    # -- sharded checkpoints (anneal.checkpoints.training_state) ------------------------------------
+    def checkpoint_pieces(self) -> list[training_state.Piece]:
+        """What this rank owns, as ranges of the full flattened tensors: for each parameter its ZeRO
+        fragment of the fp32 master and of AdamW's moments (DeepSpeed's `_hp_mapping`: the
+        fragment's place in the flat partition and in the parameter); an expert parameter's full
+        tensor stacks all experts, of which this rank's [start, stop) come first at start * (one
+        expert's numel). The buffers (router biases, the same on every rank) from global rank 0."""
+        opt = self.engine.optimizer
+        inner = opt.optimizer
+        start, stop = self.model.expert_range
+        n_experts = self.model.config.n_routed_experts
+        pieces = []
+        for name, p in self.model.named_parameters():
+            shape, base = tuple(p.shape), 0
+            if ep.is_expert_param(p):
+                shape, base = (n_experts, *p.shape[1:]), start * p[0].numel()
+            hp = getattr(p, "_hp_mapping", None)
+            if hp is None:  # this rank owns no fragment of it
+                pieces.append(training_state.Piece(name, shape, base, p.new_empty(0, dtype=torch.float32)))
+                continue
+            flat = inner.param_groups[hp.param_group_index]["params"][0]
+            at = hp.hp_fragment_address
+            st = inner.state.get(flat) or {}
+            moments = [st[k].narrow(0, at.start, at.numel) if k in st else torch.zeros(at.numel, device=flat.device)
+                       for k in ("exp_avg", "exp_avg_sq")]
+            pieces.append(training_state.Piece(name, shape, base + hp.lp_fragment_address.start,
+                                               flat.narrow(0, at.start, at.numel), *moments))
+        if dist.get_rank() == 0:
+            params = {n for n, _ in self.model.named_parameters()}
+            pieces += [training_state.Piece(n, tuple(b.shape), 0, b.detach().reshape(-1))
+                       for n, b in self.model.state_dict().items() if n not in params]
+        return pieces
+
+    def optimizer_step(self) -> int:
+        """AdamW's step count (every flat partition steps together)."""
+        for st in self.engine.optimizer.optimizer.state.values():
+            if "step" in st:
+                return int(st["step"])
+        return 0
+
     def save_state(self, ckpt_root, step: int, state: dict, hf_config: dict, meta: dict, keep: int):
-        """Each rank writes its ZeRO partition (ckpt/zero/step_N/rank_R.pt); then rank 0 writes the
-        step folder (experts gathered into the unsharded layout) atomically: the commit point."""
-        rank = dist.get_rank()
-        error = _collective_errors(lambda: save_rank_state(ckpt_root, step, rank, self.state_dict()))
-        full = ep.full_state_dict(self.model, self.groups)  # collective
-        final = Path(ckpt_root) / f"step_{step:08d}"
-
-        def commit():
-            if rank == 0:
-                st = {**state, "optimizer": None, "layout": self.layout()}
-                training_state.save_checkpoint(ckpt_root, step, training_state.StateDictView(full), hf_config,
-                                               st, meta, keep=keep)
-                prune_rank_states(ckpt_root)
-
-        error = error or _collective_errors(commit)
-        if error is not None:
-            shutil.rmtree(rank_state_path(ckpt_root, step, rank).parent, ignore_errors=True)  # not committed
-            raise error
-        return final
+        """Every rank writes its own fragments through DCP (nothing is gathered); rank 0 the JSON
+        state and the marker, then renames the step folder into place (collective)."""
+        state = {**state, "optimizer_step": self.optimizer_step()}
+        return training_state.save_checkpoint(ckpt_root, step, self.checkpoint_pieces(), hf_config, state, meta,
+                                              keep=keep, layout={**self.layout(), "engine": "deepspeed"})
 
     def restore_state(self, ckpt_root, state: dict) -> None:
-        """This rank's ZeRO partition of the checkpoint's step (the weights are already loaded)."""
-        self.load_state_dict(load_rank_state(ckpt_root, state["step"], dist.get_rank()))
+        """This rank's fragments of the fp32 masters and AdamW's moments, read from whatever the
+        saving layout's ranks wrote (the weights are already loaded). Collective."""
+        path = Path(ckpt_root) / f"step_{state['step']:08d}"
+        if not (path / training_state.MARKER).exists():
+            raise AnnealError(f"resume: {path} is in the older per-rank format; resume it with the version and layout "
+                              "that wrote it, or export it (anneal-export) and start a new run from the export")
+        step = int(state.get("optimizer_step", 0))
+        opt = self.engine.optimizer
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for flat in group["params"]:
+                st = inner.state[flat]
+                if "exp_avg" not in st:
+                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(flat), torch.zeros_like(flat)
+                st["step"] = torch.tensor(float(step), dtype=torch.float32, device=flat.device if on_device else "cpu")
+        if hasattr(opt, "_hp_optimizer_states_linked"):
+            opt._hp_optimizer_states_linked = False  # DeepSpeed re-links its fragment views to the new state
+        training_state.load_pieces(path, self.checkpoint_pieces())
+        # the compute weights were loaded from the same masters before the engine was built
+        # (training_state.load_checkpoint): they already are the masters in the compute dtype
 
     def export_model(self) -> torch.nn.Module | None:
         """Gather the experts (collective); rank 0 gets the whole, unsharded model, the others None."""
@@ -359,56 +403,5 @@ class DeepSpeedEngine(PostStepHooks):
         return whole
 
 
-# ---------------------------------------------------------------------------------- checkpoints
 # DeepSpeed objects in its ZeRO state dict that the live optimizer supplies on load
 LIVE_ZERO_KEYS = ("loss_scaler", "param_slice_mappings")
-
-
-def _collective_errors(fn) -> AnnealError | None:
-    """Run `fn` on every rank and agree on failure: an error on any rank (a full disk on one
-    node) is returned on all of them, instead of leaving the others waiting in a collective."""
-    outcome = ("", "")
-    try:
-        fn()
-    except write_guards.DiskFullError as e:
-        outcome = ("disk_full", str(e))
-    except (AnnealError, OSError) as e:
-        outcome = ("error", f"rank {dist.get_rank()}: {e}")
-    outcomes = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, outcome)  # plain (str, str) pairs
-    for kind, message in outcomes:
-        if kind:
-            return (write_guards.DiskFullError if kind == "disk_full" else AnnealError)(message)
-    return None
-
-
-def rank_state_path(ckpt_root, step: int, rank: int) -> Path:
-    """The stem of this rank's state files (<stem>.json + <stem>.safetensors, anneal.checkpoints.state_io)."""
-    return Path(ckpt_root) / "zero" / f"step_{step:08d}" / f"rank_{rank:05d}"
-
-
-def save_rank_state(ckpt_root, step: int, rank: int, state: dict) -> None:
-    """This rank's engine state, each file written atomically. The step's checkpoint is complete
-    only once rank 0 has renamed the step folder into place after every rank wrote."""
-    path = rank_state_path(ckpt_root, step, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    need = state_io.state_bytes(state)
-    write_guards.ensure_free_space(path.parent, need, f"rank {rank} state of step {step}")
-    with write_guards.reporting_full_disk(f"rank {rank} state of step {step}", path.parent, need):
-        state_io.save_state(state, path)
-
-
-def load_rank_state(ckpt_root, step: int, rank: int) -> dict:
-    path = rank_state_path(ckpt_root, step, rank)
-    if not path.with_name(path.name + ".json").exists() and not path.with_name(path.name + ".pt").exists():
-        raise AnnealError(f"resume: {path}.json is missing: the checkpoint of step {step} was written by fewer ranks "
-                          "(another parallel layout) or by the native engine; resume with the layout it was "
-                          "written under")
-    return state_io.load_state(path)
-
-
-def prune_rank_states(ckpt_root) -> None:
-    """Drop the per-rank states of steps whose step folder is gone (pruned by checkpointing)."""
-    for d in (Path(ckpt_root) / "zero").glob("step_*"):
-        if not (Path(ckpt_root) / d.name).is_dir():
-            shutil.rmtree(d, ignore_errors=True)

@@ -205,27 +205,52 @@ class Plots(Callback):
 
 
 class Export(Callback):
-    """The annealed model (full-precision weights, cast to export.dtype) as an HF folder, written by
-    rank 0; the folder is `run.export_dir` on every rank."""
+    """The annealed model (full-precision weights, cast to export.dtype) as an HF folder; the folder
+    is `run.export_dir` on every rank.
+
+    Under several ranks the export is streamed from the final checkpoint (the fp32 masters, written
+    at the last step by the Checkpoint callback): every rank writes the per-expert shards of its own
+    experts and rank 0 the rest (`anneal.checkpoints.sharded_export`); nothing is gathered. In one
+    process the model in memory is written. The peak host memory per rank is printed."""
 
     def on_train_end(self, tokens: int) -> None:
         run, cfg, p = self.run, self.run.cfg, self.run.p
         if not cfg.export.enabled:
             return
-        model = run.engine.export_model()  # collective under expert parallelism
+        export_dir = Path(cfg.export.dir) if cfg.export.dir else run.run_dir / "hf"
+        meta = {"stage": p.schedule.stage_names[-1], "lr": p.schedule.lr_at(tokens),
+                "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + tokens,
+                "started_from": p.checkpoint_name, "schedule": p.schedule.to_config()}
+        kwargs = dict(tokenizer_dir=p.tokenizer_dir, dtype=getattr(torch, cfg.export.dtype),
+                      max_shard_size=cfg.export.max_shard_size, overwrite=cfg.export.overwrite,
+                      extra_files={META_FILE: json.dumps(meta, indent=2)})
+        final = run.last_checkpoint
+        if run.layout.world > 1 and final is not None and _checkpoint_tokens(final) == tokens:
+            from anneal.checkpoints.sharded_export import export_checkpoint
 
-        def write() -> str:
-            from anneal.checkpoints.hf_export import export_hf_checkpoint
+            export_checkpoint(final, export_dir, ep_size=run.layout.ep_size, **kwargs)
+            out = str(export_dir)
+        else:
+            model = run.engine.export_model()  # collective under expert parallelism
 
-            export_dir = Path(cfg.export.dir) if cfg.export.dir else run.run_dir / "hf"
-            meta = {"stage": p.schedule.stage_names[-1], "lr": p.schedule.lr_at(tokens),
-                    "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + tokens,
-                    "started_from": p.checkpoint_name, "schedule": p.schedule.to_config()}
-            export_hf_checkpoint(model, export_dir, tokenizer_dir=p.tokenizer_dir,
-                                 dtype=getattr(torch, cfg.export.dtype), max_shard_size=cfg.export.max_shard_size,
-                                 overwrite=cfg.export.overwrite, extra_files={META_FILE: json.dumps(meta, indent=2)})
-            return str(export_dir)
+            def write() -> str:
+                from anneal.checkpoints.hf_export import export_hf_checkpoint
 
-        # rank 0 writes; its error (a full disk, non-finite weights) stops every rank, none waits
-        out = run.layout.rank0_first(write, lambda: None)
+                export_hf_checkpoint(model, export_dir, **kwargs)
+                return str(export_dir)
+
+            # rank 0 writes; its error (a full disk, non-finite weights) stops every rank, none waits
+            out = run.layout.rank0_first(write, lambda: None)
         run.export_dir = run.layout.broadcast(out)
+        from anneal.train.devices import peak_host_memory_gb
+
+        peaks = run.layout.all_gather(peak_host_memory_gb())
+        run.tracker.print(f"exported {run.export_dir}: peak host memory per rank "
+                          f"{', '.join(f'{g:.2f}' for g in peaks)} GB")
+
+
+def _checkpoint_tokens(step_dir: Path) -> int | None:
+    try:
+        return json.loads((Path(step_dir) / "meta.json").read_text()).get("tokens")
+    except (OSError, ValueError):
+        return None

@@ -129,15 +129,52 @@ class Engine(PostStepHooks):
     def load_state_dict(self, sd: dict) -> None:
         self.optimizer.load_state_dict(sd)
 
+    def checkpoint_pieces(self) -> list[training_state.Piece]:
+        """The whole of every tensor (one process): fp32 masters with AdamW's moments, and the
+        model's buffers (router biases). Moments are zeros before the first step."""
+        pieces = []
+        names = self.masters.names if self.masters else [n for n, p in self.model.named_parameters() if p.requires_grad]
+        for name, p in zip(names, self.params):
+            st = self.optimizer.state.get(p) or {}
+            m1, m2 = st.get("exp_avg"), st.get("exp_avg_sq")
+            if m1 is None:
+                m1, m2 = torch.zeros_like(p), torch.zeros_like(p)
+            pieces.append(training_state.Piece(name, tuple(p.shape), 0, p.detach().view(-1), m1.view(-1), m2.view(-1)))
+        params = set(names)
+        pieces += [training_state.Piece(n, tuple(b.shape), 0, b.detach().reshape(-1))
+                   for n, b in self.model.state_dict().items() if n not in params]
+        return pieces
+
+    def optimizer_step(self) -> int:
+        """AdamW's step count (every parameter steps together)."""
+        for st in self.optimizer.state.values():
+            return int(st["step"])
+        return 0
+
     def save_state(self, ckpt_root: Path, step: int, state: dict, hf_config: dict, meta: dict, keep: int) -> Path:
-        """One step folder: the (fp32) weights and `state` with the optimizer state added."""
-        state = {**state, "optimizer": self.state_dict()}
-        return training_state.save_checkpoint(ckpt_root, step, training_state.StateDictView(self.model_state_dict()),
-                                              hf_config, state, meta, keep=keep)
+        """One step folder (`anneal.checkpoints.training_state`): fp32 masters and AdamW's moments
+        through DCP, `state` + the AdamW step count as JSON."""
+        state = {**state, "optimizer_step": self.optimizer_step()}
+        return training_state.save_checkpoint(ckpt_root, step, self.checkpoint_pieces(), hf_config, state, meta,
+                                              keep=keep, layout={"world_size": 1, "ep_size": 1, "engine": "native"})
 
     def restore_state(self, ckpt_root: Path, state: dict) -> None:
-        """The optimizer state of a checkpoint (the weights are already loaded)."""
-        self.load_state_dict(state["optimizer"])
+        """The masters and optimizer state of a checkpoint (the weights are already loaded), whatever
+        layout wrote it."""
+        if state.get("optimizer") is not None:  # the older format: a whole torch optimizer state dict
+            self.load_state_dict(state["optimizer"])
+            return
+        step = int(state.get("optimizer_step", 0))
+        for group in self.optimizer.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                st = self.optimizer.state[p]
+                if "exp_avg" not in st:
+                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
+        training_state.load_pieces(Path(ckpt_root) / f"step_{state['step']:08d}", self.checkpoint_pieces())
+        if self.masters:
+            self.masters.after_step()  # the compute weights from the restored masters
 
     def export_model(self) -> torch.nn.Module:
         return self.full_precision_model()
