@@ -104,25 +104,47 @@ def _write_weights(state_dict, cfg: Dots1Config, folder: Path, dtype: torch.dtyp
                  what=f"export to {folder.parent}")
 
 
+def save_shard(path: Path, tensors: dict[str, torch.Tensor], what: str) -> int:
+    """One safetensors shard, refused if a tensor is not finite; returns its bytes."""
+    from safetensors.torch import save_file
+
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise NonFiniteWeightsError(f"{what}: weight {bad} is not finite; refusing to write a broken "
+                                    "model (resume from the last good checkpoint with a lower LR)")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def write_shards(folder: Path, shards: dict[str, list[str]], sharded: bool, make_tensor, what: str = "export") -> None:
     """Write each shard's tensors (`make_tensor(name)`, one shard in memory at a time, each checked
     to be finite) and, when sharded, the index with the total size."""
-    from safetensors.torch import save_file
-
     total = 0
     for filename, names in shards.items():
-        tensors = {n: make_tensor(n) for n in names}
-        bad = first_nonfinite(tensors)
-        if bad is not None:
-            raise NonFiniteWeightsError(f"{what}: weight {bad} is not finite; refusing to write a broken "
-                                        "model (resume from the last good checkpoint with a lower LR)")
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(folder / filename), metadata={"format": "pt"})
-        del tensors
+        total += save_shard(folder / filename, {n: make_tensor(n) for n in names}, what)
     if sharded:
         weight_map = {n: f for f, names in shards.items() for n in names}
         write_json(folder / SAFE_WEIGHTS_INDEX_NAME,
                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def publish_export(tmp: Path, folder: Path, tokenizer_dir, extra_files: Mapping[str, str | bytes] | None) -> None:
+    """Finish an export written into `tmp`: the tokenizer and extra files in, every file readable by
+    others (some writers create 0600 files), then `tmp` takes the place of `folder` by rename (an
+    existing `folder` is moved aside first and removed after)."""
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, tmp)
+    for name, content in (extra_files or {}).items():
+        (tmp / name).write_bytes(content.encode() if isinstance(content, str) else bytes(content))
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
 
 
 def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
@@ -174,19 +196,7 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
         write_json(tmp / "generation_config.json", _generation_config(cfg))
         with reporting_full_disk(f"export to {folder}", folder.parent, need):
             _write_weights(weights, model.config, tmp, dtype, max_shard_size)
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
-        for f in tmp.iterdir():  # some writers create 0600 files; an export is for others to read
-            os.chmod(f, 0o644)
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_bytes(content.encode() if isinstance(content, str) else bytes(content))
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        publish_export(tmp, folder, tokenizer_dir, extra_files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

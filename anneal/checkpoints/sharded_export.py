@@ -28,12 +28,11 @@ import torch.distributed as dist
 
 from anneal.checkpoints import training_state
 from anneal.checkpoints.export import StreamedCheckpoint, find_step_folder
-from anneal.checkpoints.hf_export import (_generation_config, copy_tokenizer_files, export_config_dict,
+from anneal.checkpoints.hf_export import (_generation_config, export_config_dict, publish_export, save_shard,
                                           split_into_shards, write_json)
 from anneal.checkpoints.hf_layout import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, export_dtype, export_tensor,
                                           hf_producers, hf_weight_plan, is_ignorable)
-from anneal.checkpoints.write_guards import (NonFiniteWeightsError, ensure_free_space, first_nonfinite,
-                                             reporting_full_disk)
+from anneal.checkpoints.write_guards import ensure_free_space, reporting_full_disk
 from anneal.errors import AnnealError
 
 _EXPERT = re.compile(r".*\.mlp\.experts\.(\d+)\.")
@@ -104,19 +103,11 @@ def export_checkpoint(path: Path, folder: Path, *, tokenizer_dir: Path | None = 
 
     def write():
         with reporting_full_disk(f"export to {folder}", folder.parent, need):
-            from safetensors.torch import save_file
-
             for i, names in enumerate(shards):
-                tensors = {n: export_tensor(n, producers[n][2](), dtype) for n in names}
-                bad = first_nonfinite(tensors)
-                if bad is not None:
-                    raise NonFiniteWeightsError(f"export to {folder}: weight {bad} is not finite; refusing to write "
-                                                "a broken model (resume from the last good checkpoint with a lower LR)")
-                save_file(tensors, str(tmp / filename(i)), metadata={"format": "pt"})
+                total[0] += save_shard(tmp / filename(i), {n: export_tensor(n, producers[n][2](), dtype) for n in names},
+                                       f"export to {folder}")
                 os.chmod(tmp / filename(i), 0o644)
-                total[0] += sum(t.numel() * t.element_size() for t in tensors.values())
                 weight_map.update({n: filename(i) for n in names})
-                del tensors
 
     maps: list = []
 
@@ -131,19 +122,7 @@ def export_checkpoint(path: Path, folder: Path, *, tokenizer_dir: Path | None = 
                                                            "weight_map": dict(sorted(merged.items()))})
             write_json(tmp / "config.json", export_config_dict(cfg, dtype, None))
             write_json(tmp / "generation_config.json", _generation_config(cfg))
-            if tokenizer_dir is not None:
-                copy_tokenizer_files(tokenizer_dir, tmp)
-            for name, content in (extra_files or {}).items():
-                (tmp / name).write_bytes(content.encode() if isinstance(content, str) else bytes(content))
-            for f in tmp.iterdir():
-                os.chmod(f, 0o644)
-            if folder.exists():
-                old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
+            publish_export(tmp, folder, tokenizer_dir, extra_files)
 
     error = training_state.agree_on_errors(check) or training_state.agree_on_errors(write)
     if error is None:
