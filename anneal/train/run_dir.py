@@ -41,14 +41,8 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
 def resume_command(cfg: DictConfig, run_dir: Path, *extra: str) -> str:
     """The command that continues this run: the overrides it was started with (under Hydra), the
     run folder spelled out, run.resume=true, and `extra`."""
-    overrides: list[str] = []
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            overrides = list(HydraConfig.get().overrides.task)
-    except (ImportError, ValueError):
-        pass
+    hydra = _hydra_job()
+    overrides: list[str] = list(hydra.overrides.task) if hydra is not None else []
     replaced = {"run.name", "run.root", "run.dir", "run.resume", "run.overwrite",
                 *(e.split("=", 1)[0] for e in extra)}
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in replaced]
@@ -63,12 +57,14 @@ def wandb_group(cfg: DictConfig, run_dir: Path) -> str | None:
     lands in one W&B group, so its per-source eval curves sit side by side."""
     if cfg.logging.group:
         return cfg.logging.group
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    from hydra.types import RunMode
 
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return Path(run_dir).parent.name
-    except (ImportError, ValueError):
-        pass
-    return None
+    hydra = _hydra_job()
+    return Path(run_dir).parent.name if hydra is not None and hydra.mode == RunMode.MULTIRUN else None
+
+
+def _hydra_job():
+    """Hydra's config of the running `anneal` job; None when train() is called without Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
