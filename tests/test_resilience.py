@@ -175,11 +175,12 @@ def test_sigterm_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path):
     pytest.importorskip("deepspeed")
     common = [*QUIET, *SMALL, "export.enabled=false", f"run.root={tmp_path}", "trainer.engine=deepspeed",
               "parallel.ep_size=2", "trainer.bf16=false", "trainer.threads=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "anneal", *common]
+    def cmd(*args):  # a fresh rendezvous port per launch: the preempted run's may still be held
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port()), "-m", "anneal", *common, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*cmd, "run.name=full"], check=True, env=env, capture_output=True, timeout=900)
-    proc = subprocess.Popen([*cmd, "run.name=cut"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    subprocess.run(cmd("run.name=full"), check=True, env=env, capture_output=True, timeout=900)
+    proc = subprocess.Popen(cmd("run.name=cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     _wait_for_steps(tmp_path / "cut", 2, proc, timeout=600)
     proc.send_signal(signal.SIGTERM)
@@ -190,7 +191,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path):
     step = training_state.latest_checkpoint(tmp_path / "cut" / "ckpt")
     assert step.name == f"step_{cut_at:08d}"
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "checkpoint.json"} <= {p.name for p in step.iterdir()}
-    subprocess.run([*cmd, "run.name=cut", "run.resume=true"], check=True, env=env, capture_output=True, timeout=900)
+    subprocess.run(cmd("run.name=cut", "run.resume=true"), check=True, env=env, capture_output=True, timeout=900)
     assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "full")
 
 
