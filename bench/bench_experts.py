@@ -12,7 +12,11 @@ FLOPs: forward 6*M*H*I (gate/up 4*M*H*I, down 2*M*H*I); forward+backward counted
 Timing: triton.testing.do_bench (CUDA events, median). Forward is timed under no_grad; forward+backward
 as forward then torch.autograd.grad of every input (no .grad accumulation).
 
-    python bench/bench_experts.py --json bench/experts.json [--breakdown] [--no-layer] [--no-loop]
+    python bench/bench_experts.py [--json bench/results/bench_experts.json] [--breakdown] [--no-layer] [--no-loop]
+
+The JSON has `rows` (one per case and implementation) and `summary`: per case the fwd and fwd+bwd ms of
+grouped_mm, triton and dense and the ratios triton_vs_grouped_mm_fwd / triton_vs_grouped_mm_fwdbwd
+(grouped_mm time / triton time: > 1 means triton is faster).
 """
 from __future__ import annotations
 
@@ -89,7 +93,6 @@ def breakdown(d):
     h, gu = G.gate_up_fwd(x, None, wgu, c32, M, save_gu=True)
     out = torch.empty(M, H, device=x.device, dtype=x.dtype)
     dgu, hw, _ = G.down_bwd(dy, None, wd, gu, None, c32, M)
-    hw = h if hw is None else hw  # unweighted rows: the Wd gradient uses the forward's h
     gu_t = (wgu.stride(0), wgu.stride(2), wgu.stride(1))
     wd_s = (wd.stride(0), wd.stride(1), wd.stride(2))
     o1, o2 = torch.empty_like(wgu), torch.empty_like(wd)
@@ -112,7 +115,9 @@ def breakdown(d):
             ("grouped_mm gate_up", 2 * gemm, lambda: torch._grouped_mm(x, wgu, offs=offs)),
             ("grouped_mm down", gemm, lambda: torch._grouped_mm(h, wd, offs=offs)),
             ("grouped_mm dx (dgu Wgu^T)", 2 * gemm, lambda: torch._grouped_mm(dgu, wgu.transpose(-2, -1), offs=offs)),
-            ("grouped_mm dWgu (x^T dgu)", 2 * gemm, lambda: torch._grouped_mm(x.t(), dgu, offs=offs))):
+            ("grouped_mm dh (dy Wd^T)", gemm, lambda: torch._grouped_mm(dy, wd.transpose(-2, -1), offs=offs)),
+            ("grouped_mm dWgu (x^T dgu)", 2 * gemm, lambda: torch._grouped_mm(x.t(), dgu, offs=offs)),
+            ("grouped_mm dWd (h^T dy)", gemm, lambda: torch._grouped_mm(h.t(), dy, offs=offs))):
         try:
             ms = _bench(fn)
             res.append(dict(kernel=name, ms=ms, tflops=flops / ms / 1e9))
@@ -215,7 +220,7 @@ def bench_layer(device, dtype, T=8192, with_hf=True):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default="bench/experts.json")
+    ap.add_argument("--json", default="bench/results/bench_experts.json")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--breakdown", action="store_true", help="per-kernel times of ours on each case")
     ap.add_argument("--no-layer", action="store_true")
@@ -265,20 +270,30 @@ def main():
                                            ("down_bwd", G._k_down_bwd), ("wgrad", G._k_wgrad))}
     except Exception as e:  # noqa: BLE001
         extra["autotune"] = repr(e)
+    summary = {}
+    for r_ in rows:
+        summary.setdefault(r_["case"], {})[r_["impl"]] = dict(fwd_ms=r_["fwd_ms"], fwdbwd_ms=r_["fwdbwd_ms"])
+    for case, impls_ in summary.items():
+        base = impls_.get("grouped_mm") or impls_.get("ours/grouped_mm")
+        tri = impls_.get("triton") or impls_.get("ours/triton")
+        if base and tri:
+            impls_["triton_vs_grouped_mm_fwd"] = base["fwd_ms"] / tri["fwd_ms"]
+            impls_["triton_vs_grouped_mm_fwdbwd"] = base["fwdbwd_ms"] / tri["fwdbwd_ms"]
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump(dict(meta=meta, rows=rows, **extra), f, indent=1)
+        json.dump(dict(meta=meta, summary=summary, rows=rows, **extra), f, indent=1)
 
     print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"transformers {meta['transformers']} | {meta['date']}")
     print(f"{'case':14s} {'impl':30s} {'rows':>7s} {'fwd ms':>9s} {'TFLOP/s':>8s} {'f+b ms':>9s} {'TFLOP/s':>8s} "
-          f"{'f+b vs gmm':>10s}")
+          f"{'fwd vs gmm':>10s} {'f+b vs gmm':>10s}")
     ref = {(r_["case"], r_["impl"]): r_ for r_ in rows}
     for r_ in rows:
         base = ref.get((r_["case"], "grouped_mm")) or ref.get((r_["case"], "ours/grouped_mm"))
+        sf = f"{base['fwd_ms'] / r_['fwd_ms']:9.2f}x" if base else ""
         sp = f"{base['fwdbwd_ms'] / r_['fwdbwd_ms']:9.2f}x" if base else ""
         print(f"{r_['case']:14s} {r_['impl']:30s} {r_['M']:7d} {r_['fwd_ms']:9.3f} {r_['fwd_tflops']:8.1f} "
-              f"{r_['fwdbwd_ms']:9.3f} {r_['fwdbwd_tflops']:8.1f} {sp:>10s}")
+              f"{r_['fwdbwd_ms']:9.3f} {r_['fwdbwd_tflops']:8.1f} {sf:>10s} {sp:>10s}")
     for case, br in extra.get("breakdown", {}).items():
         print(f"\nper-kernel ({case}):")
         for b in br:

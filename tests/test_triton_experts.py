@@ -1,8 +1,11 @@
 """The `triton` experts backend against the float64 torch reference: forward and every gradient.
 
 On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1 must be set before Triton is
-imported; this module sets it when no CUDA device exists, but CI should export it) on small shapes.
-Tests marked `gpu` run the compiled kernels on larger bf16 shapes and are skipped without CUDA.
+imported; this module sets it when no CUDA device exists, but CI should export it) on small shapes,
+through both load paths (the `path` fixture): TMA tensor descriptors with a persistent, flattened tile
+loop and g/u prefetch, and pointer loads with one tile per program. Tests marked `gpu` run the
+compiled, autotuned kernels on larger bf16 shapes (TMA path; one case on pointer loads) and fp32
+(pointer loads) and are skipped without CUDA.
 Skipped entirely when Triton is not installed.
 """
 from __future__ import annotations
@@ -69,6 +72,21 @@ def _rel(a, b):
 
 NAMES = ["out", "dx", "dw", "dWgu", "dWd"]
 
+PATHS = {
+    "tma-persistent": dict(tma=True, interp=dict(PERSIST=True, FLATTEN=True), prefetch=True),
+    "pointer-tile": dict(tma=False, interp=dict(PERSIST=False, FLATTEN=False), prefetch=False),
+}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    """Kernel load path: TMA descriptors or pointer loads (and, under the interpreter, the tile loop)."""
+    p = PATHS[request.param]
+    monkeypatch.setattr(G, "USE_TMA", p["tma"])
+    monkeypatch.setattr(G, "_INTERP", {**G._INTERP, **p["interp"]})
+    monkeypatch.setattr(G, "_INTERP_DOWN_BWD", {"PREFETCH": p["prefetch"]})
+    return request.param
+
 
 def _check(c, dtype=torch.float32, device="cpu", tol=None):
     ours = _run(get_backend("triton"), c, dtype, device)
@@ -96,16 +114,18 @@ def test_registered():
     (13, 3, 6, 40, 24, "random"),   # odd rows, H and I not multiples of the tile
     (9, 1, 5, 32, 16, "one"),       # one expert takes every row, the others empty
     (11, 2, 8, 32, 32, "sparse"),   # most experts empty, first and last included
+    (37, 1, 3, 48, 40, "one"),      # several full row chunks per expert + a partial one
+    (48, 1, 3, 32, 16, "one"),      # row count a multiple of the tile: no partial chunk
 ])
-def test_routed_fp32(T, K, E, H, I, mode):
+def test_routed_fp32(T, K, E, H, I, mode, path):
     _check(_case(T, K, E, H, I, mode), tol=1e-4 if G.INTERPRET else 5e-3)
 
 
-def test_routed_bf16():
+def test_routed_bf16(path):
     _check(_case(17, 2, 4, 32, 32, seed=3), dtype=torch.bfloat16)
 
 
-def test_grouped_mlp_with_empty_experts():
+def test_grouped_mlp_with_empty_experts(path):
     gen = torch.Generator().manual_seed(5)
     E, H, I = 5, 32, 24
     counts = torch.tensor([0, 7, 0, 3, 0])
@@ -123,7 +143,7 @@ def test_grouped_mlp_with_empty_experts():
     assert (res[0][2][0] == 0).all() and (res[0][3][2] == 0).all()  # empty experts: zero gradients
 
 
-def test_no_tokens():
+def test_no_tokens(path):
     c = _case(0, 2, 4, 16, 16)
     ours = _run(get_backend("triton"), c, torch.float32, "cpu")
     assert ours[0].shape == (0, 16)
@@ -157,6 +177,34 @@ def test_grouped_experts_module():
 ])
 def test_gpu_bf16(T, K, E, H, I, mode):
     _check(_case(T, K, E, H, I, mode), dtype=torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_bf16_pointer_loads(monkeypatch):
+    monkeypatch.setattr(G, "USE_TMA", False)
+    _check(_case(517, 3, 16, 256, 320, "random"), dtype=torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_grouped_mlp_bf16():
+    """Unweighted grouped rows (the bench's GEMM-only path): TMA for activations too."""
+    gen = torch.Generator().manual_seed(7)
+    E, H, I = 8, 512, 320
+    counts = torch.tensor([300, 0, 129, 1, 640, 0, 0, 77])
+    x = torch.randn(int(counts.sum()), H, generator=gen)
+    wgu = torch.randn(E, H, 2 * I, generator=gen) / H ** 0.5
+    wd = torch.randn(E, I, H, generator=gen) / I ** 0.5
+    dy = torch.randn(x.shape[0], H, generator=gen)
+    res = []
+    for be, dt, dev in ((get_backend("triton"), torch.bfloat16, "cuda"), (TorchLoopBackend(), torch.float64, "cpu"),
+                        (TorchLoopBackend(), torch.bfloat16, "cuda")):
+        xs, g, d = (t.to(dev, dt).requires_grad_() for t in (x, wgu, wd))
+        out = be.grouped_mlp(xs, counts.to(dev), g, d)
+        res.append([t.double().cpu() for t in (out, *torch.autograd.grad(out, [xs, g, d], dy.to(dev, dt)))])
+    for name, a, r, b in zip(["out", "dx", "dWgu", "dWd"], *res):
+        assert _rel(a, r) < 2 * _rel(b, r) + 2e-3, name
 
 
 @gpu

@@ -5,7 +5,7 @@
            2. gate/up grouped GEMM gathering token rows in its loads, SwiGLU in the epilogue
            3. down grouped GEMM, routing weight in the epilogue, rows stored at their (token, slot)
               place; the K slots of a token are summed (fp32 accumulation)
-  backward 1. dy[tok] @ Wd^T with SwiGLU backward, routing-weight gradient and w*h in the epilogue
+  backward 1. dy[tok] @ Wd^T with SwiGLU backward, routing-weight gradient and w*h (h) in the epilogue
            2. dx: dgu @ Wgu^T scattered to (token, slot), summed over slots
            3. dWgu = x[tok]^T dgu and dWd = (w*h)^T dy[tok], per expert (gathers fused)
 `grouped_mlp` runs the same kernels with no gather, no weight and no scatter.
@@ -66,10 +66,7 @@ def _experts_bwd(dout: Tensor, x: Tensor, w_sorted: Optional[Tensor], w_gate_up:
     M = tok.shape[0] if tok is not None else x.shape[0]
     H, two_i = w_gate_up.shape[1], w_gate_up.shape[2]
     dout = dout.contiguous()
-    dgu, hw, dw = G.down_bwd(dout, tok, w_down, gu, w_sorted, counts, M)
-    if hw is None:  # unweighted rows: the Wd gradient needs h itself, recomputed from gu
-        g, u = gu.float().chunk(2, dim=-1)
-        hw = (torch.nn.functional.silu(g) * u).to(gu.dtype)
+    dgu, hw, dw = G.down_bwd(dout, tok, w_down, gu, w_sorted, counts, M)  # hw: w*h (h if unweighted)
     dx, dWgu, dWd = x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: outputs may not alias
     if need_x:
         gu_strides = (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1))  # B_e = Wgu_e^T

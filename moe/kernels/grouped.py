@@ -1,11 +1,19 @@
 """Triton kernels for the routed-expert SwiGLU MLP over rows grouped by expert (dropless, no padding).
 
 Rows are the (token, slot) pairs sorted by expert; expert e owns rows [start_e, start_e + n_e) where
-n_e = counts[e]. No kernel needs host-side tile tables: a row-tiled program finds its expert from the
-per-expert counts inside the kernel (a cumulative sum over at most E_PAD entries), so nothing syncs
-with the host and any number of local experts (EP shares), empty ones included, works.
+n_e = counts[e]. No kernel needs host-side tile tables: each program builds the per-expert tile table
+(cumulative sums over at most E_PAD entries) from the counts on the device, so nothing syncs with the
+host and any number of local experts (EP shares), empty ones included, works.
 
-Kernels (each a plain `@triton.jit` function; `launch_*` picks the configuration):
+Row-tiled kernels (`_gate_up_fwd`, `_rows_gemm`, `_down_bwd`) walk a tile space in which each
+expert's rows are rounded up to a multiple of BLOCK_M, so every tile belongs to one expert; rows of a
+tile past its expert's end are computed from whatever lies there and never stored. Tiles are ordered
+GROUP_M row tiles at a time per column block (the row tiles of one expert run together and share its
+weight tiles in L2). With PERSIST the grid is one program per SM looping over the tiles (the loop is
+flattened, so the next tile's loads are issued during this tile's epilogue); without, one tile per
+program.
+
+Kernels (each a plain `@triton.jit` function; the launchers pick the configuration):
 - `_gate_up_fwd`: h = silu(x[tok] @ Wg) * (x[tok] @ Wu); the token gather is fused into the A loads,
   the SwiGLU into the epilogue; optionally saves the pre-activations for the backward.
 - `_rows_gemm`: out[pos[r]] = scale[r] * (A[r] @ B_e); forward down projection (routing weight
@@ -13,13 +21,27 @@ Kernels (each a plain `@triton.jit` function; `launch_*` picks the configuration
 - `_down_bwd`: dh = dy[tok] @ Wd_e^T with the SwiGLU backward and the routing-weight gradient
   (partial dot(dh, h) per column block) in the epilogue; also writes w*h for the Wd gradient.
 - `_wgrad`: out_e = A[rows_e]^T @ B[rows_e] (weight gradients; reduction over the expert's rows,
-  either operand optionally gathered by token).
+  either operand optionally gathered by token). Full BLOCK_K row chunks run unmasked; the expert's
+  last partial chunk is one masked step after the loop.
+
+Loads: operands that are plain row-major matrices (the weights, seen as 2-D [E*K, N] or [E*N, K], and
+activations that are not gathered by token) are read through TMA tensor descriptors created on the
+device (`tl.make_tensor_descriptor`; the launchers install a Triton allocator for them) when
+`TMA_A`/`TMA_B` are set, and through pointer loads otherwise (token-gathered operands, fp32 on CUDA,
+misaligned strides, or MOE_TRITON_TMA=0). Both paths are the same kernels; the tests run both under
+Triton's interpreter. A weight tile that runs past its expert's K rows reads the next expert's rows,
+multiplied by the zeros the A operand has there (TMA zero-fills out of bounds, pointer loads mask).
 
 On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, or automatically when no
-CUDA device exists) with one small fixed configuration; on CUDA they are autotuned.
+CUDA device exists) with one small fixed configuration; on CUDA they are autotuned over Hopper
+configurations, keyed on the shapes, a log2 bucket of the rows per expert, the variant flags and the
+dtypes; choices are kept per process and on disk (Triton's `cache_results`), so a training run tunes
+each shape once.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -29,6 +51,8 @@ import triton.language as tl
 # Triton decides at import whether kernels are interpreted (TRITON_INTERPRET=1 must be set before
 # `import triton`); CPU tensors are only usable in that mode.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# TMA descriptor loads where the operand allows them (tests flip this to cover both load paths)
+USE_TMA = os.environ.get("MOE_TRITON_TMA", "1") not in ("", "0")
 _jit = triton.jit
 # The interpreter (Triton 3.6-3.9) gets bf16 x bf16 dots wrong: upcast the operands there.
 _DOT_F32 = tl.constexpr(INTERPRET)
@@ -39,298 +63,403 @@ _DOT_F32 = tl.constexpr(INTERPRET)
 # ----------------------------------------------------------------------------------------------
 
 @_jit
-def _expert_row_tile(pid, counts_ptr, M, E, N, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Map a program id to (expert e, column block, first row, end of the expert's rows).
-
-    Row tiles are laid out expert after expert (each expert's rows rounded up to BLOCK_M), grouped
-    GROUP_M tiles at a time for L2 reuse; the grid has cdiv(M, BLOCK_M) + E row tiles, and programs
-    past the last expert's tiles get e >= E (the caller returns)."""
-    num_pid_m = tl.cdiv(M, BLOCK_M) + E
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-
+def _expert_tables(counts_ptr, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per-expert vectors [E_PAD]: index, rows, row tiles, cumulative row tiles, row end."""
     e_ar = tl.arange(0, E_PAD)
     cnt = tl.load(counts_ptr + e_ar, mask=e_ar < E, other=0).to(tl.int32)
     tiles = (cnt + BLOCK_M - 1) // BLOCK_M
-    tile_end = tl.cumsum(tiles, 0)
+    return e_ar, cnt, tiles, tl.cumsum(tiles, 0), tl.cumsum(cnt, 0)
+
+
+@_jit
+def _row_tile(tile, e_ar, cnt, tiles, tile_end, row_end_all, num_pid_m, num_pid_n,
+              BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile index -> (expert, column block, first row, end of the expert's rows).
+
+    The row-tile space has sum_e cdiv(n_e, BLOCK_M) = num_pid_m entries, expert after expert;
+    GROUP_M row tiles at a time sweep the column blocks (L2 reuse of A rows and weight tiles)."""
+    group = GROUP_M * num_pid_n
+    first_m = (tile // group) * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % group) % size_m
+    pid_n = (tile % group) // size_m
     e = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
-    row_end_all = tl.cumsum(cnt, 0)
     sel = e_ar == e
     n_e = tl.sum(tl.where(sel, cnt, 0), 0)
-    start = tl.sum(tl.where(sel, row_end_all - cnt, 0), 0)
+    end = tl.sum(tl.where(sel, row_end_all, 0), 0)
     t0 = tl.sum(tl.where(sel, tile_end - tiles, 0), 0)
-    row0 = start + (pid_m - t0) * BLOCK_M
-    row_end = start + n_e
-    return e, pid_n, row0, row_end
+    row0 = end - n_e + (pid_m - t0) * BLOCK_M
+    return e, pid_n, row0, end
 
 
 @_jit
 def _gate_up_fwd(x_ptr, tok_ptr, w_ptr, gu_ptr, h_ptr, counts_ptr,
-                 M, E, N, K, ROWS_HINT,
+                 M, MX, E, N, K, ROWS_HINT,
                  stride_xm, stride_we, stride_wk, stride_wn, stride_gum, stride_hm,
-                 HAS_GATHER: tl.constexpr, SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr,
-                 E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # N = I (per half); w is [E, K=H, 2N]: gate columns [0, N), up columns [N, 2N).
-    e, pid_n, row0, row_end = _expert_row_tile(tl.program_id(0), counts_ptr, M, E, N,
-                                               E_PAD, BLOCK_M, BLOCK_N, GROUP_M)
-    if e >= E:
-        return
-
-    rm = row0 + tl.arange(0, BLOCK_M)
-    mrow = rm < row_end
-    rm_c = tl.where(mrow, rm, row0)
-    if HAS_GATHER:
-        src = tl.load(tok_ptr + rm_c).to(tl.int64)
-    else:
-        src = rm_c.to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_c = rn % N
+                 HAS_GATHER: tl.constexpr, SAVE_GU: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
+                 EVEN_K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr):
+    # N = I (per half); w is [E, K=H, 2N]: gate columns [0, N), up columns [N, 2N). x has MX rows.
+    e_ar, cnt, tiles, tile_end, row_end_all = _expert_tables(counts_ptr, E, E_PAD, BLOCK_M)
+    num_pid_m = tl.sum(tiles, 0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if TMA_A:
+        a_desc = tl.make_tensor_descriptor(x_ptr, shape=[MX, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    if TMA_B:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * K, 2 * N], strides=[stride_wk, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + src[:, None] * stride_xm + rk[None, :]
-    w_base = w_ptr + e.to(tl.int64) * stride_we
-    bg_ptrs = w_base + rk[:, None] * stride_wk + rn_c[None, :] * stride_wn
-    bu_ptrs = bg_ptrs + N * stride_wn
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            bg = tl.load(bg_ptrs)
-            bu = tl.load(bu_ptrs)
-        else:
-            kk = k * BLOCK_K + rk
-            a = tl.load(a_ptrs, mask=kk[None, :] < K, other=0.0)
-            bg = tl.load(bg_ptrs, mask=kk[:, None] < K, other=0.0)
-            bu = tl.load(bu_ptrs, mask=kk[:, None] < K, other=0.0)
-        if _DOT_F32:
-            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g)
-        acc_u = tl.dot(a, bu, acc_u)
-        a_ptrs += BLOCK_K
-        bg_ptrs += BLOCK_K * stride_wk
-        bu_ptrs += BLOCK_K * stride_wk
-
     out_dtype = h_ptr.dtype.element_ty
-    mask = mrow[:, None] & (rn[None, :] < N)
-    rm64 = rm.to(tl.int64)
-    if SAVE_GU:
-        g_ptrs = gu_ptr + rm64[:, None] * stride_gum + rn[None, :]
-        tl.store(g_ptrs, acc_g.to(out_dtype), mask=mask)
-        tl.store(g_ptrs + N, acc_u.to(out_dtype), mask=mask)
-        # the backward recomputes h from the rounded pre-activations; do the same here
-        acc_g = acc_g.to(out_dtype).to(tl.float32)
-        acc_u = acc_u.to(out_dtype).to(tl.float32)
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(h_ptr + rm64[:, None] * stride_hm + rn[None, :], h.to(out_dtype), mask=mask)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        e, pid_n, row0, row_end = _row_tile(tile, e_ar, cnt, tiles, tile_end, row_end_all,
+                                            num_pid_m, num_pid_n, BLOCK_M, GROUP_M)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        mrow = rm < row_end
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if not TMA_A:
+            rm_c = tl.where(mrow, rm, row0)
+            if HAS_GATHER:
+                src = tl.load(tok_ptr + rm_c).to(tl.int64)
+            else:
+                src = rm_c.to(tl.int64)
+            a_ptrs = x_ptr + src[:, None] * stride_xm + rk[None, :]
+        if not TMA_B:
+            bg_ptrs = w_ptr + e.to(tl.int64) * stride_we + rk[:, None] * stride_wk + (rn % N)[None, :] * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, k_tiles):
+            k0 = k * BLOCK_K
+            if TMA_A:
+                a = a_desc.load([row0, k0])
+            elif EVEN_K:
+                a = tl.load(a_ptrs + k0)
+            else:
+                a = tl.load(a_ptrs + k0, mask=(k0 + rk)[None, :] < K, other=0.0)
+            if TMA_B:
+                bg = w_desc.load([e * K + k0, pid_n * BLOCK_N])
+                bu = w_desc.load([e * K + k0, N + pid_n * BLOCK_N])
+            elif EVEN_K:
+                bg = tl.load(bg_ptrs + k0 * stride_wk)
+                bu = tl.load(bg_ptrs + k0 * stride_wk + N * stride_wn)
+            else:
+                mk = (k0 + rk)[:, None] < K
+                bg = tl.load(bg_ptrs + k0 * stride_wk, mask=mk, other=0.0)
+                bu = tl.load(bg_ptrs + k0 * stride_wk + N * stride_wn, mask=mk, other=0.0)
+            if _DOT_F32:
+                a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+            acc_g = tl.dot(a, bg, acc_g)
+            acc_u = tl.dot(a, bu, acc_u)
+
+        mask = mrow[:, None] & (rn[None, :] < N)
+        rm64 = rm.to(tl.int64)
+        if SAVE_GU:
+            g_ptrs = gu_ptr + rm64[:, None] * stride_gum + rn[None, :]
+            tl.store(g_ptrs, acc_g.to(out_dtype), mask=mask)
+            tl.store(g_ptrs + N, acc_u.to(out_dtype), mask=mask)
+            # the backward recomputes h from the rounded pre-activations; do the same here
+            acc_g = acc_g.to(out_dtype).to(tl.float32)
+            acc_u = acc_u.to(out_dtype).to(tl.float32)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(h_ptr + rm64[:, None] * stride_hm + rn[None, :], h.to(out_dtype), mask=mask)
 
 
 @_jit
 def _rows_gemm(a_ptr, b_ptr, out_ptr, counts_ptr, scale_ptr, pos_ptr,
                M, E, N, K, ROWS_HINT,
                stride_am, stride_be, stride_bk, stride_bn, stride_om,
-               HAS_SCALE: tl.constexpr, HAS_SCATTER: tl.constexpr, EVEN_K: tl.constexpr,
-               E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+               HAS_SCALE: tl.constexpr, HAS_SCATTER: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
+               B_TRANS: tl.constexpr, EVEN_K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
+               FLATTEN: tl.constexpr):
     # out[pos[r], :] = scale[r] * (A[r, :] @ B[e]) for the rows r of expert e (A rows sorted).
-    e, pid_n, row0, row_end = _expert_row_tile(tl.program_id(0), counts_ptr, M, E, N,
-                                               E_PAD, BLOCK_M, BLOCK_N, GROUP_M)
-    if e >= E:
-        return
-
-    rm = row0 + tl.arange(0, BLOCK_M)
-    mrow = rm < row_end
-    rm_c = tl.where(mrow, rm, row0).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_c = rn % N
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm_c[:, None] * stride_am + rk[None, :]
-    b_ptrs = b_ptr + e.to(tl.int64) * stride_be + rk[:, None] * stride_bk + rn_c[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
+    # B[e] is [K, N] row-major (B_TRANS=False) or the transpose of an [N, K] row-major block.
+    e_ar, cnt, tiles, tile_end, row_end_all = _expert_tables(counts_ptr, E, E_PAD, BLOCK_M)
+    num_pid_m = tl.sum(tiles, 0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if TMA_A:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    if TMA_B:
+        if B_TRANS:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[stride_bn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
         else:
-            kk = k * BLOCK_K + rk
-            a = tl.load(a_ptrs, mask=kk[None, :] < K, other=0.0)
-            b = tl.load(b_ptrs, mask=kk[:, None] < K, other=0.0)
-        if _DOT_F32:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * K, N], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+    rk = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        e, pid_n, row0, row_end = _row_tile(tile, e_ar, cnt, tiles, tile_end, row_end_all,
+                                            num_pid_m, num_pid_n, BLOCK_M, GROUP_M)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        mrow = rm < row_end
+        rm_c = tl.where(mrow, rm, row0).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if not TMA_A:
+            a_ptrs = a_ptr + rm_c[:, None] * stride_am + rk[None, :]
+        if not TMA_B:
+            b_ptrs = b_ptr + e.to(tl.int64) * stride_be + rk[:, None] * stride_bk + (rn % N)[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, k_tiles):
+            k0 = k * BLOCK_K
+            if TMA_A:
+                a = a_desc.load([row0, k0])
+            elif EVEN_K:
+                a = tl.load(a_ptrs + k0)
+            else:
+                a = tl.load(a_ptrs + k0, mask=(k0 + rk)[None, :] < K, other=0.0)
+            if TMA_B:
+                if B_TRANS:
+                    b = b_desc.load([e * N + pid_n * BLOCK_N, k0]).T
+                else:
+                    b = b_desc.load([e * K + k0, pid_n * BLOCK_N])
+            elif EVEN_K:
+                b = tl.load(b_ptrs + k0 * stride_bk)
+            else:
+                b = tl.load(b_ptrs + k0 * stride_bk, mask=(k0 + rk)[:, None] < K, other=0.0)
+            if _DOT_F32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
 
-    if HAS_SCALE:
-        s = tl.load(scale_ptr + rm_c).to(tl.float32)
-        acc = acc * s[:, None]
-    if HAS_SCATTER:
-        dst = tl.load(pos_ptr + rm_c).to(tl.int64)
-    else:
-        dst = rm.to(tl.int64)
-    mask = mrow[:, None] & (rn[None, :] < N)
-    tl.store(out_ptr + dst[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + rm_c).to(tl.float32)
+            acc = acc * s[:, None]
+        if HAS_SCATTER:
+            dst = tl.load(pos_ptr + rm_c).to(tl.int64)
+        else:
+            dst = rm.to(tl.int64)
+        mask = mrow[:, None] & (rn[None, :] < N)
+        tl.store(out_ptr + dst[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
 def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_ptr, counts_ptr,
-              M, E, N, K, ROWS_HINT, N_DWP,
+              M, MY, E, N, K, ROWS_HINT, N_DWP,
               stride_dym, stride_we, stride_wn, stride_wk, stride_gum, stride_dgum, stride_hwm, stride_dwpm,
-              HAS_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
-              E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # dh_unw[r, i] = sum_k dy[tok[r], k] * Wd[e][i, k]  (N = I, K = H)
-    e, pid_n, row0, row_end = _expert_row_tile(tl.program_id(0), counts_ptr, M, E, N,
-                                               E_PAD, BLOCK_M, BLOCK_N, GROUP_M)
-    if e >= E:
-        return
-
-    rm = row0 + tl.arange(0, BLOCK_M)
-    mrow = rm < row_end
-    rm_c = tl.where(mrow, rm, row0)
-    if HAS_GATHER:
-        src = tl.load(tok_ptr + rm_c).to(tl.int64)
-    else:
-        src = rm_c.to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_c = rn % N
+              HAS_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
+              EVEN_K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr,
+              PREFETCH: tl.constexpr):
+    # dh_unw[r, i] = sum_k dy[tok[r], k] * Wd[e][i, k]  (N = I, K = H; Wd [E, I, H]; dy has MY rows).
+    # PREFETCH: the epilogue's g/u tiles are loaded before the main loop (latency hidden behind it).
+    e_ar, cnt, tiles, tile_end, row_end_all = _expert_tables(counts_ptr, E, E_PAD, BLOCK_M)
+    num_pid_m = tl.sum(tiles, 0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if TMA_A:
+        a_desc = tl.make_tensor_descriptor(dy_ptr, shape=[MY, K], strides=[stride_dym, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    if TMA_B:
+        w_desc = tl.make_tensor_descriptor(wd_ptr, shape=[E * N, K], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = dy_ptr + src[:, None] * stride_dym + rk[None, :]
-    b_ptrs = wd_ptr + e.to(tl.int64) * stride_we + rk[:, None] * stride_wk + rn_c[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            kk = k * BLOCK_K + rk
-            a = tl.load(a_ptrs, mask=kk[None, :] < K, other=0.0)
-            b = tl.load(b_ptrs, mask=kk[:, None] < K, other=0.0)
-        if _DOT_F32:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wk
-
-    rm64 = rm.to(tl.int64)
-    mask = mrow[:, None] & (rn[None, :] < N)
-    g_ptrs = gu_ptr + rm64[:, None] * stride_gum + rn[None, :]
-    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(g_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    silu = g * sig
-    h = silu * u
     out_dtype = dgu_ptr.dtype.element_ty
-    if HAS_SCALE:
-        s = tl.load(scale_ptr + rm_c).to(tl.float32)
-        part = tl.sum(tl.where(mask, acc * h, 0.0), 1)
-        # dwp has one column per 16 columns of I; this program owns BLOCK_N // 16 of them: its partial
-        # goes in the first, zeros in the rest, so every column is written whatever the config
-        # (the autotuner runs several configs on the same buffer)
-        SUB: tl.constexpr = BLOCK_N // 16
-        sub = tl.arange(0, SUB)
-        cols = pid_n * SUB + sub
-        vals = tl.where(sub[None, :] == 0, part[:, None], 0.0)
-        tl.store(dwp_ptr + rm64[:, None] * stride_dwpm + cols[None, :], vals,
-                 mask=mrow[:, None] & (cols[None, :] < N_DWP))
-        dh = acc * s[:, None]
-        hw = h * s[:, None]
-        tl.store(hw_ptr + rm64[:, None] * stride_hwm + rn[None, :], hw.to(hw_ptr.dtype.element_ty), mask=mask)
-    else:
-        dh = acc  # unweighted rows: the Wd gradient uses the h saved by the forward
-    du = dh * silu
-    dg = dh * u * sig * (1.0 + g * (1.0 - sig))
-    d_ptrs = dgu_ptr + rm64[:, None] * stride_dgum + rn[None, :]
-    tl.store(d_ptrs, dg.to(out_dtype), mask=mask)
-    tl.store(d_ptrs + N, du.to(out_dtype), mask=mask)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        e, pid_n, row0, row_end = _row_tile(tile, e_ar, cnt, tiles, tile_end, row_end_all,
+                                            num_pid_m, num_pid_n, BLOCK_M, GROUP_M)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        mrow = rm < row_end
+        rm_c = tl.where(mrow, rm, row0)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm64 = rm.to(tl.int64)
+        mask = mrow[:, None] & (rn[None, :] < N)
+        g_ptrs = gu_ptr + rm64[:, None] * stride_gum + rn[None, :]
+        if PREFETCH:
+            g_raw = tl.load(g_ptrs, mask=mask, other=0.0)
+            u_raw = tl.load(g_ptrs + N, mask=mask, other=0.0)
+        if not TMA_A:
+            if HAS_GATHER:
+                src = tl.load(tok_ptr + rm_c).to(tl.int64)
+            else:
+                src = rm_c.to(tl.int64)
+            a_ptrs = dy_ptr + src[:, None] * stride_dym + rk[None, :]
+        if not TMA_B:
+            b_ptrs = wd_ptr + e.to(tl.int64) * stride_we + rk[:, None] * stride_wk + (rn % N)[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, k_tiles):
+            k0 = k * BLOCK_K
+            if TMA_A:
+                a = a_desc.load([row0, k0])
+            elif EVEN_K:
+                a = tl.load(a_ptrs + k0)
+            else:
+                a = tl.load(a_ptrs + k0, mask=(k0 + rk)[None, :] < K, other=0.0)
+            if TMA_B:
+                b = w_desc.load([e * N + pid_n * BLOCK_N, k0]).T
+            elif EVEN_K:
+                b = tl.load(b_ptrs + k0 * stride_wk)
+            else:
+                b = tl.load(b_ptrs + k0 * stride_wk, mask=(k0 + rk)[:, None] < K, other=0.0)
+            if _DOT_F32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+
+        if not PREFETCH:
+            g_raw = tl.load(g_ptrs, mask=mask, other=0.0)
+            u_raw = tl.load(g_ptrs + N, mask=mask, other=0.0)
+        g = g_raw.to(tl.float32)
+        u = u_raw.to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        h = silu * u
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + rm_c).to(tl.float32)
+            part = tl.sum(tl.where(mask, acc * h, 0.0), 1)
+            # dwp has one column per 16 columns of I; this tile owns BLOCK_N // 16 of them: its partial
+            # goes in the first, zeros in the rest, so every column is written whatever the config
+            # (the autotuner runs several configs on the same buffer)
+            SUB: tl.constexpr = BLOCK_N // 16
+            sub = tl.arange(0, SUB)
+            cols = pid_n * SUB + sub
+            vals = tl.where(sub[None, :] == 0, part[:, None], 0.0)
+            tl.store(dwp_ptr + rm64[:, None] * stride_dwpm + cols[None, :], vals,
+                     mask=mrow[:, None] & (cols[None, :] < N_DWP))
+            dh = acc * s[:, None]
+            h = h * s[:, None]
+        else:
+            dh = acc
+        # w*h (h for unweighted rows): the A operand of the Wd gradient
+        tl.store(hw_ptr + rm64[:, None] * stride_hwm + rn[None, :], h.to(hw_ptr.dtype.element_ty), mask=mask)
+        du = dh * silu
+        dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+        d_ptrs = dgu_ptr + rm64[:, None] * stride_dgum + rn[None, :]
+        tl.store(d_ptrs, dg.to(out_dtype), mask=mask)
+        tl.store(d_ptrs + N, du.to(out_dtype), mask=mask)
 
 
 @_jit
 def _wgrad(a_ptr, atok_ptr, b_ptr, btok_ptr, out_ptr, counts_ptr,
-           E, P, Q, ROWS_HINT,
+           MA, MB, E, P, Q, ROWS_HINT,
            stride_am, stride_bm, stride_oe, stride_op, stride_oq,
-           A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, E_PAD: tl.constexpr,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # out[e][p, q] = sum_{r in rows of e} A[ra(r), p] * B[rb(r), q]
-    pid = tl.program_id(0)
-    num_pid_p = tl.cdiv(P, BLOCK_M)
-    num_pid_q = tl.cdiv(Q, BLOCK_N)
-    per_e = num_pid_p * num_pid_q
-    e = pid // per_e
-    pid = pid % per_e
-    group = GROUP_M * num_pid_q
-    first_p = (pid // group) * GROUP_M
-    size_p = min(num_pid_p - first_p, GROUP_M)
-    pid_p = first_p + (pid % group) % size_p
-    pid_q = (pid % group) // size_p
-
+           A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
+           TMA_OUT: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr):
+    # out[e][p, q] = sum_{r in rows of e} A[ra(r), p] * B[rb(r), q]   (A has MA rows, B has MB rows).
+    # TMA_OUT: out is a contiguous [E, P, Q] stored through a 3-D descriptor (asynchronous store,
+    # bounds per expert).
     e_ar = tl.arange(0, E_PAD)
     cnt = tl.load(counts_ptr + e_ar, mask=e_ar < E, other=0).to(tl.int32)
     row_end_all = tl.cumsum(cnt, 0)
-    sel = e_ar == e
-    n_e = tl.sum(tl.where(sel, cnt, 0), 0)
-    start = tl.sum(tl.where(sel, row_end_all - cnt, 0), 0)
-    end = start + n_e
-
-    rp = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
-    rq = pid_q * BLOCK_N + tl.arange(0, BLOCK_N)
-    rp_c = rp % P
-    rq_c = rq % Q
+    num_pid_p = tl.cdiv(P, BLOCK_M)
+    num_pid_q = tl.cdiv(Q, BLOCK_N)
+    per_e = num_pid_p * num_pid_q
+    group = GROUP_M * num_pid_q
+    if TMA_A:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[MA, P], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_K, BLOCK_M])
+    if TMA_B:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[MB, Q], strides=[stride_bm, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    if TMA_OUT:
+        o_desc = tl.make_tensor_descriptor(out_ptr, shape=[E, P, Q], strides=[stride_oe, stride_op, 1],
+                                           block_shape=[1, BLOCK_M, BLOCK_N])
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_K):
-        rr = r0 + rk
-        mr = rr < end
-        rr_c = tl.where(mr, rr, start)
-        if A_GATHER:
-            ra = tl.load(atok_ptr + rr_c).to(tl.int64)
-        else:
-            ra = rr_c.to(tl.int64)
-        if B_GATHER:
-            rb = tl.load(btok_ptr + rr_c).to(tl.int64)
-        else:
-            rb = rr_c.to(tl.int64)
-        a = tl.load(a_ptr + ra[None, :] * stride_am + rp_c[:, None], mask=mr[None, :], other=0.0)
-        b = tl.load(b_ptr + rb[:, None] * stride_bm + rq_c[None, :], mask=mr[:, None], other=0.0)
-        if _DOT_F32:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+    for tile in tl.range(tl.program_id(0), E * per_e, tl.num_programs(0), flatten=FLATTEN):
+        e = tile // per_e
+        t = tile % per_e
+        first_p = (t // group) * GROUP_M
+        size_p = min(num_pid_p - first_p, GROUP_M)
+        pid_p = first_p + (t % group) % size_p
+        pid_q = (t % group) // size_p
+        sel = e_ar == e
+        end = tl.sum(tl.where(sel, row_end_all, 0), 0)
+        start = end - tl.sum(tl.where(sel, cnt, 0), 0)
+        n_full = (end - start) // BLOCK_K
 
-    mask = (rp[:, None] < P) & (rq[None, :] < Q)
-    o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + rp[:, None] * stride_op + rq[None, :] * stride_oq
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        rp = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
+        rq = pid_q * BLOCK_N + tl.arange(0, BLOCK_N)
+        rp_c = rp % P
+        rq_c = rq % Q
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(0, n_full):  # full chunks: no masks
+            r0 = start + i * BLOCK_K
+            rr = r0 + rk
+            if TMA_A:
+                a = a_desc.load([r0, pid_p * BLOCK_M]).T
+            else:
+                if A_GATHER:
+                    ra = tl.load(atok_ptr + rr).to(tl.int64)
+                else:
+                    ra = rr.to(tl.int64)
+                a = tl.load(a_ptr + ra[None, :] * stride_am + rp_c[:, None])
+            if TMA_B:
+                b = b_desc.load([r0, pid_q * BLOCK_N])
+            else:
+                if B_GATHER:
+                    rb = tl.load(btok_ptr + rr).to(tl.int64)
+                else:
+                    rb = rr.to(tl.int64)
+                b = tl.load(b_ptr + rb[:, None] * stride_bm + rq_c[None, :])
+            if _DOT_F32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        r0 = start + n_full * BLOCK_K
+        if r0 < end:  # the last partial chunk, masked
+            rr = r0 + rk
+            mr = rr < end
+            rr_c = tl.where(mr, rr, start)
+            if A_GATHER:
+                ra = tl.load(atok_ptr + rr_c).to(tl.int64)
+            else:
+                ra = rr_c.to(tl.int64)
+            if B_GATHER:
+                rb = tl.load(btok_ptr + rr_c).to(tl.int64)
+            else:
+                rb = rr_c.to(tl.int64)
+            a = tl.load(a_ptr + ra[None, :] * stride_am + rp_c[:, None], mask=mr[None, :], other=0.0)
+            b = tl.load(b_ptr + rb[:, None] * stride_bm + rq_c[None, :], mask=mr[:, None], other=0.0)
+            if _DOT_F32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+
+        if TMA_OUT:
+            o_desc.store([e, pid_p * BLOCK_M, pid_q * BLOCK_N],
+                         acc.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_M, BLOCK_N))
+        else:
+            mask = (rp[:, None] < P) & (rq[None, :] < Q)
+            o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + rp[:, None] * stride_op + rq[None, :] * stride_oq
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # configurations
 # ----------------------------------------------------------------------------------------------
 
-def _cfg(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+def _cfg(bm, bn, bk, warps, stages, persist=True, flatten=None, group=8, **extra):
+    """PERSIST: one program per SM looping over the tiles (else one tile per program); FLATTEN: fuse the
+    tile loop with the K loop (the next tile's loads overlap this tile's epilogue)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSIST": persist,
+                          "FLATTEN": persist if flatten is None else flatten, **extra},
                          num_warps=warps, num_stages=stages)
 
 
-# Hopper (H100/H200) candidates; BLOCK_N of the gate/up kernel is per half (two accumulators).
+# Hopper (H100/H200) candidates, from a sweep on the dots1 bench shapes (bench/RESULTS.md); BLOCK_N of
+# the gate/up kernel is per half (two accumulators).
 _GATE_UP_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 128, 64, 8, 4, persist=False), _cfg(128, 128, 64, 8, 3, persist=False),
+    _cfg(128, 128, 64, 8, 4, flatten=False), _cfg(64, 128, 64, 4, 4, persist=False),
 ]
 _ROWS_CONFIGS = [
-    _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4), _cfg(64, 256, 64, 4, 4),
+    _cfg(128, 256, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4),
 ]
 _DOWN_BWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 128, 64, 8, 4, PREFETCH=True), _cfg(128, 128, 64, 8, 4, PREFETCH=False),
+    _cfg(128, 128, 64, 8, 4, persist=False, PREFETCH=True), _cfg(64, 128, 64, 4, 4, PREFETCH=True),
 ]
 _WGRAD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 32, 4, 4), _cfg(128, 128, 32, 4, 6), _cfg(128, 256, 32, 8, 4),
-    _cfg(128, 128, 64, 4, 3),
+    _cfg(128, 256, 64, 8, 3, flatten=False), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 3, persist=False),
+    _cfg(128, 128, 64, 8, 4, flatten=False),
 ]
-# the interpreter: one small configuration (tl.dot needs every dimension >= 16)
-_INTERP = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+# the interpreter: one small configuration (tl.dot needs every dimension >= 16); persistent with a
+# few programs, so a program walks several tiles
+_INTERP = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "PERSIST": True, "FLATTEN": True}
+_INTERP_PROGRAMS = 3
+_INTERP_DOWN_BWD = {"PREFETCH": True}
 
 _SMEM_LIMIT = 220 * 1024
 
@@ -343,24 +472,33 @@ def _pruner(first_arg: str, n_b: int):
             k = c.kwargs
             return (k["BLOCK_M"] * k["BLOCK_K"] + n_b * k["BLOCK_K"] * k["BLOCK_N"]) * esize * c.num_stages
         kept = [c for c in configs if smem(c) <= _SMEM_LIMIT]
-        return kept or [_cfg(64, 64, 32, 4, 2)]
+        small = {**configs[0].kwargs, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "PERSIST": False, "FLATTEN": False}
+        return kept or [triton.Config(small, num_warps=4, num_stages=2)]
     return prune
 
 
-_KEYS = ["N", "K", "ROWS_HINT"]
+_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+_ROW_KEYS = ["N", "K", "ROWS_HINT", "TMA_A", "TMA_B"]
 if INTERPRET:
-    _k_gate_up, _k_rows, _k_down_bwd, _k_wgrad = _gate_up_fwd, _rows_gemm, _down_bwd, _wgrad
+    _k_gate_up, _k_rows, _k_down_bwd = _even_k(_gate_up_fwd), _even_k(_rows_gemm), _even_k(_down_bwd)
+    _k_wgrad = _wgrad
 else:
+    _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
     def _tuned(configs, keys, first_arg, n_b):
-        return triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": _pruner(first_arg, n_b)})
-    _k_gate_up = _tuned(_GATE_UP_CONFIGS, _KEYS, "x_ptr", 2)(_gate_up_fwd)
-    _k_rows = _tuned(_ROWS_CONFIGS, _KEYS, "a_ptr", 1)(_rows_gemm)
-    _k_down_bwd = _tuned(_DOWN_BWD_CONFIGS, _KEYS, "dy_ptr", 1)(_down_bwd)
-    _k_wgrad = _tuned(_WGRAD_CONFIGS, ["P", "Q", "ROWS_HINT"], "a_ptr", 1)(_wgrad)
+        return triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": _pruner(first_arg, n_b)},
+                               **_CACHE)
+    _k_gate_up = _tuned(_GATE_UP_CONFIGS, _ROW_KEYS + ["HAS_GATHER", "SAVE_GU"], "x_ptr", 2)(_even_k(_gate_up_fwd))
+    _k_rows = _tuned(_ROWS_CONFIGS, _ROW_KEYS + ["B_TRANS", "HAS_SCALE", "HAS_SCATTER"], "a_ptr", 1)(
+        _even_k(_rows_gemm))
+    _k_down_bwd = _tuned(_DOWN_BWD_CONFIGS, _ROW_KEYS + ["HAS_GATHER", "HAS_SCALE"], "dy_ptr", 1)(
+        _even_k(_down_bwd))
+    _k_wgrad = _tuned(_WGRAD_CONFIGS, ["P", "Q", "ROWS_HINT", "TMA_A", "TMA_B", "TMA_OUT", "A_GATHER", "B_GATHER"],
+                      "a_ptr", 1)(_wgrad)
 
 
-def _meta():
-    return dict(_INTERP) if INTERPRET else {}
+def _meta(**interp_extra):
+    return {**_INTERP, **interp_extra} if INTERPRET else {}
 
 
 def _e_pad(E: int) -> int:
@@ -372,8 +510,42 @@ def _rows_hint(M: int, E: int) -> int:
     return max(0, (max(M, 1) // max(E, 1)).bit_length())
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs(tiles: int, meta) -> int:
+    if not meta["PERSIST"]:
+        return max(1, tiles)
+    sms = _INTERP_PROGRAMS if INTERPRET else _num_sms(torch.cuda.current_device())
+    return max(1, min(tiles, sms))
+
+
 def _grid_rows(M, E, N):
-    return lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
+    """Upper bound of the row tiles (sum_e cdiv(n_e, BLOCK_M) <= cdiv(M, BLOCK_M) + min(E, M)) x column blocks."""
+    return lambda meta: (_programs((triton.cdiv(M, meta["BLOCK_M"]) + min(E, M)) * triton.cdiv(N, meta["BLOCK_N"]),
+                                   meta),)
+
+
+def _tma_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
+def _tma_ok(t, whole: bool = False) -> bool:
+    """Can `t` (2-D rows, or a contiguous stack seen as 2-D when `whole`) be read through a TMA descriptor?
+    Compiled: 16-bit dtypes only (fp32 keeps the pointer loads); strides and base 16-byte aligned."""
+    if not USE_TMA or (not INTERPRET and t.element_size() != 2) or t.dim() < 2:
+        return False
+    if whole and not t.is_contiguous():
+        return False
+    return t.stride(-1) == 1 and (t.stride(-2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _tma(*flags) -> tuple:
+    if any(flags):  # device-side descriptors need scratch memory from an allocator (a context variable:
+        triton.set_allocator(_tma_alloc)  # set it in the launching thread, autograd's included)
+    return flags
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,11 +559,12 @@ def gate_up_fwd(x, tok, w_gate_up, counts, M, save_gu: bool):
     gu = torch.empty(M, two_i, device=x.device, dtype=x.dtype) if save_gu else h
     if M == 0:
         return h, (gu if save_gu else None)
+    tma_a, tma_b = _tma(tok is None and _tma_ok(x), _tma_ok(w_gate_up, whole=True))
     _k_gate_up[_grid_rows(M, E, N)](
         x, tok if tok is not None else counts, w_gate_up, gu, h, counts,
-        M, E, N, H, _rows_hint(M, E),
+        M, x.shape[0], E, N, H, _rows_hint(M, E),
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), gu.stride(0), h.stride(0),
-        HAS_GATHER=tok is not None, SAVE_GU=save_gu, EVEN_K=_even_k(H),
+        HAS_GATHER=tok is not None, SAVE_GU=save_gu, TMA_A=tma_a, TMA_B=tma_b,
         E_PAD=_e_pad(E), **_meta())
     return h, (gu if save_gu else None)
 
@@ -402,32 +575,37 @@ def rows_gemm(a, b, b_strides, N, K, counts, out, scale=None, pos=None):
     E = counts.shape[0]
     if M == 0:
         return out
+    b_trans = b_strides[1] == 1 and N > 1
+    row_stride = b_strides[2] if b_trans else b_strides[1]
+    tma_a, tma_b = _tma(_tma_ok(a), _tma_ok(b, whole=True) and b_strides[0] == N * K
+                        and row_stride == (K if b_trans else N))
     _k_rows[_grid_rows(M, E, N)](
         a, b, out, counts, scale if scale is not None else a, pos if pos is not None else counts,
         M, E, N, K, _rows_hint(M, E),
         a.stride(0), b_strides[0], b_strides[1], b_strides[2], out.stride(0),
-        HAS_SCALE=scale is not None, HAS_SCATTER=pos is not None, EVEN_K=_even_k(K),
+        HAS_SCALE=scale is not None, HAS_SCATTER=pos is not None, TMA_A=tma_a, TMA_B=tma_b, B_TRANS=b_trans,
         E_PAD=_e_pad(E), **_meta())
     return out
 
 
 def down_bwd(dy, tok, w_down, gu, scale, counts, M):
-    """-> (dgu [M, 2I], w*h [M, I] or None when scale is None, routing-weight grad [M] fp32 or None)."""
+    """-> (dgu [M, 2I], w*h [M, I] (h when scale is None), routing-weight grad [M] fp32 or None)."""
     E, I, H = w_down.shape
     dgu = torch.empty(M, 2 * I, device=dy.device, dtype=dy.dtype)
-    hw = torch.empty(M, I, device=dy.device, dtype=dy.dtype) if scale is not None else None
+    hw = torch.empty(M, I, device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dgu, hw, (torch.zeros(0, device=dy.device, dtype=torch.float32) if scale is not None else None)
     n_dwp = triton.cdiv(I, 16)
     dwp = torch.empty(M, n_dwp, device=dy.device, dtype=torch.float32) if scale is not None else None
+    tma_a, tma_b = _tma(tok is None and _tma_ok(dy), _tma_ok(w_down, whole=True))
     _k_down_bwd[_grid_rows(M, E, I)](
         dy, tok if tok is not None else counts, w_down, gu, scale if scale is not None else gu, dgu,
-        hw if hw is not None else dgu, dwp if dwp is not None else dgu, counts,
-        M, E, I, H, _rows_hint(M, E), n_dwp,
+        hw, dwp if dwp is not None else dgu, counts,
+        M, dy.shape[0], E, I, H, _rows_hint(M, E), n_dwp,
         dy.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), gu.stride(0), dgu.stride(0),
-        hw.stride(0) if hw is not None else 0, dwp.stride(0) if dwp is not None else 0,
-        HAS_GATHER=tok is not None, HAS_SCALE=scale is not None, EVEN_K=_even_k(H),
-        E_PAD=_e_pad(E), **_meta())
+        hw.stride(0), dwp.stride(0) if dwp is not None else 0,
+        HAS_GATHER=tok is not None, HAS_SCALE=scale is not None, TMA_A=tma_a, TMA_B=tma_b,
+        E_PAD=_e_pad(E), **_meta(**_INTERP_DOWN_BWD))
     dw = dwp.sum(1) if dwp is not None else None
     return dgu, hw, dw
 
@@ -436,14 +614,13 @@ def wgrad(a, atok, b, btok, counts, out):
     """out[e] = a[rows_e]^T @ b[rows_e] with rows optionally gathered through atok/btok."""
     E, P, Q = out.shape
     M = counts.numel() and (atok.shape[0] if atok is not None else a.shape[0])
-    grid = lambda meta: (E * triton.cdiv(P, meta["BLOCK_M"]) * triton.cdiv(Q, meta["BLOCK_N"]),)
+    tma_a, tma_b, tma_out = _tma(atok is None and _tma_ok(a), btok is None and _tma_ok(b),
+                                 _tma_ok(out, whole=True))
+    grid = lambda meta: (_programs(E * triton.cdiv(P, meta["BLOCK_M"]) * triton.cdiv(Q, meta["BLOCK_N"]), meta),)
     _k_wgrad[grid](
         a, atok if atok is not None else counts, b, btok if btok is not None else counts, out, counts,
-        E, P, Q, _rows_hint(M, E),
+        a.shape[0], b.shape[0], E, P, Q, _rows_hint(M, E),
         a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        A_GATHER=atok is not None, B_GATHER=btok is not None, E_PAD=_e_pad(E), **_meta())
+        A_GATHER=atok is not None, B_GATHER=btok is not None, TMA_A=tma_a, TMA_B=tma_b, TMA_OUT=tma_out,
+        E_PAD=_e_pad(E), **_meta())
     return out
-
-
-def _even_k(K: int) -> bool:
-    return K % (16 if INTERPRET else 64) == 0
