@@ -175,24 +175,50 @@ def _regroup_index(counts: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- EP dispatch
+@dataclass
+class DispatchPlan:
+    """One MoE layer's exchange for one micro-batch: the all-to-all splits (rows this rank sends to
+    / receives from each EP rank) and the regrouping of received rows by local expert. Made once,
+    after the row counts are exchanged; the dispatch, the local experts and the combine all use it
+    (in one go in `ep_routed`, node by node in the paired schedule)."""
+    input_splits: list[int]          # rows sent to each EP rank (dispatch), received back (combine)
+    output_splits: list[int]         # rows received from each EP rank (dispatch), sent back (combine)
+    recv_counts: torch.Tensor        # [ep, E_local] rows received from each source for each local expert
+    idx: torch.Tensor                # (source, expert) layout -> grouped by local expert
+    inv: torch.Tensor
+
+
+def plan_dispatch(tokens_per_expert: torch.Tensor, ep_size: int, group) -> DispatchPlan:
+    """Exchange the per-expert row counts (a blocking collective, read on the host) -> the plan."""
+    recv_counts = exchange_counts(tokens_per_expert, ep_size, group)       # [ep, E_local]
+    idx = _regroup_index(recv_counts)
+    return DispatchPlan(input_splits=tokens_per_expert.view(ep_size, -1).sum(1).tolist(),
+                        output_splits=recv_counts.sum(1).tolist(), recv_counts=recv_counts,
+                        idx=idx, inv=inverse_order(idx))
+
+
+def local_experts(recv: torch.Tensor, plan: DispatchPlan, backend: ExpertsBackend, w_gate_up: torch.Tensor,
+                  w_down: torch.Tensor) -> torch.Tensor:
+    """Received rows, laid out (source rank, local expert) -> this rank's expert outputs in the same
+    layout (ready to be sent back)."""
+    x_local = permute_rows(recv, plan.idx, plan.inv)
+    y = backend.grouped_mlp(x_local, plan.recv_counts.sum(0), w_gate_up, w_down)
+    if x_local.shape[0] == 0 and x_local.requires_grad:
+        # No rows for this rank: keep `recv` on the autograd path anyway, so that this rank too runs
+        # the reverse all-to-all in backward (the collective needs every rank of the group).
+        y = y + 0 * x_local.sum()
+    return permute_rows(y, plan.inv, plan.idx)
+
+
 def ep_routed(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate_up: torch.Tensor,
               w_down: torch.Tensor, backend: ExpertsBackend, n_experts: int, ep_size: int, group) -> torch.Tensor:
     """The routed path under EP: x [T, H], global topk_idx [T, K], topk_weight [T, K]; local expert
     weights w_gate_up [E_local, H, 2I], w_down [E_local, I, H] -> [T, H] (sum_k w * expert_k(x))."""
     x_sorted, tokens_per_expert, order = permute(x, topk_idx, n_experts)
-    recv_counts = exchange_counts(tokens_per_expert, ep_size, group)       # [ep, E_local]
-    input_splits = tokens_per_expert.view(ep_size, -1).sum(1).tolist()
-    output_splits = recv_counts.sum(1).tolist()
-    recv = all_to_all(x_sorted, output_splits, input_splits, group)       # (source, local expert)
-    idx = _regroup_index(recv_counts)
-    inv = inverse_order(idx)
-    x_local = permute_rows(recv, idx, inv)
-    y = backend.grouped_mlp(x_local, recv_counts.sum(0), w_gate_up, w_down)
-    if x_local.shape[0] == 0 and x_local.requires_grad:
-        # No rows for this rank: keep `recv` on the autograd path anyway, so that this rank too runs
-        # the reverse all-to-all in backward (the collective needs every rank of the group).
-        y = y + 0 * x_local.sum()
-    back = all_to_all(permute_rows(y, inv, idx), input_splits, output_splits, group)         # rows as x_sorted
+    plan = plan_dispatch(tokens_per_expert, ep_size, group)
+    recv = all_to_all(x_sorted, plan.output_splits, plan.input_splits, group)    # (source, local expert)
+    y = local_experts(recv, plan, backend, w_gate_up, w_down)
+    back = all_to_all(y, plan.input_splits, plan.output_splits, group)          # rows as x_sorted
     return unpermute(back, order, topk_weight)
 
 

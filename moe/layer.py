@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.dispatch import permute, unpermute
 from moe.experts import GroupedExperts
 from moe.router import Router, sequence_aux_loss
 
@@ -49,3 +50,24 @@ class Dots1MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    # -- the layer in pieces, for the paired schedule (expert parallelism: the all-to-alls between) --
+    def dispatch_inputs(self, x: torch.Tensor):
+        """What `forward` computes before the expert all-to-all, with the same arithmetic: route,
+        sort the (token, expert) rows by expert, the shared experts, the aux loss.
+        -> (x_sorted, tokens_per_expert, order, topk_weight, shared or None, aux or None)."""
+        flat = x.reshape(-1, x.shape[-1])
+        topk_idx, topk_weight, scores = self.gate(flat)
+        aux = None
+        if self.training and self.aux_loss_coef > 0:
+            aux = self.aux_loss_coef * sequence_aux_loss(scores, topk_idx, x.shape[0], self.top_k)
+        x_sorted, tokens_per_expert, order = permute(flat, topk_idx, self.gate.n_experts)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return x_sorted, tokens_per_expert, order, topk_weight, shared, aux
+
+    @staticmethod
+    def combine(back: torch.Tensor, order: torch.Tensor, topk_weight: torch.Tensor, shared: torch.Tensor | None,
+                shape: torch.Size) -> torch.Tensor:
+        """The layer's output from the expert rows that came back (in `x_sorted`'s order)."""
+        out = unpermute(back, order, topk_weight).view(shape)
+        return out + shared if shared is not None else out
