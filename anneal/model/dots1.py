@@ -130,8 +130,19 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = self.attention_block(x, cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def attention_block(self, x, cos, sin, mask=None):
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+
+    def moe_front(self, x, cos, sin, mask=None):
+        """An MoE layer up to its expert all-to-all, for the paired schedule
+        (`anneal.train.paired_schedule`): the attention block, then the MoE's work before dispatch.
+        -> (h, x_sorted, tokens_per_expert, order, topk_weight, shared, aux); the layer's output is
+        then h + Dots1MoE.combine(rows back from the experts, order, topk_weight, shared)."""
+        h = self.attention_block(x, cos, sin, mask)
+        return (h, *self.mlp.dispatch_inputs(self.post_attention_layernorm(h)))
 
 
 class Dots1Model(nn.Module):
@@ -164,8 +175,15 @@ class Dots1ForCausalLM(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, S] -> final-normed hidden states [B, S, H] in the model's compute dtype.
-        position_ids restart at 0 at each packed document: they move RoPE, and with
+        """input_ids [B, S] -> final-normed hidden states [B, S, H] in the model's compute dtype."""
+        x, cos, sin, mask = self.embed(input_ids, position_ids)
+        for layer in self.model.layers:
+            x = self.checkpointed(layer, x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """input_ids [B, S] -> (embeddings, cos, sin, mask): the first hidden state and what every layer
+        takes besides it. position_ids restart at 0 at each packed document: they move RoPE, and with
         `document_mask` they also confine attention to each document (the mask is built here,
         outside the compiled layers, once for all of them). None: one document per row."""
         bsz, seq = input_ids.shape
@@ -176,12 +194,14 @@ class Dots1ForCausalLM(nn.Module):
             mask = build_document_mask(position_ids, flex=position_ids.is_cuda)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask)
-        return self.model.norm(x)
+        return x, cos, sin, mask
+
+    def checkpointed(self, fn, *args):
+        """fn(*args), under activation checkpointing when `gradient_checkpointing` is on in training
+        (a decoder layer, or a piece of one in the paired schedule)."""
+        if self.gradient_checkpointing and self.training:
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, S] -> logits [B, S, V] (in the model's compute dtype)."""
@@ -193,6 +213,10 @@ class Dots1ForCausalLM(nn.Module):
         dtype). The head and the loss are one compiled region under `compile_layers`, so the fp32
         upcast of the logits fuses into the softmax instead of materializing [B, S, V] in fp32."""
         return self._head_loss(self.hidden_states(input_ids, position_ids), targets)
+
+    def losses_from_last_layer(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token losses [B, S] from the last decoder layer's output (final norm, head, loss)."""
+        return self._head_loss(self.model.norm(x), targets)
 
     def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
@@ -206,6 +230,8 @@ class Dots1ForCausalLM(nn.Module):
         (tests use "aot_eager" to check tracing without code generation)."""
         for layer in self.model.layers:
             layer.compile(backend=backend)
+            if isinstance(layer.mlp, Dots1MoE):  # the paired schedule calls it instead of forward under EP
+                layer.moe_front = torch.compile(layer.moe_front, backend=backend)
         self._head_loss = torch.compile(self._head_loss, backend=backend)
 
     def aux_loss(self) -> torch.Tensor | None:
