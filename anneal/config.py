@@ -88,6 +88,8 @@ class TrainerCfg:
 class ParallelCfg:
     ep_size: int = 1                       # expert-parallel size; divides the expert count and the world size
     zero_stage: int = 1                    # ZeRO stage of the DeepSpeed engine: 1 or 2
+    a2a_overlap: bool = False              # paired 1F1B schedule: one micro-batch's all-to-all hides behind
+                                           # another's compute (docs/overlap.md); needs >= 2 micro-batches per rank
 
 
 @dataclass

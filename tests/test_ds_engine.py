@@ -159,9 +159,10 @@ def test_dp2_x_ep2_zero2_matches_single_process_engine():
 
 # ------------------------------------------------------------------ the trainer under DeepSpeed
 def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
-    """`torchrun --nproc-per-node 2 -m anneal trainer.engine=deepspeed parallel.ep_size=2`: the same
-    losses as the one-process run on the same data shards, exact resume, and a resume under another
-    layout (EP 1) continues with the same losses (the checkpoint is resharded)."""
+    """`torchrun --nproc-per-node 2 -m anneal trainer.engine=deepspeed parallel.ep_size=2
+    parallel.a2a_overlap=true`: the same losses as the one-process run (plain schedule) on the same
+    data shards, exact resume, and a resume under another layout (EP 1) continues with the same
+    losses (the checkpoint is resharded)."""
     import json
     import os
     import subprocess
@@ -183,7 +184,8 @@ def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
 
-    ds = ["trainer.engine=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=2"]
+    # the DeepSpeed runs use the paired schedule (parallel.a2a_overlap): it gives the plain one's numbers
+    ds = ["trainer.engine=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=2", "parallel.a2a_overlap=true"]
     # the 2-rank run reads 2 data shards (one per rank): the one-process reference reads the same two
     r = anneal("trainer.stop_after_steps=4", "run.name=native", "data.shards=2")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -193,7 +195,7 @@ def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert [s for s, _, _ in losses("ds")] == [1, 2, 3]
     r = anneal("trainer.stop_after_steps=4", "run.name=ds", "run.resume=true",
-               "trainer.engine=deepspeed", "parallel.ep_size=1", world=2)
+               "trainer.engine=deepspeed", "parallel.ep_size=1", "parallel.a2a_overlap=true", world=2)
     assert r.returncode == 0, r.stderr[-3000:]
     want, got = losses("native"), losses("ds")
     assert [s for s, _, _ in got] == [1, 2, 3, 4]

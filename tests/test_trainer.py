@@ -135,6 +135,7 @@ def test_wandb_offline_run_is_written(stable_ckpt, tmp_path):
     (["schedule.stages.0.tokens=-5"], "stage1"),
     (["schedule.stages.1.lr_end=1e-3"], "rise"),
     (["schedule.batch_tokens=500"], "multiple of"),
+    (["parallel.a2a_overlap=true", "trainer.micro_batch_size=8"], r"parallel.a2a_overlap=true .* gives 1 micro-batch"),
 ])
 def test_bad_input_gives_one_clear_error(stable_ckpt, tmp_path, overrides, message):
     base = anneal_overrides(stable_ckpt) if not overrides[0].startswith("checkpoint=") else ["schedule.stages.0.tokens=3072"]

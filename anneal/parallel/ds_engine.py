@@ -255,6 +255,19 @@ class DeepSpeedEngine(PostStepHooks):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
+    def backward_piece(self, tensors: list[torch.Tensor], grads: list, last: bool) -> None:
+        """A piece of a micro-batch's backward (the paired schedule). The pieces before the last are
+        plain autograd calls: ZeRO's gradient hooks sit on the parameters and fire whichever call
+        produces a gradient. The last goes through `engine.backward`, which also does DeepSpeed's
+        once-per-micro-batch bookkeeping (counting it; the bf16 optimizer folding the micro-batch's
+        gradients into its fp32 ones). engine.backward takes a scalar: sum <t, g> over the pieces'
+        outputs has exactly the gradients g (the product's backward multiplies g by 1)."""
+        if not last:
+            torch.autograd.backward(tensors, grads)
+            return
+        scalar = sum(t if g is None else (t * g).sum() for t, g in zip(tensors, grads))
+        self.engine.backward(scalar, scale_wrt_gas=False)
+
     def step(self, lr: float) -> float:
         """One optimizer step; DeepSpeed drops it when the gradients are not finite (fp32 always,
         bf16 with check_grad_overflow), which `step_applied` then reports."""

@@ -121,21 +121,31 @@ def build_schedule(cfg: DictConfig, start_lr: float) -> tuple[Schedule, BatchRam
     for stage in sched_cfg["stages"]:
         if stage.get("lr_start") is None:
             stage.pop("lr_start", None)
-    schedule = Schedule.from_config(sched_cfg)
+    return Schedule.from_config(sched_cfg), build_ramp(cfg)
+
+
+def build_ramp(cfg: DictConfig) -> BatchRamp:
     bt = cfg.schedule.batch_tokens
-    ramp = BatchRamp.from_config(OmegaConf.to_container(bt, resolve=True) if OmegaConf.is_config(bt) else bt)
-    return schedule, ramp
+    return BatchRamp.from_config(OmegaConf.to_container(bt, resolve=True) if OmegaConf.is_config(bt) else bt)
 
 
-def check_batch_shape(ramp: BatchRamp, seq_len: int, micro_batch_size: int, world_size: int = 1) -> None:
+def check_batch_shape(ramp: BatchRamp, seq_len: int, micro_batch_size: int, world_size: int = 1,
+                      paired: bool = False) -> None:
+    """Every step is a whole number of micro-batches on every rank; `paired` (parallel.a2a_overlap):
+    at least two."""
+    from anneal.train.paired_schedule import check_micro_batches
+
     for start, batch_tokens in ramp.points:
         per_micro = seq_len * micro_batch_size * world_size
+        ranks = f" × {world_size} ranks" if world_size > 1 else ""
         if batch_tokens % per_micro:
-            ranks = f" × {world_size} ranks" if world_size > 1 else ""
             raise AnnealError(
                 f"schedule.batch_tokens: {batch_tokens} tokens (from token {start}) is not a multiple of "
                 f"data.seq_len × trainer.micro_batch_size{ranks} = {per_micro}; "
                 "change one of them so each step is a whole number of micro-batches on every rank")
+        if paired:
+            check_micro_batches(batch_tokens // per_micro, f"schedule.batch_tokens={batch_tokens} (from token {start}) "
+                                f"/ (data.seq_len × trainer.micro_batch_size{ranks} = {per_micro})")
 
 
 def data_shards(cfg: DictConfig, layout: ParallelLayout) -> range:
@@ -155,6 +165,9 @@ def data_shards(cfg: DictConfig, layout: ParallelLayout) -> range:
 def prepare(cfg: DictConfig, run_dir: Path, device: torch.device, layout: ParallelLayout) -> Prepared:
     from mixtures import ShardedStream, load_mixture
 
+    # the batch shape first: a bad one is reported before a large checkpoint is read
+    check_batch_shape(build_ramp(cfg), cfg.data.seq_len, cfg.trainer.micro_batch_size, layout.world,
+                      cfg.parallel.a2a_overlap)
     model, mcfg, tokenizer, tok_dir, ckpt_name, entry_lr, folder_meta = \
         build_model_and_tokenizer(cfg, run_dir, device, layout)
     if len(tokenizer) > mcfg.vocab_size:
@@ -162,7 +175,6 @@ def prepare(cfg: DictConfig, run_dir: Path, device: torch.device, layout: Parall
                           f"{mcfg.vocab_size}; use the checkpoint's own tokenizer")
     start_lr = resolve_start_lr(cfg, entry_lr, folder_meta)
     schedule, ramp = build_schedule(cfg, start_lr)
-    check_batch_shape(ramp, cfg.data.seq_len, cfg.trainer.micro_batch_size, layout.world)
     spec = load_mixture(cfg.data.mixture)
     # A mixture may also weight the standard WSD phases a recipe does not run (one mixture file
     # serves pretraining and anneal); any other stage name must be one of the schedule's.

@@ -7,6 +7,8 @@ so the loop has no branch on `trainer.engine`:
     from_config(model, cfg, policy, layout)      build it around the model (classmethod)
     backward(loss), step(lr) -> grad_norm        one micro-batch's backward; one optimizer step, not
                                                  applied when the gradients are not finite
+    backward_piece(tensors, grads, last)         one piece of a micro-batch's backward that the paired
+                                                 schedule (anneal.train.paired_schedule) runs in pieces
     skip_step()                                  drop the step's gradients, no update (anneal.train.guards)
     step_applied                                 whether the last step/skip_step changed the weights
     add_post_step_hook(fn)                       fn(engine, applied) after every step or skip
@@ -78,6 +80,11 @@ class Engine(PostStepHooks):
     # -- the step ---------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def backward_piece(self, tensors: list[torch.Tensor], grads: list, last: bool) -> None:
+        """Backward from `tensors` with gradients `grads` (None: a scalar's implicit 1); `last`: the
+        piece that completes its micro-batch's backward."""
+        torch.autograd.backward(tensors, grads)
 
     def step(self, lr: float) -> float:
         """Clip, then update, unless the gradient norm is not finite (then the step's gradients are

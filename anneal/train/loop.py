@@ -30,6 +30,7 @@ from anneal.train.callbacks import Checkpoint, Eval, Export, Metrics, Plots, Run
 from anneal.train.devices import (compile_enabled, device_peak_tflops, peak_host_memory_gb, pick_device,
                                   set_deterministic)
 from anneal.train.guards import StepGuard
+from anneal.train.paired_schedule import PairedSchedule
 from anneal.train.preemption import PreemptionRequest
 from anneal.train.run_dir import claim_run_dir, resume_command, resume_point, wandb_group
 from anneal.train.schedule import format_tokens, parse_tokens
@@ -123,6 +124,8 @@ def fit(run: Run, step: int, tokens: int, callback_states: dict | None = None,
         if type(cb).__name__ in (callback_states or {}):
             cb.load_state_dict(callback_states[type(cb).__name__])
 
+    paired = PairedSchedule(p.model, engine) if cfg.parallel.a2a_overlap else None
+
     def before_update(row: dict) -> str | None:
         return next((r for cb in callbacks if (r := cb.before_update(stage.name, row)) is not None), None)
     total = schedule.total_tokens
@@ -141,7 +144,7 @@ def fit(run: Run, step: int, tokens: int, callback_states: dict | None = None,
         n_micro = n_seqs // cfg.trainer.micro_batch_size
 
         metrics = train_step(p.model, engine, p.stream, p.spec.source_names, layout, run.device,
-                             n_micro, cfg.trainer.micro_batch_size, lr, before_update, stop_requested)
+                             n_micro, cfg.trainer.micro_batch_size, lr, before_update, stop_requested, paired)
         preempted = metrics.pop("stop_requested")
         step += 1
         tokens += n_seqs * seq_len

@@ -30,37 +30,53 @@ def token_losses(model: Dots1ForCausalLM, batch: dict) -> torch.Tensor:
     return model.token_losses(ids[:, :-1], ids[:, 1:], position_ids=batch["position_ids"][:, :-1])
 
 
+class StepSums:
+    """A step's statistics, kept on the device: per-source loss sums and token counts (float64),
+    the sum of the micro-batches' aux losses. Micro-batches are added in order."""
+
+    def __init__(self, n_sources: int, device: torch.device):
+        self.loss_sum = torch.zeros(n_sources, device=device, dtype=torch.float64)
+        self.count = torch.zeros(n_sources, device=device, dtype=torch.float64)
+        self.aux_sum = torch.zeros((), device=device)
+        self.has_aux = False
+
+    def add(self, batch: dict, losses: torch.Tensor, aux: torch.Tensor | None) -> None:
+        if aux is not None:
+            self.has_aux = True
+            self.aux_sum += aux.detach()
+        src = batch["source_ids"][:, 1:].reshape(-1)
+        self.loss_sum.scatter_add_(0, src, losses.detach().reshape(-1).double())
+        self.count.scatter_add_(0, src, torch.ones_like(src, dtype=torch.float64))
+
+    def result(self) -> dict:
+        return {"loss_sum": self.loss_sum, "count": self.count, "aux_sum": self.aux_sum if self.has_aux else None}
+
+
 def accumulate(model: Dots1ForCausalLM, engine, batches, n_micro: int, n_sources: int, device: torch.device) -> dict:
     """Forward + backward over the `n_micro` micro-batches that `batches` yields (gradients
-    accumulate, no optimizer step).
+    accumulate, no optimizer step), one after the other.
     Nothing here waits on the GPU: per-source loss sums and token counts stay on the device
     (tested under CUDA's sync debug mode); the caller reads them once, after the step."""
-    loss_sum = torch.zeros(n_sources, device=device, dtype=torch.float64)
-    count = torch.zeros(n_sources, device=device, dtype=torch.float64)
-    aux_sum = torch.zeros((), device=device)
-    has_aux = False
+    sums = StepSums(n_sources, device)
     for batch in batches:
         batch = to_device(batch, device)
         losses = token_losses(model, batch)
         loss = losses.mean()
         aux = model.aux_loss()
         if aux is not None:
-            has_aux = True
-            aux_sum += aux.detach()
             loss = loss + aux
         engine.backward(loss / n_micro)
-        src = batch["source_ids"][:, 1:].reshape(-1)
-        loss_sum.scatter_add_(0, src, losses.detach().reshape(-1).double())
-        count.scatter_add_(0, src, torch.ones_like(src, dtype=torch.float64))
-    return {"loss_sum": loss_sum, "count": count, "aux_sum": aux_sum if has_aux else None}
+        sums.add(batch, losses, aux)
+    return sums.result()
 
 
 def train_step(model: Dots1ForCausalLM, engine, stream, source_names: list[str], layout: ParallelLayout,
                device: torch.device, n_micro: int, micro_batch_size: int, lr: float,
                before_update: Callable[[dict], str | None] = lambda row: None,
-               stop_requested: Callable[[], bool] = lambda: False) -> dict:
+               stop_requested: Callable[[], bool] = lambda: False, paired=None) -> dict:
     """Gradient accumulation over `n_micro` global micro-batches, then one optimizer step (the
-    engine runs its post-step hooks). The step's statistics are read from the device once, after
+    engine runs its post-step hooks). `paired`: a `PairedSchedule` (parallel.a2a_overlap) runs
+    the micro-batches' forwards and backwards interleaved; None: one after the other. The step's statistics are read from the device once, after
     the last backward and before the update, and summed over ranks; `before_update(row)` may then
     veto the update (returns the reason, which lands in row["skipped"]). `stop_requested()` is this
     rank's wish to stop after the step (preemption); row["stop_requested"] is every rank's."""
@@ -70,7 +86,8 @@ def train_step(model: Dots1ForCausalLM, engine, stream, source_names: list[str],
 
     # `stream` is this rank's data shards (mixtures.shards): it tokenizes only this rank's rows.
     batches = (stream.next_batch(mbs) for _ in range(n_micro))
-    sums = accumulate(model, engine, batches, n_micro, n_src, device)
+    sums = (paired.accumulate(batches, n_micro, n_src, device) if paired is not None
+            else accumulate(model, engine, batches, n_micro, n_src, device))
     aux = sums["aux_sum"]
     flags = torch.zeros(n_src, dtype=torch.float64, device=device)
     flags[0] = float(stop_requested())
