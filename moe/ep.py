@@ -65,10 +65,26 @@ class EPGroups:
     edp_rank: int
     edp_group: object           # ProcessGroup of the expert-data-parallel group
     world_size: int
+    count_group: object = None  # `counts_group`: a second group over the EP group's ranks, made on demand
 
     @property
     def group_name(self) -> str:
         return ds_group_name(self.ep_size)
+
+
+def counts_group(groups: EPGroups):
+    """A second process group over the ranks of this rank's EP group, for the per-expert row-count
+    exchange of the paired schedule: on a communicator of its own, that small blocking exchange does
+    not queue behind a row all-to-all still in flight on the EP group (NCCL runs one group's
+    collectives in order). Made on first call: collective, every rank calls it at the same point."""
+    if groups.count_group is None:
+        rank = dist.get_rank()
+        for start in range(0, groups.world_size, groups.ep_size):
+            ranks = list(range(start, start + groups.ep_size))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                groups.count_group = group
+    return groups.count_group
 
 
 def check_ep_size(ep_size: int, n_experts: int, world_size: int) -> None:
@@ -189,7 +205,8 @@ class DispatchPlan:
 
 
 def plan_dispatch(tokens_per_expert: torch.Tensor, ep_size: int, group) -> DispatchPlan:
-    """Exchange the per-expert row counts (a blocking collective, read on the host) -> the plan."""
+    """Exchange the per-expert row counts over `group` (a blocking collective, read on the host)
+    -> the plan."""
     recv_counts = exchange_counts(tokens_per_expert, ep_size, group)       # [ep, E_local]
     idx = _regroup_index(recv_counts)
     return DispatchPlan(input_splits=tokens_per_expert.view(ep_size, -1).sum(1).tolist(),

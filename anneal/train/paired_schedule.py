@@ -115,6 +115,9 @@ class PairedSchedule:
     def __init__(self, model: Dots1ForCausalLM, engine):
         self.model, self.engine = model, engine
         self.units = [_unit_of(layer) for layer in model.model.layers] + [_Unit(None)]
+        for unit in self.units:  # collective (every rank builds the schedule at the same point)
+            if unit.split:
+                ep.counts_group(unit.experts.groups)
         self.n_micro = 0
 
     def accumulate(self, batches, n_micro: int, n_sources: int, device: torch.device) -> dict:
@@ -209,7 +212,7 @@ class PairedSchedule:
         if not unit.split:
             return
         groups = unit.experts.groups
-        plan = ep.plan_dispatch(mb.carry.pop("tokens_per_expert"), groups.ep_size, groups.ep_group)
+        plan = ep.plan_dispatch(mb.carry.pop("tokens_per_expert"), groups.ep_size, ep.counts_group(groups))
         mb.plans[u] = plan
         mb.in_flight[u] = AsyncAllToAll(mb.carry.pop("x_sorted"), plan.output_splits, plan.input_splits,
                                         groups.ep_group)
