@@ -12,12 +12,15 @@ Cases (each in its own process, so compile caches and memory do not leak between
 - `trainer`: `python -m anneal` end to end on the bundled demo mixture (data, logging, bias
   update and eval included; tokens/s as the trainer logs it).
 Both for engine native|deepspeed x backend x compile on/off x gradient checkpointing on/off x
-document mask on/off (`model.document_mask`: attention inside each packed document). The bare
+document mask on/off (`model.document_mask`: attention inside each packed document) x plain or
+paired 1F1B schedule (`--a2a-overlap`, parallel.a2a_overlap). The bare
 case's rows are packed documents of random lengths (exponential, mean `--doc-len`, 0 = one
 document per row); without the mask they only move RoPE, so they cost what plain rows cost.
 Reported: median tokens/s over the measured steps (after warm-up), model TFLOP/s (6 x active
 params + attention, as anneal.model.config counts it), MFU against the GPU's dense bf16 peak and
-against an 8192^3 bf16 matmul timed in the same run, peak GPU memory.
+against an 8192^3 bf16 matmul timed in the same run, peak GPU memory over the measured steps, and
+(bare) its part above the memory at rest between steps (weights, masters, gradients, AdamW): the
+activations' peak.
 
     python bench/bench_step.py --json bench/results/bench_step.json            # the default grid
     python bench/bench_step.py --cases bare --backends triton --compile on     # one row
@@ -63,6 +66,7 @@ def run_bare(case: dict, args) -> dict:
     from anneal.model.config import Dots1Config
     from anneal.model.precision import PrecisionPolicy
     from anneal.train.engine import Engine
+    from anneal.train.paired_schedule import PairedSchedule
     from anneal.train.step import accumulate
 
     torch.manual_seed(0)
@@ -92,25 +96,38 @@ def run_bare(case: dict, args) -> dict:
         pos = packed_positions(args.micro_batch, args.seq + 1, args.doc_len, gen)
         return {"input_ids": ids, "position_ids": pos, "source_ids": torch.zeros_like(ids)}
 
+    paired = PairedSchedule(model, engine) if case["a2a_overlap"] else None
+
+    def one_step(batches):
+        if paired is not None:
+            paired.accumulate(iter(batches), n_micro, 1, device)
+        else:
+            accumulate(model, engine, iter(batches), n_micro, 1, device)
+        engine.step(1e-5)
+
     times = []
     for step in range(args.warmup + args.steps):
         batches = [batch() for _ in range(n_micro)]
         torch.cuda.synchronize()
+        if step == args.warmup:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        accumulate(model, engine, iter(batches), n_micro, 1, device)
-        engine.step(1e-5)
+        one_step(batches)
         torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+    # at rest between steps: weights, fp32 masters + gradient accumulators, AdamW's moments
+    static = torch.cuda.memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30
     out = {"tokens_per_s": args.batch_tokens / statistics.median(times),
-           "step_ms": 1e3 * statistics.median(times), "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+           "step_ms": 1e3 * statistics.median(times), "peak_mem_gb": peak, "static_mem_gb": static,
+           "activation_peak_gb": peak - static}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         batches = [batch() for _ in range(n_micro)]
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            accumulate(model, engine, iter(batches), n_micro, 1, device)
-            engine.step(1e-5)
+            one_step(batches)
             torch.cuda.synchronize()
         out["kernels"] = kernel_table(prof)
     return out
@@ -177,6 +194,7 @@ def run_trainer(case: dict, args) -> dict:
         "data": {"mixture": "demo", "seq_len": args.seq, "tokenizer": str(tokenizer), "eval_seqs": 1},
         "schedule": {"start_lr": 3e-4, "batch_tokens": args.batch_tokens,
                      "stages": [{"name": "stage1", "tokens": n_steps * args.batch_tokens, "lr_end": 3e-5}]},
+        "parallel": {"a2a_overlap": case["a2a_overlap"]},
         "trainer": {"engine": case["engine"], "device": "cuda", "bf16": True, "micro_batch_size": args.micro_batch,
                     "grad_accum_dtype": case["accum"], "deterministic": case.get("deterministic", False),
                     "eval_every": "0", "ckpt_every": "0", "log_every": 1},
@@ -238,10 +256,12 @@ def grid(args) -> list[dict]:
                         for accum in args.grad_accum:
                             for det in args.deterministic if mode == "trainer" else ["off"]:
                                 for mask in args.document_mask:
-                                    cases.append({"mode": mode, "engine": engine, "backend": backend, "accum": accum,
-                                                  "compile": comp == "on", "grad_ckpt": ckpt == "on",
-                                                  "document_mask": mask == "on",
-                                                  **({"deterministic": True} if det == "on" else {})})
+                                    for overlap in args.a2a_overlap:
+                                        cases.append({"mode": mode, "engine": engine, "backend": backend,
+                                                      "accum": accum, "compile": comp == "on",
+                                                      "grad_ckpt": ckpt == "on", "document_mask": mask == "on",
+                                                      "a2a_overlap": overlap == "on",
+                                                      **({"deterministic": True} if det == "on" else {})})
     return cases
 
 
@@ -258,6 +278,8 @@ def main() -> None:
                     help="trainer cases: trainer.deterministic (torch deterministic algorithms, fixed cuBLAS workspace)")
     ap.add_argument("--document-mask", nargs="+", default=["off"], choices=["on", "off"],
                     help="model.document_mask: attention inside each packed document")
+    ap.add_argument("--a2a-overlap", nargs="+", default=["off"], choices=["on", "off"],
+                    help="parallel.a2a_overlap: the paired 1F1B schedule (anneal.train.paired_schedule)")
     ap.add_argument("--doc-len", type=int, default=1024,
                     help="bare cases: mean document length of the packed rows (exponential); 0 = one per row")
     ap.add_argument("--dense-layers", type=int, default=1)
@@ -296,8 +318,8 @@ def main() -> None:
     print(f"{name}: dense bf16 peak {peak} TFLOP/s, 8192^3 bf16 matmul {mm:.0f} TFLOP/s; "
           f"{flops_per_token / 1e9:.2f} GFLOP per token; torch {torch.__version__}", flush=True)
     rows = []
-    hdr = (f"{'mode':<8}{'engine':<10}{'backend':<11}{'compile':>8}{'ckpt':>6}{'accum':>6}{'docmask':>8}{'tok/s':>10}{'step ms':>9}"
-           f"{'TFLOP/s':>9}{'MFU':>7}{'vs mm':>7}{'mem GB':>8}")
+    hdr = (f"{'mode':<8}{'engine':<10}{'backend':<11}{'compile':>8}{'ckpt':>6}{'accum':>6}{'docmask':>8}{'paired':>7}"
+           f"{'tok/s':>10}{'step ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'vs mm':>7}{'mem GB':>8}{'act GB':>8}")
     print(hdr, flush=True)
     for case in grid(args):
         argv = [sys.executable, __file__, "--one", json.dumps(case)] + _args_without_json(sys.argv[1:])
@@ -310,14 +332,17 @@ def main() -> None:
         if line is None:
             row["error"] = (proc.stdout + proc.stderr)[-2000:]
             print(f"{case['mode']:<8}{case['engine']:<10}{case['backend']:<11}{str(case['compile']):>8}"
-                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}{str(case['document_mask']):>8}  FAILED: {row['error'][-300:]}", flush=True)
+                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}{str(case['document_mask']):>8}"
+                  f"{str(case['a2a_overlap']):>7}  FAILED: {row['error'][-300:]}", flush=True)
         else:
             res = json.loads(line[len("RESULT "):])
             tflops = res["tokens_per_s"] * flops_per_token / 1e12
             row.update(res, model_tflops=tflops, mfu=tflops / peak if peak else None, mfu_vs_matmul=tflops / mm)
             print(f"{case['mode']:<8}{case['engine']:<10}{case['backend']:<11}{str(case['compile']):>8}"
-                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}{str(case['document_mask']):>8}{res['tokens_per_s']:>10.0f}{res['step_ms']:>9.1f}{tflops:>9.1f}"
-                  f"{(row['mfu'] or 0):>7.1%}{row['mfu_vs_matmul']:>7.1%}{res['peak_mem_gb']:>8.1f}", flush=True)
+                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}{str(case['document_mask']):>8}"
+                  f"{str(case['a2a_overlap']):>7}{res['tokens_per_s']:>10.0f}{res['step_ms']:>9.1f}{tflops:>9.1f}"
+                  f"{(row['mfu'] or 0):>7.1%}{row['mfu_vs_matmul']:>7.1%}{res['peak_mem_gb']:>8.1f}"
+                  f"{res.get('activation_peak_gb', float('nan')):>8.1f}", flush=True)
         rows.append(row)
         if "kernels" in row:
             k = row["kernels"]

@@ -122,7 +122,7 @@ class PairedSchedule:
 
     def accumulate(self, batches, n_micro: int, n_sources: int, device: torch.device) -> dict:
         check_micro_batches(n_micro, "this step")
-        self.n_micro, self.device = n_micro, device
+        self.n_micro = n_micro
         sums = StepSums(n_sources, device)
         n_units = len(self.units)
         batches = iter(batches)
