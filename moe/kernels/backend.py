@@ -99,9 +99,12 @@ def _setup_context(ctx, inputs, output):
     x, w_sorted, w_gate_up, w_down, tok, pos, counts, top_k, n_tokens, save_gu = inputs
     ctx.save_for_backward(x, w_sorted, w_gate_up, w_down, tok, pos, counts, output[1])
     ctx.top_k, ctx.n_tokens = top_k, n_tokens
+    ctx.set_materialize_grads(False)  # no zero-filled [M, 2I] gradient for the saved pre-activations
 
 
 def _backward(ctx, dout, _dgu):
+    if dout is None:
+        return (None,) * 10
     x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu = ctx.saved_tensors
     need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
     dx, dw, dWgu, dWd = _experts_bwd(dout, x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu, ctx.top_k,

@@ -242,10 +242,8 @@ def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_p
               stride_dym, stride_we, stride_wn, stride_wk, stride_gum, stride_dgum, stride_hwm, stride_dwpm,
               HAS_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
               EVEN_K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr,
-              PREFETCH: tl.constexpr):
-    # dh_unw[r, i] = sum_k dy[tok[r], k] * Wd[e][i, k]  (N = I, K = H; Wd [E, I, H]; dy has MY rows).
-    # PREFETCH: the epilogue's g/u tiles are loaded before the main loop (latency hidden behind it).
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr):
+    # dh_unw[r, i] = sum_k dy[tok[r], k] * Wd[e][i, k]  (N = I, K = H; Wd [E, I, H]; dy has MY rows)
     e_ar, cnt, tiles, tile_end, row_end_all = _expert_tables(counts_ptr, E, E_PAD, BLOCK_M)
     num_pid_m = tl.sum(tiles, 0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -268,10 +266,6 @@ def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_p
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm64 = rm.to(tl.int64)
         mask = mrow[:, None] & (rn[None, :] < N)
-        g_ptrs = gu_ptr + rm64[:, None] * stride_gum + rn[None, :]
-        if PREFETCH:
-            g_raw = tl.load(g_ptrs, mask=mask, other=0.0)
-            u_raw = tl.load(g_ptrs + N, mask=mask, other=0.0)
         if not TMA_A:
             if HAS_GATHER:
                 src = tl.load(tok_ptr + rm_c).to(tl.int64)
@@ -299,11 +293,9 @@ def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_p
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc)
 
-        if not PREFETCH:
-            g_raw = tl.load(g_ptrs, mask=mask, other=0.0)
-            u_raw = tl.load(g_ptrs + N, mask=mask, other=0.0)
-        g = g_raw.to(tl.float32)
-        u = u_raw.to(tl.float32)
+        g_ptrs = gu_ptr + rm64[:, None] * stride_gum + rn[None, :]
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(g_ptrs + N, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(g)
         silu = g * sig
         h = silu * u
@@ -430,36 +422,35 @@ def _wgrad(a_ptr, atok_ptr, b_ptr, btok_ptr, out_ptr, counts_ptr,
 # configurations
 # ----------------------------------------------------------------------------------------------
 
-def _cfg(bm, bn, bk, warps, stages, persist=True, flatten=None, group=8, **extra):
-    """PERSIST: one program per SM looping over the tiles (else one tile per program); FLATTEN: fuse the
-    tile loop with the K loop (the next tile's loads overlap this tile's epilogue)."""
+def _cfg(bm, bn, bk, warps, stages, persist=1, flatten=None, group=8):
+    """PERSIST: programs per SM looping over the tiles (0: one tile per program); FLATTEN: fuse the tile
+    loop with the K loop (the next tile's loads overlap this tile's epilogue; default: when persistent)."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSIST": persist,
-                          "FLATTEN": persist if flatten is None else flatten, **extra},
+                          "FLATTEN": bool(persist) if flatten is None else flatten},
                          num_warps=warps, num_stages=stages)
 
 
 # Hopper (H100/H200) candidates, from a sweep on the dots1 bench shapes (bench/RESULTS.md); BLOCK_N of
 # the gate/up kernel is per half (two accumulators).
 _GATE_UP_CONFIGS = [
-    _cfg(128, 128, 64, 8, 4, persist=False), _cfg(128, 128, 64, 8, 3, persist=False),
-    _cfg(128, 128, 64, 8, 4, flatten=False), _cfg(64, 128, 64, 4, 4, persist=False),
+    _cfg(128, 128, 64, 8, 4, flatten=False), _cfg(128, 128, 64, 8, 3, flatten=False),
+    _cfg(128, 128, 64, 8, 4, persist=0),
 ]
 _ROWS_CONFIGS = [
     _cfg(128, 256, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4),
 ]
 _DOWN_BWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 4, PREFETCH=True), _cfg(128, 128, 64, 8, 4, PREFETCH=False),
-    _cfg(128, 128, 64, 8, 4, persist=False, PREFETCH=True), _cfg(64, 128, 64, 4, 4, PREFETCH=True),
+    _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 4, flatten=False), _cfg(128, 128, 64, 4, 3, persist=2),
+    _cfg(128, 128, 64, 4, 3, persist=0),
 ]
 _WGRAD_CONFIGS = [
-    _cfg(128, 256, 64, 8, 3, flatten=False), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 3, persist=False),
-    _cfg(128, 128, 64, 8, 4, flatten=False),
+    _cfg(128, 256, 64, 8, 3, flatten=False), _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 32, 8, 5, flatten=False),
+    _cfg(128, 128, 64, 4, 2, persist=2, flatten=False),
 ]
 # the interpreter: one small configuration (tl.dot needs every dimension >= 16); persistent with a
 # few programs, so a program walks several tiles
-_INTERP = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "PERSIST": True, "FLATTEN": True}
+_INTERP = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "PERSIST": 1, "FLATTEN": True}
 _INTERP_PROGRAMS = 3
-_INTERP_DOWN_BWD = {"PREFETCH": True}
 
 _SMEM_LIMIT = 220 * 1024
 
@@ -472,7 +463,7 @@ def _pruner(first_arg: str, n_b: int):
             k = c.kwargs
             return (k["BLOCK_M"] * k["BLOCK_K"] + n_b * k["BLOCK_K"] * k["BLOCK_N"]) * esize * c.num_stages
         kept = [c for c in configs if smem(c) <= _SMEM_LIMIT]
-        small = {**configs[0].kwargs, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "PERSIST": False, "FLATTEN": False}
+        small = {**configs[0].kwargs, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "PERSIST": 0, "FLATTEN": False}
         return kept or [triton.Config(small, num_warps=4, num_stages=2)]
     return prune
 
@@ -497,8 +488,8 @@ else:
                       "a_ptr", 1)(_wgrad)
 
 
-def _meta(**interp_extra):
-    return {**_INTERP, **interp_extra} if INTERPRET else {}
+def _meta():
+    return dict(_INTERP) if INTERPRET else {}
 
 
 def _e_pad(E: int) -> int:
@@ -519,7 +510,7 @@ def _programs(tiles: int, meta) -> int:
     if not meta["PERSIST"]:
         return max(1, tiles)
     sms = _INTERP_PROGRAMS if INTERPRET else _num_sms(torch.cuda.current_device())
-    return max(1, min(tiles, sms))
+    return max(1, min(tiles, sms * meta["PERSIST"]))
 
 
 def _grid_rows(M, E, N):
@@ -605,7 +596,7 @@ def down_bwd(dy, tok, w_down, gu, scale, counts, M):
         dy.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), gu.stride(0), dgu.stride(0),
         hw.stride(0), dwp.stride(0) if dwp is not None else 0,
         HAS_GATHER=tok is not None, HAS_SCALE=scale is not None, TMA_A=tma_a, TMA_B=tma_b,
-        E_PAD=_e_pad(E), **_meta(**_INTERP_DOWN_BWD))
+        E_PAD=_e_pad(E), **_meta())
     dw = dwp.sum(1) if dwp is not None else None
     return dgu, hw, dw
 
