@@ -85,6 +85,17 @@ def time_grouped(fn, d, with_bwd=True):
     return fwd, _bench(step)
 
 
+def rel_errors(fn, ref_fn, d):
+    """Relative L2 difference of out, dx, dWgu, dWd between two implementations (same bf16 inputs)."""
+    res = []
+    for f in (fn, ref_fn):
+        xs, g, w = (d[k].detach().requires_grad_() for k in ("x", "wgu", "wd"))
+        out = f(xs, d["counts"], g, w)
+        res.append([out, *torch.autograd.grad(out, [xs, g, w], d["dy"])])
+    return {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
+            for n, a, b in zip(("out", "dx", "dWgu", "dWd"), *res)}
+
+
 def breakdown(d):
     """Per-kernel times of our backend on one case (forward with saved activations + backward)."""
     from moe.kernels import grouped as G
@@ -246,6 +257,9 @@ def main():
             rows.append(dict(case=case, impl=name, M=d["M"], E=d["E"], fwd_ms=fwd, fwd_tflops=fl / fwd / 1e9,
                              fwdbwd_ms=fb, fwdbwd_tflops=3 * fl / fb / 1e9))
             print(f"{case:6s} {name:12s} fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms", flush=True)
+        err = rel_errors(get_backend("triton").grouped_mlp, GroupedMMBackend().grouped_mlp, d)
+        extra.setdefault("triton_vs_grouped_mm_rel_err", {})[case] = err
+        print(f"{case:6s} triton vs grouped_mm relative error: " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
         if args.breakdown:
             extra.setdefault("breakdown", {})[case] = breakdown(d)
             if case == "t8k":

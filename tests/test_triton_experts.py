@@ -3,11 +3,12 @@
 On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1 must be set before Triton is
 imported; this module sets it when no CUDA device exists, but CI should export it) on small shapes,
 through both load paths (the `path` fixture): TMA tensor descriptors with the persistent, flattened
-tile loop (a few programs walking all tiles), and pointer loads with one tile per program. Tests
+tile loop (a few programs walking all tiles), pointer loads with one tile per program, and TMA with
+64-wide column tiles and the dh epilogue in four column parts (EPI_SPLIT). Tests
 marked `gpu` run the compiled kernels on larger bf16 shapes (TMA path; one case on pointer loads) and
-fp32 (pointer loads), autotuned over the first two configurations of each kernel (persistent, with and
-without the flattened loop; compiling every candidate for every test shape takes minutes), and are
-skipped without CUDA.
+fp32 (pointer loads), autotuned over two configurations of each kernel (persistent, with and without
+the flattened loop; dh also with 256-wide tiles and the split epilogue; compiling every candidate for
+every test shape takes minutes), and are skipped without CUDA.
 Skipped entirely when Triton is not installed.
 """
 from __future__ import annotations
@@ -75,8 +76,9 @@ def _rel(a, b):
 NAMES = ["out", "dx", "dw", "dWgu", "dWd"]
 
 PATHS = {
-    "tma-persistent": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=True)),
-    "pointer-tile": dict(tma=False, interp=dict(PERSIST=0, FLATTEN=False)),
+    "tma-persistent": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=True), epi=1),
+    "pointer-tile": dict(tma=False, interp=dict(PERSIST=0, FLATTEN=False), epi=1),
+    "tma-epilogue-split": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=False, BLOCK_N=64), epi=4),
 }
 
 
@@ -86,6 +88,7 @@ def path(request, monkeypatch):
     p = PATHS[request.param]
     monkeypatch.setattr(G, "USE_TMA", p["tma"])
     monkeypatch.setattr(G, "_INTERP", {**G._INTERP, **p["interp"]})
+    monkeypatch.setattr(G, "_INTERP_DOWN_BWD", {"EPI_SPLIT": p["epi"]})
     return request.param
 
 
@@ -172,8 +175,8 @@ def test_grouped_experts_module():
 def _two_configs(request, monkeypatch):
     if request.node.get_closest_marker("gpu") is None or not CUDA:
         return
-    for k in (G._k_gate_up, G._k_rows, G._k_down_bwd, G._k_wgrad):
-        monkeypatch.setattr(k, "configs", k.configs[:2])
+    for k, pick in ((G._k_gate_up, [0, 1]), (G._k_rows, [0, 1]), (G._k_down_bwd, [0, 2]), (G._k_wgrad, [0, 1])):
+        monkeypatch.setattr(k, "configs", [k.configs[i] for i in pick])
 
 
 @gpu

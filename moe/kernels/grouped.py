@@ -237,12 +237,58 @@ def _rows_gemm(a_ptr, b_ptr, out_ptr, counts_ptr, scale_ptr, pos_ptr,
 
 
 @_jit
+def _swiglu_bwd_part(acc, part_id, rm64, rm_c, mrow, N, N_DWP, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_ptr,
+                     stride_gum, stride_dgum, stride_hwm, stride_dwpm,
+                     HAS_SCALE: tl.constexpr, PART: tl.constexpr):
+    """The dh epilogue on columns [part_id*PART, (part_id+1)*PART) of I: SwiGLU backward -> dg, du; w*h (h
+    if unweighted) for the Wd gradient; the routing-weight gradient partial sum(dh * h) over these columns."""
+    rn = part_id * PART + tl.arange(0, PART)
+    mask = mrow[:, None] & (rn[None, :] < N)
+    g_ptrs = gu_ptr + rm64[:, None] * stride_gum + rn[None, :]
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(g_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    h = silu * u
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + rm_c).to(tl.float32)
+        psum = tl.sum(tl.where(mask, acc * h, 0.0), 1)
+        # dwp has one column per 16 columns of I; this part owns PART // 16 of them: its partial goes in
+        # the first, zeros in the rest, so every column is written whatever the config (the autotuner
+        # runs several configs on the same buffer)
+        SUB: tl.constexpr = PART // 16
+        sub = tl.arange(0, SUB)
+        cols = part_id * SUB + sub
+        vals = tl.where(sub[None, :] == 0, psum[:, None], 0.0)
+        tl.store(dwp_ptr + rm64[:, None] * stride_dwpm + cols[None, :], vals,
+                 mask=mrow[:, None] & (cols[None, :] < N_DWP))
+        dh = acc * s[:, None]
+        h = h * s[:, None]
+    else:
+        dh = acc
+    tl.store(hw_ptr + rm64[:, None] * stride_hwm + rn[None, :], h.to(hw_ptr.dtype.element_ty), mask=mask)
+    du = dh * silu
+    dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+    d_ptrs = dgu_ptr + rm64[:, None] * stride_dgum + rn[None, :]
+    out_dtype = dgu_ptr.dtype.element_ty
+    tl.store(d_ptrs, dg.to(out_dtype), mask=mask)
+    tl.store(d_ptrs + N, du.to(out_dtype), mask=mask)
+
+
+@_jit
+def _halves(acc, BM: tl.constexpr, BN: tl.constexpr):
+    """[BM, BN] -> its column halves [BM, BN/2] x 2."""
+    return tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+
+
+@_jit
 def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_ptr, counts_ptr,
               M, MY, E, N, K, ROWS_HINT, N_DWP,
               stride_dym, stride_we, stride_wn, stride_wk, stride_gum, stride_dgum, stride_hwm, stride_dwpm,
               HAS_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
               EVEN_K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr):
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr,
+              EPI_SPLIT: tl.constexpr):
     # dh_unw[r, i] = sum_k dy[tok[r], k] * Wd[e][i, k]  (N = I, K = H; Wd [E, I, H]; dy has MY rows)
     e_ar, cnt, tiles, tile_end, row_end_all = _expert_tables(counts_ptr, E, E_PAD, BLOCK_M)
     num_pid_m = tl.sum(tiles, 0)
@@ -256,7 +302,6 @@ def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_p
         w_desc = tl.make_tensor_descriptor(wd_ptr, shape=[E * N, K], strides=[stride_wn, 1],
                                            block_shape=[BLOCK_N, BLOCK_K])
     rk = tl.arange(0, BLOCK_K)
-    out_dtype = dgu_ptr.dtype.element_ty
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
         e, pid_n, row0, row_end = _row_tile(tile, e_ar, cnt, tiles, tile_end, row_end_all,
                                             num_pid_m, num_pid_n, BLOCK_M, GROUP_M)
@@ -265,7 +310,6 @@ def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_p
         rm_c = tl.where(mrow, rm, row0)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm64 = rm.to(tl.int64)
-        mask = mrow[:, None] & (rn[None, :] < N)
         if not TMA_A:
             if HAS_GATHER:
                 src = tl.load(tok_ptr + rm_c).to(tl.int64)
@@ -293,35 +337,30 @@ def _down_bwd(dy_ptr, tok_ptr, wd_ptr, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_p
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc)
 
-        g_ptrs = gu_ptr + rm64[:, None] * stride_gum + rn[None, :]
-        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(g_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        h = silu * u
-        if HAS_SCALE:
-            s = tl.load(scale_ptr + rm_c).to(tl.float32)
-            part = tl.sum(tl.where(mask, acc * h, 0.0), 1)
-            # dwp has one column per 16 columns of I; this tile owns BLOCK_N // 16 of them: its partial
-            # goes in the first, zeros in the rest, so every column is written whatever the config
-            # (the autotuner runs several configs on the same buffer)
-            SUB: tl.constexpr = BLOCK_N // 16
-            sub = tl.arange(0, SUB)
-            cols = pid_n * SUB + sub
-            vals = tl.where(sub[None, :] == 0, part[:, None], 0.0)
-            tl.store(dwp_ptr + rm64[:, None] * stride_dwpm + cols[None, :], vals,
-                     mask=mrow[:, None] & (cols[None, :] < N_DWP))
-            dh = acc * s[:, None]
-            h = h * s[:, None]
+        # the epilogue in EPI_SPLIT column parts (fewer live registers with wide tiles)
+        P1: tl.constexpr = BLOCK_N // EPI_SPLIT
+        if EPI_SPLIT == 1:
+            _swiglu_bwd_part(acc, pid_n, rm64, rm_c, mrow, N, N_DWP, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_ptr,
+                             stride_gum, stride_dgum, stride_hwm, stride_dwpm, HAS_SCALE, P1)
+        elif EPI_SPLIT == 2:
+            a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
+            _swiglu_bwd_part(a0, 2 * pid_n, rm64, rm_c, mrow, N, N_DWP, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_ptr,
+                             stride_gum, stride_dgum, stride_hwm, stride_dwpm, HAS_SCALE, P1)
+            _swiglu_bwd_part(a1, 2 * pid_n + 1, rm64, rm_c, mrow, N, N_DWP, gu_ptr, scale_ptr, dgu_ptr, hw_ptr,
+                             dwp_ptr, stride_gum, stride_dgum, stride_hwm, stride_dwpm, HAS_SCALE, P1)
         else:
-            dh = acc
-        # w*h (h for unweighted rows): the A operand of the Wd gradient
-        tl.store(hw_ptr + rm64[:, None] * stride_hwm + rn[None, :], h.to(hw_ptr.dtype.element_ty), mask=mask)
-        du = dh * silu
-        dg = dh * u * sig * (1.0 + g * (1.0 - sig))
-        d_ptrs = dgu_ptr + rm64[:, None] * stride_dgum + rn[None, :]
-        tl.store(d_ptrs, dg.to(out_dtype), mask=mask)
-        tl.store(d_ptrs + N, du.to(out_dtype), mask=mask)
+            tl.static_assert(EPI_SPLIT == 4)
+            a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
+            a00, a01 = _halves(a0, BLOCK_M, BLOCK_N // 2)
+            a10, a11 = _halves(a1, BLOCK_M, BLOCK_N // 2)
+            _swiglu_bwd_part(a00, 4 * pid_n, rm64, rm_c, mrow, N, N_DWP, gu_ptr, scale_ptr, dgu_ptr, hw_ptr, dwp_ptr,
+                             stride_gum, stride_dgum, stride_hwm, stride_dwpm, HAS_SCALE, P1)
+            _swiglu_bwd_part(a01, 4 * pid_n + 1, rm64, rm_c, mrow, N, N_DWP, gu_ptr, scale_ptr, dgu_ptr, hw_ptr,
+                             dwp_ptr, stride_gum, stride_dgum, stride_hwm, stride_dwpm, HAS_SCALE, P1)
+            _swiglu_bwd_part(a10, 4 * pid_n + 2, rm64, rm_c, mrow, N, N_DWP, gu_ptr, scale_ptr, dgu_ptr, hw_ptr,
+                             dwp_ptr, stride_gum, stride_dgum, stride_hwm, stride_dwpm, HAS_SCALE, P1)
+            _swiglu_bwd_part(a11, 4 * pid_n + 3, rm64, rm_c, mrow, N, N_DWP, gu_ptr, scale_ptr, dgu_ptr, hw_ptr,
+                             dwp_ptr, stride_gum, stride_dgum, stride_hwm, stride_dwpm, HAS_SCALE, P1)
 
 
 @_jit
@@ -422,11 +461,11 @@ def _wgrad(a_ptr, atok_ptr, b_ptr, btok_ptr, out_ptr, counts_ptr,
 # configurations
 # ----------------------------------------------------------------------------------------------
 
-def _cfg(bm, bn, bk, warps, stages, persist=1, flatten=None, group=8):
+def _cfg(bm, bn, bk, warps, stages, persist=1, flatten=None, group=8, **extra):
     """PERSIST: programs per SM looping over the tiles (0: one tile per program); FLATTEN: fuse the tile
     loop with the K loop (the next tile's loads overlap this tile's epilogue; default: when persistent)."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "PERSIST": persist,
-                          "FLATTEN": bool(persist) if flatten is None else flatten},
+                          "FLATTEN": bool(persist) if flatten is None else flatten, **extra},
                          num_warps=warps, num_stages=stages)
 
 
@@ -439,9 +478,10 @@ _GATE_UP_CONFIGS = [
 _ROWS_CONFIGS = [
     _cfg(128, 256, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4),
 ]
-_DOWN_BWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 8, 4, flatten=False), _cfg(128, 128, 64, 4, 3, persist=2),
-    _cfg(128, 128, 64, 4, 3, persist=0),
+_DOWN_BWD_CONFIGS = [  # EPI_SPLIT: the SwiGLU-backward epilogue in that many column parts
+    _cfg(128, 128, 64, 8, 4, EPI_SPLIT=1), _cfg(128, 128, 64, 8, 4, flatten=False, EPI_SPLIT=1),
+    _cfg(128, 256, 64, 8, 3, flatten=False, EPI_SPLIT=4), _cfg(128, 128, 64, 4, 3, persist=2, EPI_SPLIT=2),
+    _cfg(128, 128, 64, 4, 3, persist=0, EPI_SPLIT=2),
 ]
 _WGRAD_CONFIGS = [
     _cfg(128, 256, 64, 8, 3, flatten=False), _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 32, 8, 5, flatten=False),
@@ -451,6 +491,7 @@ _WGRAD_CONFIGS = [
 # few programs, so a program walks several tiles
 _INTERP = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "PERSIST": 1, "FLATTEN": True}
 _INTERP_PROGRAMS = 3
+_INTERP_DOWN_BWD = {"EPI_SPLIT": 1}
 
 _SMEM_LIMIT = 220 * 1024
 
@@ -488,8 +529,8 @@ else:
                       "a_ptr", 1)(_wgrad)
 
 
-def _meta():
-    return dict(_INTERP) if INTERPRET else {}
+def _meta(**interp_extra):
+    return {**_INTERP, **interp_extra} if INTERPRET else {}
 
 
 def _e_pad(E: int) -> int:
@@ -596,7 +637,7 @@ def down_bwd(dy, tok, w_down, gu, scale, counts, M):
         dy.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), gu.stride(0), dgu.stride(0),
         hw.stride(0), dwp.stride(0) if dwp is not None else 0,
         HAS_GATHER=tok is not None, HAS_SCALE=scale is not None, TMA_A=tma_a, TMA_B=tma_b,
-        E_PAD=_e_pad(E), **_meta())
+        E_PAD=_e_pad(E), **_meta(**_INTERP_DOWN_BWD))
     dw = dwp.sum(1) if dwp is not None else None
     return dgu, hw, dw
 
