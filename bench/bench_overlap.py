@@ -101,6 +101,14 @@ def exposed_all_to_all_ms(kernels: list[tuple[float, float, str]]) -> tuple[floa
     return sum(b - a for a, b in comm) / 1e3, exposed / 1e3
 
 
+def busy_ms(kernels: list[tuple[float, float, str]]) -> tuple[float, float, float]:
+    """(compute busy ms, compute kernel ms summed, GPU busy ms): the union of compute (non-NCCL)
+    kernels, their summed durations, and the union of all kernels; region - GPU busy is idle."""
+    compute = [(a, b) for a, b, n in kernels if "nccl" not in n.lower()]
+    return (sum(b - a for a, b in _union(compute)) / 1e3, sum(b - a for a, b in compute) / 1e3,
+            sum(b - a for a, b in _union([(a, b) for a, b, _ in kernels])) / 1e3)
+
+
 def _union(intervals):
     out = []
     for a, b in sorted(intervals):
@@ -209,9 +217,12 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
                 sync()
                 region_ms = 1e3 * (time.perf_counter() - t0)
             engine.step(1e-4)
-            a2a_ms, exposed_ms = exposed_all_to_all_ms(kernel_intervals(prof))
+            kernels = kernel_intervals(prof)
+            a2a_ms, exposed_ms = exposed_all_to_all_ms(kernels)
+            compute_busy, compute_sum, gpu_busy = busy_ms(kernels)
             result[name].update(profiled_micro_batches_ms=region_ms, a2a_kernel_ms=a2a_ms, a2a_exposed_ms=exposed_ms,
-                                a2a_exposed_share=exposed_ms / region_ms)
+                                a2a_exposed_share=exposed_ms / region_ms, compute_busy_ms=compute_busy,
+                                compute_kernel_ms=compute_sum, gpu_idle_ms=region_ms - gpu_busy)
     if rank == 0:
         queue.put(result)
     dist.destroy_process_group()
@@ -257,11 +268,14 @@ def main() -> None:
               f"{args.n_micro} micro-batches x {args.micro_batch} x {args.seq} tokens per GPU; backend {args.backend}; "
               f"compile {args.compile}; torch {torch.__version__}; median of {args.steps} steps (rank 0)")
         print(f"{'schedule':<10}{'step ms':>9}{'tok/s/GPU':>11}{'act GB':>8}{'a2a kernel ms':>15}{'exposed ms':>12}"
-              f"{'exposed share':>15}{'first loss':>12}")
+              f"{'exposed share':>15}{'compute busy':>14}{'kernel sum':>12}{'GPU idle':>10}{'first loss':>12}")
         for name, r in result.items():
             print(f"{name:<10}{r['step_ms']:>9.1f}{r['tokens_per_s_per_gpu']:>11.0f}{r['activation_peak_gb']:>8.1f}"
                   f"{r['a2a_kernel_ms']:>15.1f}{r['a2a_exposed_ms']:>12.1f}{r['a2a_exposed_share']:>15.1%}"
+                  f"{r['compute_busy_ms']:>14.1f}{r['compute_kernel_ms']:>12.1f}{r['gpu_idle_ms']:>10.1f}"
                   f"{r['first_step_loss']:>12.6f}")
+        print("(profiled: the micro-batches of one step, without the optimizer step; compute busy = union of "
+              "compute kernels, kernel sum = their summed durations, GPU idle = no kernel on any stream)")
         hidden = 1 - paired["a2a_exposed_ms"] / plain["a2a_exposed_ms"] if plain["a2a_exposed_ms"] else float("nan")
         print(f"paired/plain step time {paired['step_ms'] / plain['step_ms']:.3f}; exposed all-to-all "
               f"{plain['a2a_exposed_ms']:.1f} -> {paired['a2a_exposed_ms']:.1f} ms ({hidden:.0%} hidden)")

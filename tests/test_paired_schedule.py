@@ -45,10 +45,10 @@ def _model(ckpt: bool, backend: str, skew: bool = False):
     return model
 
 
-def _train(model, engine, paired: bool, rank: int = 0, skew: bool = False) -> list:
+def _train(model, engine, paired: bool, rank: int = 0, skew: bool = False, micro_batches=MICRO_BATCHES) -> list:
     sched = PairedSchedule(model, engine) if paired else None
     rows = []
-    for step, n in enumerate(MICRO_BATCHES):
+    for step, n in enumerate(micro_batches):
         batches = iter(_batches(step, n, rank, skew))
         sums = (sched.accumulate(batches, n, SOURCES, torch.device("cpu")) if paired
                 else accumulate(model, engine, batches, n, SOURCES, torch.device("cpu")))
@@ -60,10 +60,24 @@ def _train(model, engine, paired: bool, rank: int = 0, skew: bool = False) -> li
     return rows
 
 
-def _assert_same(model_a, model_b, rows_a, rows_b) -> None:
-    assert rows_a == rows_b, (rows_a, rows_b)
+def _assert_same(model_a, model_b, rows_a, rows_b, exact: bool = True) -> None:
+    """Bitwise; or (`exact=False`) to fp32 rounding: compiled under EP, the plain schedule traces a
+    whole layer (broken at the host read of the row counts) and the paired one traces its nodes, and
+    AOTAutograd orders the sum of a tensor's gradient contributions inside each traced graph, so
+    other graph boundaries may reorder fp32 sums (the first step's losses and grad norm still agree)."""
+    if exact:
+        assert rows_a == rows_b, (rows_a, rows_b)
+    else:
+        torch.testing.assert_close(torch.tensor([[*l, *c, a, g] for l, c, a, g in rows_a], dtype=torch.float64),
+                                   torch.tensor([[*l, *c, a, g] for l, c, a, g in rows_b], dtype=torch.float64),
+                                   rtol=1e-5, atol=0)
     for (n, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
-        assert torch.equal(a, b), f"{n} differs: max {float((a.float() - b.float()).abs().max())}"
+        if exact:
+            assert torch.equal(a, b), f"{n} differs: max {float((a.float() - b.float()).abs().max())}"
+        else:
+            # AdamW (lr 1e-2) turns a rounding-level gradient difference on a near-zero gradient into up to
+            # ~1e-4 of a weight that 3 steps move by up to 3e-2 (measured max 1.4e-4)
+            torch.testing.assert_close(a, b, rtol=0, atol=5e-4, msg=lambda m: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("ckpt,backend", [(False, "torch"), (True, "torch"), (False, "grouped_mm")])
@@ -77,12 +91,11 @@ def test_one_process_matches_plain_schedule(ckpt, backend):
 
 
 def test_triton_backend_matches_plain_schedule():
-    pytest.importorskip("triton")
-    import os
-
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")  # on CPU under Triton's interpreter (tests/conftest.py)
     plain, paired = _model(False, "triton"), _model(False, "triton")
-    _assert_same(plain, paired, _train(plain, Engine(plain, TCFG), False), _train(paired, Engine(paired, TCFG), True))
+    one_step = [2]  # the interpreter is slow: one step of 2 micro-batches
+    _assert_same(plain, paired, _train(plain, Engine(plain, TCFG), False, micro_batches=one_step),
+                 _train(paired, Engine(paired, TCFG), True, micro_batches=one_step))
 
 
 def test_order_pairs_forward_of_next_with_backward_of_previous():
@@ -141,7 +154,7 @@ def test_one_micro_batch_is_refused():
 
 
 # --------------------------------------------------------------------- DeepSpeed, gloo, EP 2
-def _worker(rank, world, ep_size, zero_stage, ckpt, skew):
+def _worker(rank, world, ep_size, zero_stage, ckpt, skew, compiled=False):
     pytest.importorskip("deepspeed")
     from anneal.parallel import ds_engine
 
@@ -150,19 +163,23 @@ def _worker(rank, world, ep_size, zero_stage, ckpt, skew):
     for paired in (False, True):
         model = _model(ckpt, "torch", skew)
         engine = ds_engine.DeepSpeedEngine(model, TCFG, ep_size=ep_size, zero_stage=zero_stage)
+        if compiled:  # traced (aot_eager: the same aten ops, no code generation), the EP nodes included
+            model.compile_layers(backend="aot_eager")
         results.append((model, _train(model, engine, paired, rank, skew)))
     (plain, rows_plain), (paired, rows_paired) = results
-    _assert_same(plain, paired, rows_plain, rows_paired)
+    _assert_same(plain, paired, rows_plain, rows_paired, exact=not compiled)
+    if compiled:
+        assert rows_plain[0] == rows_paired[0]
     if skew:  # the case is what it says: every row goes to EP rank 0's experts [0, 4)
         router = next(iter(paired.routers().values()))
         assert int(router(torch.randn(64, TINY["hidden_size"]))[0].max()) < 4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage,ckpt,skew", [(1, False, False), (2, True, True)])
-def test_ep2_deepspeed_matches_plain_schedule(zero_stage, ckpt, skew):
+@pytest.mark.parametrize("zero_stage,ckpt,skew,compiled", [(1, False, False, True), (2, True, True, False)])
+def test_ep2_deepspeed_matches_plain_schedule(zero_stage, ckpt, skew, compiled):
     pytest.importorskip("deepspeed")
-    run_distributed(_worker, 2, 2, zero_stage, ckpt, skew)
+    run_distributed(_worker, 2, 2, zero_stage, ckpt, skew, compiled)
 
 
 @pytest.mark.slow
@@ -262,3 +279,62 @@ def test_paired_loop_has_no_host_sync_on_one_gpu():
         torch.cuda.set_sync_debug_mode(0)
     engine.step(1e-3)
     assert sums["count"].sum().item() == 4 * 4 * 128
+
+
+def _worker_ds_cuda(rank, world, zero_stage):
+    """DeepSpeed with bf16 on one GPU: ZeRO 1 (DeepSpeed's BF16_Optimizer, which folds a
+    micro-batch's gradients into fp32 in engine.backward) and ZeRO 2."""
+    from omegaconf import OmegaConf
+
+    from anneal.config import TrainerCfg
+    from anneal.model.precision import PrecisionPolicy
+    from anneal.parallel import ds_engine
+    from test_gpu import CFG, Dots1Config, Dots1ForCausalLM, _batches as gpu_batches
+
+    from anneal.train.devices import set_deterministic
+
+    ds_engine.init_distributed("cuda")
+    set_deterministic(True, torch.device("cuda"))
+    results = []
+    for paired in (False, True):
+        torch.manual_seed(0)
+        model = Dots1ForCausalLM(Dots1Config(**CFG), experts_backend="grouped_mm", aux_loss_coef=0.01).cuda()
+        model.init_weights(seed=0)
+        model.train()
+        engine = ds_engine.DeepSpeedEngine(model, OmegaConf.structured(TrainerCfg), zero_stage=zero_stage,
+                                           policy=PrecisionPolicy(torch.bfloat16))
+        sched = PairedSchedule(model, engine) if paired else None
+        rows = []
+        for step, n in enumerate(MICRO_BATCHES):
+            batches = iter(gpu_batches(n, seed=step))
+            sums = (sched.accumulate(batches, n, 3, torch.device("cuda")) if paired
+                    else accumulate(model, engine, batches, n, 3, torch.device("cuda")))
+            rows.append((sums["loss_sum"].tolist(), engine.step(1e-3)))
+        results.append((rows, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}))
+    (ra, wa), (rb, wb) = results
+    assert ra == rb, (ra, rb)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_deepspeed_bf16_paired_matches_plain_on_cuda(zero_stage):
+    pytest.importorskip("deepspeed")
+    import os
+
+    from _dist import free_port
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import torch.multiprocessing as mp
+
+        mp.spawn(_worker_ds_cuda, args=(1, zero_stage), nprocs=1, join=True)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
 from anneal.model.config import Dots1Config
+from moe.ep import local_experts
 from moe.layer import Dots1MoE, SwiGLUMLP
 from moe.router import Router
 
@@ -144,6 +145,12 @@ class DecoderLayer(nn.Module):
         h = self.attention_block(x, cos, sin, mask)
         return (h, *self.mlp.dispatch_inputs(self.post_attention_layernorm(h)))
 
+    def moe_experts(self, recv: torch.Tensor, plan, backend) -> torch.Tensor:
+        """The experts this rank holds over the rows it received (paired schedule, EP > 1): a method
+        so that `compile_layers` compiles it with the rest of the layer."""
+        experts = self.mlp.experts
+        return local_experts(recv, plan, backend, experts.w_gate_up, experts.w_down)
+
 
 class Dots1Model(nn.Module):
     def __init__(self, cfg: Dots1Config, experts_backend: str, aux_loss_coef: float,
@@ -230,8 +237,9 @@ class Dots1ForCausalLM(nn.Module):
         (tests use "aot_eager" to check tracing without code generation)."""
         for layer in self.model.layers:
             layer.compile(backend=backend)
-            if isinstance(layer.mlp, Dots1MoE):  # the paired schedule calls it instead of forward under EP
+            if isinstance(layer.mlp, Dots1MoE):  # what the paired schedule calls instead of forward under EP
                 layer.moe_front = torch.compile(layer.moe_front, backend=backend)
+                layer.moe_experts = torch.compile(layer.moe_experts, backend=backend)
         self._head_loss = torch.compile(self._head_loss, backend=backend)
 
     def aux_loss(self) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ A unit whose experts are spread over an expert-parallel group (EP > 1) has four 
 
     A  attention block + router + sort by expert + shared experts   (compute; `DecoderLayer.moe_front`)
     D  dispatch all-to-all                                           (communication)
-    E  the local experts                                             (compute; `moe.ep.local_experts`)
+    E  the local experts                                             (compute; `DecoderLayer.moe_experts`)
     C  combine all-to-all                                            (communication)
 
 and the next unit's A node starts by combining the rows that came back (`Dots1MoE.combine`).
@@ -223,10 +223,8 @@ class PairedSchedule:
             return
         recv = mb.in_flight.pop(u).wait().requires_grad_()
         _release(mb.attn[u].outputs["x_sorted"])
-        experts = unit.layer.mlp.experts
         with torch.enable_grad():
-            rows = self.model.checkpointed(ep.local_experts, recv, mb.plans[u], unit.experts.inner,
-                                           experts.w_gate_up, experts.w_down)
+            rows = self.model.checkpointed(unit.layer.moe_experts, recv, mb.plans[u], unit.experts.inner)
         mb.experts[u] = _Node({"recv": recv}, {"rows": rows})
 
     def _start_combine(self, mb: _MicroBatch, u: int) -> None:
