@@ -22,7 +22,7 @@ TCFG = SimpleNamespace(micro_batch_size=1, betas=[0.9, 0.95], eps=1e-8, weight_d
 MICRO_BATCHES, LR, RATE, SOURCES = [2, 3, 4], 1e-2, 1e-2, 2
 
 
-def _batches(step: int, n: int, rank: int = 0, skew: bool = False) -> list[dict]:
+def _batches(step: int, n: int, rank: int = 0) -> list[dict]:
     """n micro-batches of 2 packed rows of 13 tokens (two documents in the first row)."""
     g = torch.Generator().manual_seed(100 + 10 * step + rank)
     out = []
@@ -45,13 +45,17 @@ def _model(ckpt: bool, backend: str, skew: bool = False):
     return model
 
 
-def _train(model, engine, paired: bool, rank: int = 0, skew: bool = False, micro_batches=MICRO_BATCHES) -> list:
+def _train(model, engine, paired: bool, rank: int = 0, micro_batches=MICRO_BATCHES, make_batches=None,
+           device=torch.device("cpu"), n_sources: int = SOURCES) -> list:
+    """Steps of `micro_batches` micro-batches (plain or paired schedule), each followed by the
+    router-bias update with the global load -> per step (loss sums, token counts, aux sum, grad norm)."""
     sched = PairedSchedule(model, engine) if paired else None
+    make_batches = make_batches or (lambda step, n: _batches(step, n, rank))
     rows = []
     for step, n in enumerate(micro_batches):
-        batches = iter(_batches(step, n, rank, skew))
-        sums = (sched.accumulate(batches, n, SOURCES, torch.device("cpu")) if paired
-                else accumulate(model, engine, batches, n, SOURCES, torch.device("cpu")))
+        batches = iter(make_batches(step, n))
+        sums = (sched.accumulate(batches, n, n_sources, device) if paired
+                else accumulate(model, engine, batches, n, n_sources, device))
         norm = engine.step(LR)
         engine.reduce_expert_load(model.routers())
         for router in model.routers().values():
@@ -165,7 +169,7 @@ def _worker(rank, world, ep_size, zero_stage, ckpt, skew, compiled=False):
         engine = ds_engine.DeepSpeedEngine(model, TCFG, ep_size=ep_size, zero_stage=zero_stage)
         if compiled:  # traced (aot_eager: the same aten ops, no code generation), the EP nodes included
             model.compile_layers(backend="aot_eager")
-        results.append((model, _train(model, engine, paired, rank, skew)))
+        results.append((model, _train(model, engine, paired, rank)))
     (plain, rows_plain), (paired, rows_paired) = results
     _assert_same(plain, paired, rows_plain, rows_paired, exact=not compiled)
     if compiled:
@@ -189,28 +193,33 @@ def test_dp2_x_ep2_deepspeed_matches_plain_schedule():
 
 
 # --------------------------------------------------------------------------------------- GPU
+def _cuda_model(backend: str = "grouped_mm"):
+    from test_gpu import CFG, Dots1Config, Dots1ForCausalLM
+
+    torch.manual_seed(0)
+    model = Dots1ForCausalLM(Dots1Config(**CFG), experts_backend=backend, aux_loss_coef=0.01).cuda()
+    model.init_weights(seed=0)
+    return model.train()
+
+
+def _cuda_train(model, engine, paired: bool) -> list:
+    from test_gpu import _batches as gpu_batches  # rows of 3 sources
+
+    return _train(model, engine, paired, make_batches=lambda step, n: gpu_batches(n, seed=step),
+                  device=torch.device("cuda"), n_sources=3)
+
+
 def _cuda_steps(backend: str, compiled: bool, paired: bool):
     from omegaconf import OmegaConf
 
     from anneal.config import TrainerCfg
     from anneal.model.precision import PrecisionPolicy
-    from test_gpu import CFG, Dots1Config, Dots1ForCausalLM, _batches as gpu_batches
 
-    torch.manual_seed(0)
-    model = Dots1ForCausalLM(Dots1Config(**CFG), experts_backend=backend, aux_loss_coef=0.01).cuda()
-    model.init_weights(seed=0)
-    model.train()
+    model = _cuda_model(backend)
     engine = Engine(model, OmegaConf.structured(TrainerCfg), PrecisionPolicy.for_device(True, torch.device("cuda")))
     if compiled:
         model.compile_layers()
-    sched = PairedSchedule(model, engine) if paired else None
-    rows = []
-    for step, n in enumerate(MICRO_BATCHES):
-        batches = iter(gpu_batches(n, seed=step))
-        sums = (sched.accumulate(batches, n, 3, torch.device("cuda")) if paired
-                else accumulate(model, engine, batches, n, 3, torch.device("cuda")))
-        rows.append((sums["loss_sum"].tolist(), float(sums["aux_sum"]), engine.step(1e-3)))
-    return rows, {k: v.detach().cpu().clone() for k, v in engine.model_state_dict().items()}
+    return _cuda_train(model, engine, paired), {k: v.detach().cpu().clone() for k, v in engine.model_state_dict().items()}
 
 
 @pytest.mark.gpu
@@ -262,11 +271,9 @@ def test_paired_loop_has_no_host_sync_on_one_gpu():
 
     from anneal.config import TrainerCfg
     from anneal.model.precision import PrecisionPolicy
-    from test_gpu import CFG, Dots1Config, Dots1ForCausalLM, _batches as gpu_batches
+    from test_gpu import _batches as gpu_batches
 
-    model = Dots1ForCausalLM(Dots1Config(**CFG), experts_backend="grouped_mm", aux_loss_coef=0.01)
-    model.init_weights(seed=0)
-    model.cuda().train()
+    model = _cuda_model()
     engine = Engine(model, OmegaConf.structured(TrainerCfg()), PrecisionPolicy(torch.bfloat16))
     sched, device = PairedSchedule(model, engine), torch.device("cuda")
     sched.accumulate(iter(gpu_batches(2)), 2, 3, device)
@@ -289,28 +296,17 @@ def _worker_ds_cuda(rank, world, zero_stage):
     from anneal.config import TrainerCfg
     from anneal.model.precision import PrecisionPolicy
     from anneal.parallel import ds_engine
-    from test_gpu import CFG, Dots1Config, Dots1ForCausalLM, _batches as gpu_batches
-
     from anneal.train.devices import set_deterministic
 
     ds_engine.init_distributed("cuda")
     set_deterministic(True, torch.device("cuda"))
     results = []
     for paired in (False, True):
-        torch.manual_seed(0)
-        model = Dots1ForCausalLM(Dots1Config(**CFG), experts_backend="grouped_mm", aux_loss_coef=0.01).cuda()
-        model.init_weights(seed=0)
-        model.train()
+        model = _cuda_model()
         engine = ds_engine.DeepSpeedEngine(model, OmegaConf.structured(TrainerCfg), zero_stage=zero_stage,
                                            policy=PrecisionPolicy(torch.bfloat16))
-        sched = PairedSchedule(model, engine) if paired else None
-        rows = []
-        for step, n in enumerate(MICRO_BATCHES):
-            batches = iter(gpu_batches(n, seed=step))
-            sums = (sched.accumulate(batches, n, 3, torch.device("cuda")) if paired
-                    else accumulate(model, engine, batches, n, 3, torch.device("cuda")))
-            rows.append((sums["loss_sum"].tolist(), engine.step(1e-3)))
-        results.append((rows, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}))
+        weights = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+        results.append((_cuda_train(model, engine, paired), weights))
     (ra, wa), (rb, wb) = results
     assert ra == rb, (ra, rb)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
