@@ -9,9 +9,9 @@ Row-tiled kernels (`_gate_up_fwd`, `_rows_gemm`, `_down_bwd`) walk a tile space 
 expert's rows are rounded up to a multiple of BLOCK_M, so every tile belongs to one expert; rows of a
 tile past its expert's end are computed from whatever lies there and never stored. Tiles are ordered
 GROUP_M row tiles at a time per column block (the row tiles of one expert run together and share its
-weight tiles in L2). With PERSIST the grid is one program per SM looping over the tiles (the loop is
-flattened, so the next tile's loads are issued during this tile's epilogue); without, one tile per
-program.
+weight tiles in L2). With PERSIST = p the grid is p programs per SM looping over the tiles, with
+FLATTEN the tile loop is fused with the K loop (the next tile's loads are issued during this tile's
+epilogue); PERSIST = 0 is one tile per program. Both are autotuned choices.
 
 Kernels (each a plain `@triton.jit` function; the launchers pick the configuration):
 - `_gate_up_fwd`: h = silu(x[tok] @ Wg) * (x[tok] @ Wu); the token gather is fused into the A loads,
@@ -19,10 +19,14 @@ Kernels (each a plain `@triton.jit` function; the launchers pick the configurati
 - `_rows_gemm`: out[pos[r]] = scale[r] * (A[r] @ B_e); forward down projection (routing weight
   applied, rows scattered to their (token, slot) place) and backward dx (dgu @ Wgu_e^T).
 - `_down_bwd`: dh = dy[tok] @ Wd_e^T with the SwiGLU backward and the routing-weight gradient
-  (partial dot(dh, h) per column block) in the epilogue; also writes w*h for the Wd gradient.
+  (partial dot(dh, h) per column block) in the epilogue; also writes w*h (h for unweighted rows) for
+  the Wd gradient. The epilogue can run in EPI_SPLIT column parts, so 256-wide tiles fit in registers.
 - `_wgrad`: out_e = A[rows_e]^T @ B[rows_e] (weight gradients; reduction over the expert's rows,
   either operand optionally gathered by token). Full BLOCK_K row chunks run unmasked; the expert's
-  last partial chunk is one masked step after the loop.
+  last partial chunk is one masked step after the loop. The output tile is stored through a 3-D TMA
+  descriptor ([E, P, Q], asynchronous, bounds per expert) when TMA_OUT is set. No split over rows:
+  with the dots1 shapes every expert has P/BLOCK_M x Q/BLOCK_N = 176-704 output tiles, enough to fill
+  the SMs without one.
 
 Loads: operands that are plain row-major matrices (the weights, seen as 2-D [E*K, N] or [E*N, K], and
 activations that are not gathered by token) are read through TMA tensor descriptors created on the
