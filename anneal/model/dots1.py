@@ -141,9 +141,15 @@ class DecoderLayer(nn.Module):
         """An MoE layer up to its expert all-to-all, for the paired schedule
         (`anneal.train.paired_schedule`): the attention block, then the MoE's work before dispatch.
         -> (h, x_sorted, tokens_per_expert, order, topk_weight, shared, aux); the layer's output is
-        then h + Dots1MoE.combine(rows back from the experts, order, topk_weight, shared)."""
+        then `moe_output(h, rows back from the experts, order, topk_weight, shared)`."""
         h = self.attention_block(x, cos, sin, mask)
         return (h, *self.mlp.dispatch_inputs(self.post_attention_layernorm(h)))
+
+    def moe_output(self, h: torch.Tensor, back: torch.Tensor, order: torch.Tensor, topk_weight: torch.Tensor,
+                   shared: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output from the expert rows that came back (paired schedule, EP > 1): the
+        weighted combine and the residual add, as `forward` ends; compiled by `compile_layers`."""
+        return h + Dots1MoE.combine(back, order, topk_weight, shared, h.shape)
 
     def moe_experts(self, recv: torch.Tensor, plan, backend) -> torch.Tensor:
         """The experts this rank holds over the rows it received (paired schedule, EP > 1): a method
@@ -240,6 +246,7 @@ class Dots1ForCausalLM(nn.Module):
             if isinstance(layer.mlp, Dots1MoE):  # what the paired schedule calls instead of forward under EP
                 layer.moe_front = torch.compile(layer.moe_front, backend=backend)
                 layer.moe_experts = torch.compile(layer.moe_experts, backend=backend)
+                layer.moe_output = torch.compile(layer.moe_output, backend=backend)
         self._head_loss = torch.compile(self._head_loss, backend=backend)
 
     def aux_loss(self) -> torch.Tensor | None:

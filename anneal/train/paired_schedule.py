@@ -10,7 +10,7 @@ A unit whose experts are spread over an expert-parallel group (EP > 1) has four 
     E  the local experts                                             (compute; `DecoderLayer.moe_experts`)
     C  combine all-to-all                                            (communication)
 
-and the next unit's A node starts by combining the rows that came back (`Dots1MoE.combine`).
+and the next unit's A node starts by combining the rows that came back (`DecoderLayer.moe_output`).
 Any other unit (a dense layer, an MoE layer under EP 1, the head) is one A node. Each compute
 node is its own autograd graph: its inputs are detached leaves, its backward is an autograd call
 from its outputs with the gradients the later nodes produced (`engine.backward_piece`), and the
@@ -204,8 +204,8 @@ class PairedSchedule:
         _release(mb.experts[u - 1].outputs["rows"])
         leaves["topk_weight"] = _leaf(carry["topk_weight"])
         leaves["shared"] = _leaf(carry["shared"])
-        return leaves["h"] + Dots1MoE.combine(leaves["back"], carry["order"], leaves["topk_weight"],
-                                              leaves["shared"], leaves["h"].shape)
+        return self.units[u - 1].layer.moe_output(leaves["h"], leaves["back"], carry["order"], leaves["topk_weight"],
+                                                  leaves["shared"])
 
     def _start_dispatch(self, mb: _MicroBatch, u: int) -> None:
         unit = self.units[u]
