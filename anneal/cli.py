@@ -146,10 +146,21 @@ def main() -> None:
             sys.exit(getattr(e, "exit_code", 2))  # 2: bad input; 3: a guard stopped the run (README)
         if _is_rank0():
             _print_summary(result)
+        _close_process_group()
         if result.get("preempted"):
             sys.exit(PREEMPTED_EXIT_CODE)
 
     _run()
+
+
+def _close_process_group() -> None:
+    """After a finished run, tear the process group down here rather than in interpreter shutdown
+    (torchtitan does the same at the end of training): once, in CI, a rank aborted at exit with
+    'terminate called without an active exception' while its gloo group was left to teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _print_summary(result: dict) -> None:
