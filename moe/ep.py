@@ -78,13 +78,24 @@ def counts_group(groups: EPGroups):
     not queue behind a row all-to-all still in flight on the EP group (NCCL runs one group's
     collectives in order). Made on first call: collective, every rank calls it at the same point."""
     if groups.count_group is None:
-        rank = dist.get_rank()
-        for start in range(0, groups.world_size, groups.ep_size):
-            ranks = list(range(start, start + groups.ep_size))
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                groups.count_group = group
+        groups.count_group = _own_group(_ep_blocks(groups.world_size, groups.ep_size))
     return groups.count_group
+
+
+def _ep_blocks(world: int, ep_size: int) -> list[list[int]]:
+    """The ranks of each EP group: consecutive blocks of `ep_size`."""
+    return [list(range(start, start + ep_size)) for start in range(0, world, ep_size)]
+
+
+def _own_group(partition: list[list[int]]):
+    """Create a process group for every block of `partition` (collective: every rank must create
+    every group, in the same order) and return the one this rank belongs to."""
+    rank, own = dist.get_rank(), None
+    for ranks in partition:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            own = group
+    return own
 
 
 def check_ep_size(ep_size: int, n_experts: int, world_size: int) -> None:
@@ -103,23 +114,14 @@ def build_ep_groups(ep_size: int, n_experts: int | None = None) -> EPGroups:
 
     Uses DeepSpeed's groups when DeepSpeed has already created them for this EP size (so both
     agree), else creates them with `torch.distributed.new_group` in DeepSpeed's layout."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     check_ep_size(ep_size, n_experts if n_experts is not None else ep_size, world)
     ds = _deepspeed_groups(ep_size)
     if ds is not None:
         ep_group, edp_group = ds
     else:
-        ep_group = edp_group = None
-        for start in range(0, world, ep_size):  # every rank must call new_group for every group
-            ranks = list(range(start, start + ep_size))
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                ep_group = g
-        for i in range(ep_size):
-            ranks = list(range(i, world, ep_size))
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                edp_group = g
+        ep_group = _own_group(_ep_blocks(world, ep_size))
+        edp_group = _own_group([list(range(i, world, ep_size)) for i in range(ep_size)])
     return EPGroups(ep_size=ep_size, ep_rank=dist.get_rank(ep_group), ep_group=ep_group,
                     edp_size=world // ep_size, edp_rank=dist.get_rank(edp_group), edp_group=edp_group,
                     world_size=world)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from anneal.checkpoints import state_io, training_state
 from anneal.train.engine import Engine
 from test_ep import TINY, _loss, tiny_model
+from test_resilience import _Payload  # a pickle that writes a file when loaded
 
 TCFG = SimpleNamespace(micro_batch_size=1, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, grad_clip=0.5, bf16=False)
 STEPS, SAVE_AT, ROWS, RATE = 4, 2, 4, 1e-2
@@ -103,14 +104,6 @@ def test_anneal_export_streams_a_dcp_checkpoint_into_shards_transformers_loads(t
     ids = torch.randint(0, TINY["vocab_size"], (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
-
-
-class _Payload:
-    def __init__(self, sentinel: Path):
-        self.sentinel = sentinel
-
-    def __reduce__(self):
-        return (Path.write_text, (self.sentinel, "pwned"))
 
 
 def test_a_malicious_dcp_metadata_file_is_refused_and_never_run(tmp_path):

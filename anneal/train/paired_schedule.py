@@ -207,15 +207,20 @@ class PairedSchedule:
         return self.units[u - 1].layer.moe_output(leaves["h"], leaves["back"], carry["order"], leaves["topk_weight"],
                                                   leaves["shared"])
 
+    def _all_to_all(self, mb: _MicroBatch, u: int, rows: torch.Tensor, to_experts: bool) -> AsyncAllToAll:
+        """Start unit u's all-to-all of `rows`: toward the experts (the dispatch, and the combine's
+        backward) or back from them (the combine, and the dispatch's backward)."""
+        plan = mb.plans[u]
+        out, inp = (plan.output_splits, plan.input_splits) if to_experts else (plan.input_splits, plan.output_splits)
+        return AsyncAllToAll(rows, out, inp, self.units[u].experts.groups.ep_group)
+
     def _start_dispatch(self, mb: _MicroBatch, u: int) -> None:
         unit = self.units[u]
         if not unit.split:
             return
         groups = unit.experts.groups
-        plan = ep.plan_dispatch(mb.carry.pop("tokens_per_expert"), groups.ep_size, ep.counts_group(groups))
-        mb.plans[u] = plan
-        mb.in_flight[u] = AsyncAllToAll(mb.carry.pop("x_sorted"), plan.output_splits, plan.input_splits,
-                                        groups.ep_group)
+        mb.plans[u] = ep.plan_dispatch(mb.carry.pop("tokens_per_expert"), groups.ep_size, ep.counts_group(groups))
+        mb.in_flight[u] = self._all_to_all(mb, u, mb.carry.pop("x_sorted"), to_experts=True)
 
     def _forward_experts(self, mb: _MicroBatch, u: int) -> None:
         unit = self.units[u]
@@ -228,17 +233,13 @@ class PairedSchedule:
         mb.experts[u] = _Node({"recv": recv}, {"rows": rows})
 
     def _start_combine(self, mb: _MicroBatch, u: int) -> None:
-        if not self.units[u].split:
-            return
-        plan, group = mb.plans[u], self.units[u].experts.groups.ep_group
-        mb.carry["back"] = AsyncAllToAll(mb.experts[u].outputs["rows"], plan.input_splits, plan.output_splits, group)
+        if self.units[u].split:
+            mb.carry["back"] = self._all_to_all(mb, u, mb.experts[u].outputs["rows"], to_experts=False)
 
     # -- backward nodes ---------------------------------------------------------------------------
     def _start_combine_backward(self, mb: _MicroBatch, u: int) -> None:
-        if not self.units[u].split:
-            return
-        plan, group = mb.plans[u], self.units[u].experts.groups.ep_group
-        mb.in_flight[u] = AsyncAllToAll(mb.grads[u].pop("back"), plan.output_splits, plan.input_splits, group)
+        if self.units[u].split:
+            mb.in_flight[u] = self._all_to_all(mb, u, mb.grads[u].pop("back"), to_experts=True)
 
     def _backward_experts(self, mb: _MicroBatch, u: int) -> None:
         if not self.units[u].split:
@@ -248,10 +249,8 @@ class PairedSchedule:
         mb.grads[u]["recv"] = _grad_of(node.leaves["recv"])
 
     def _start_dispatch_backward(self, mb: _MicroBatch, u: int) -> None:
-        if not self.units[u].split:
-            return
-        plan, group = mb.plans[u], self.units[u].experts.groups.ep_group
-        mb.in_flight[u] = AsyncAllToAll(mb.grads[u].pop("recv"), plan.input_splits, plan.output_splits, group)
+        if self.units[u].split:
+            mb.in_flight[u] = self._all_to_all(mb, u, mb.grads[u].pop("recv"), to_experts=False)
 
     def _backward_attn(self, mb: _MicroBatch, u: int) -> None:
         node = mb.attn.pop(u)
