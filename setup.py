@@ -8,13 +8,14 @@ setup(
     python_requires=">=3.10",
     # conf/ and recipes/ live at the repo top level (as the design card fixes it) and are
     # installed as the packages anneal.conf and anneal.recipes so `anneal` works from any folder.
-    packages=["anneal", "anneal.model", "anneal.checkpoints", "anneal.parallel", "anneal.train",
+    packages=["anneal", "anneal.model", "anneal.checkpoints", "anneal.parallel", "anneal.train", "anneal.evals",
               "anneal.conf", "anneal.recipes", "moe", "moe.kernels", "mixtures"],
     package_dir={"anneal.conf": "conf", "anneal.recipes": "recipes"},
     package_data={
         "anneal.conf": ["*.yaml", "*/*.yaml"],
         "anneal.recipes": ["*.yaml"],
         "anneal": ["assets/*/*"],
+        "anneal.evals": ["tasks/*"],
         "mixtures": ["data/*", "mixtures/*.yaml"],
     },
     include_package_data=True,

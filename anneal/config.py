@@ -122,6 +122,24 @@ class ExportCfg:
 
 
 @dataclass
+class EvalTaskCfg:
+    task: str = "???"                      # a bundled task (gsm8k, humaneval, chnsenticorp) or a task YAML path
+    limit: Optional[int] = None            # score a seeded sample of this many items; null = the task's
+    shots: Optional[int] = None            # k-shot; null = the task's
+
+
+@dataclass
+class EvalCfg:
+    """Benchmark evals (anneal.evals): in the loop with the held-out losses, and on the export."""
+    tasks: list[EvalTaskCfg] = field(default_factory=list)
+    batch_tokens: int = 8192               # tokens per eval forward (rows x padded length)
+    after_export: bool = False             # run anneal-eval (lm-evaluation-harness) on the export at the end
+    harness_tasks: Optional[list[str]] = None  # tasks for after_export; null = those of eval.tasks
+    harness_limit: Optional[int] = None    # items per task for after_export; null = all
+    backend: str = "hf"                    # hf | vllm: lm-evaluation-harness's model backend
+
+
+@dataclass
 class Config:
     checkpoint: Optional[str] = "tiny-stable"   # catalog name, local HF folder, or null (random init)
     catalog_files: list[str] = field(default_factory=list)
@@ -134,6 +152,7 @@ class Config:
     logging: LoggingCfg = field(default_factory=LoggingCfg)
     run: RunCfg = field(default_factory=RunCfg)
     export: ExportCfg = field(default_factory=ExportCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
 
 
 def register_schema() -> None:
@@ -165,6 +184,8 @@ _RANGES = {  # key: (lowest allowed, lowest is exclusive, what it means)
     "trainer.spike.window": (2, False, "steps the loss mean and std are taken over"),
     "trainer.spike.k": (0, True, "standard deviations above the mean"),
     "parallel.ep_size": (1, False, "expert-parallel size"),
+    "eval.batch_tokens": (1, False, "tokens per benchmark-eval forward"),
+    "eval.harness_limit": (1, False, "items per task"),
 }
 _CHOICES = {
     "trainer.engine": ("native", "deepspeed"),
@@ -173,10 +194,11 @@ _CHOICES = {
     "trainer.on_nonfinite": ("stop", "skip"),
     "logging.mode": ("offline", "online", "disabled"),
     "export.dtype": ("bfloat16", "float16", "float32"),
+    "eval.backend": ("hf", "vllm"),
 }
 # subtrees whose keys are the user's (HF config fields, DeepSpeed keys, list items)
 _FREE_FORM = ("model.arch.", "trainer.deepspeed.", "schedule.stages.", "schedule.batch_tokens.",
-              "catalog_files.", "trainer.betas.")
+              "catalog_files.", "trainer.betas.", "eval.tasks.", "eval.harness_tasks.")
 # names other trainers use for what lives elsewhere here
 _ELSEWHERE = {"lr": "schedule.start_lr", "learning_rate": "schedule.start_lr", "batch_size": "schedule.batch_tokens",
               "global_batch_size": "schedule.batch_tokens", "max_steps": "trainer.stop_after_steps"}

@@ -124,19 +124,21 @@ class Eval(Callback):
     """Held-out losses at step 0, every `every` tokens and at each stage end (with the data
     accounting of the stream), and with each eval after step 0 the expert-load heatmap of the
     training steps since the previous eval (`expert_load()`: layers x experts; rank 0 draws it to
-    expert_load.png in the run folder and logs it to W&B)."""
+    expert_load.png in the run folder and logs it to W&B). `extra()` adds more scores to the same
+    row (the benchmark evals, `anneal.evals.callback`)."""
 
-    def __init__(self, run: Run, every: int, expert_load=lambda: None):
+    def __init__(self, run: Run, every: int, expert_load=lambda: None, extra=dict):
         super().__init__(run)
-        self.every, self.expert_load = every, expert_load
+        self.every, self.expert_load, self.extra = every, expert_load, extra
 
     def on_train_start(self, step: int) -> None:
         if step == 0 and not self.run.tracker.history:
-            self.run.tracker.log({"tokens": 0, **evaluate(self.run)}, step=0)
+            self.run.tracker.log({"tokens": 0, **evaluate(self.run), **self.extra()}, step=0)
 
     def on_step_end(self, info: StepInfo, row: dict) -> None:
         if info.crossed(self.every) or info.at_stage_end:
             row.update(evaluate(self.run))
+            row.update(self.extra())
             row["data"] = global_accounting(self.run)
             self._heatmap(info)
 

@@ -26,6 +26,7 @@ from anneal.model.precision import PrecisionPolicy
 from anneal.train.balance import RouterBalance
 from anneal.train.build import engine_class, prepare
 from anneal.config import validate_config
+from anneal.evals.callback import BenchmarkEval
 from anneal.train.callbacks import Checkpoint, Eval, Export, Metrics, Plots, Run, StepInfo, global_accounting
 from anneal.train.devices import (compile_enabled, device_peak_tflops, peak_host_memory_gb, pick_device,
                                   set_deterministic)
@@ -115,11 +116,13 @@ def fit(run: Run, step: int, tokens: int, callback_states: dict | None = None,
     schedule, seq_len = p.schedule, cfg.data.seq_len
     balance = RouterBalance(p.model.routers(), cfg.model.bias_update_rate)
     engine.add_post_step_hook(balance)
+    bench = BenchmarkEval(run)  # reads and checks eval.tasks before the first step
     callbacks = [StepGuard(run),  # first: a failed step stops the run before anything is written from it
-                 Eval(run, parse_tokens(cfg.trainer.eval_every, "trainer.eval_every"), balance.take_interval_load),
+                 Eval(run, parse_tokens(cfg.trainer.eval_every, "trainer.eval_every"), balance.take_interval_load,
+                      bench.scores),
                  Metrics(run, cfg.trainer.log_every)]
     callbacks += [Checkpoint(run, parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every"), callbacks),
-                  Plots(run), Export(run)]
+                  Plots(run), Export(run), bench]
     for cb in callbacks:
         if type(cb).__name__ in (callback_states or {}):
             cb.load_state_dict(callback_states[type(cb).__name__])
