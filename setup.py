@@ -36,7 +36,9 @@ setup(
         "pyarrow>=15",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # lm-evaluation-harness for anneal-eval; in `test` too, so CI runs the harness on a CPU export
+        "eval": ["lm_eval[hf]>=0.4.9"],
+        "test": ["pytest>=8", "lm_eval[hf]>=0.4.9"],
         "triton": ["triton>=3.1"],
         "bench": ["tiktoken>=0.7", "dashscope>=1.20"],  # the Qwen 151,643-token BPE for bench/bench_data.py
     },
@@ -49,6 +51,7 @@ setup(
             "anneal-plan=anneal.cli:plan_main",
             "anneal-soup=anneal.cli:soup_main",
             "anneal-compare=anneal.cli:compare_main",
+            "anneal-eval=anneal.cli:eval_main",
         ]
     },
 )

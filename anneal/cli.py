@@ -404,3 +404,34 @@ def _plan_memory_main(argv: list[str]) -> None:
         _report_error(e)
         sys.exit(2)
     print(out)
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    """`anneal-eval EXPORT_OR_RUN [--tasks ...] [--backend hf|vllm]`: benchmark an HF export with
+    lm-evaluation-harness on the bundled tasks (or task YAMLs); results to the run's evals.jsonl."""
+    from anneal.evals.tasks import bundled_tasks
+
+    parser = argparse.ArgumentParser(prog="anneal-eval", description=eval_main.__doc__)
+    parser.add_argument("export", help="an HF export folder, or a run folder holding hf/")
+    parser.add_argument("--tasks", nargs="+", default=["gsm8k"],
+                        help=f"bundled tasks ({', '.join(bundled_tasks())}) or task YAML paths")
+    parser.add_argument("--backend", default="hf", choices=("hf", "vllm"))
+    parser.add_argument("--limit", type=int, default=None, help="items per task (a seeded sample)")
+    parser.add_argument("--shots", type=int, default=None, help="k-shot (default: each task's)")
+    parser.add_argument("--device", default="cpu", help="hf backend: cpu, cuda, cuda:0 ...")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--batch-size", default="8", help="the harness's batch size (or 'auto')")
+    parser.add_argument("--run-dir", default=None, help="where evals.jsonl goes (default: the export's run)")
+    parser.add_argument("--allow-code-execution", action="store_true",
+                        help="run model-written code for HumanEval pass@1 (sandboxed subprocess, no network)")
+    args = parser.parse_args(argv)
+    try:
+        from anneal.evals.harness import evaluate_export
+
+        batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
+        evaluate_export(args.export, args.tasks, run_dir=args.run_dir, backend=args.backend, limit=args.limit, shots=args.shots,
+                        allow_code_execution=args.allow_code_execution, device=args.device, batch_size=batch,
+                        dtype=args.dtype)
+    except USER_ERRORS as e:
+        _report_error(e)
+        sys.exit(2)
