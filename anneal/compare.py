@@ -7,6 +7,11 @@ are runs (what `anneal --multirun` writes). An export has no metrics, so `--eval
 held-out batches from the first run's config and tokenizer (the mixture's held-out documents do
 not depend on the training seed) and scores the export with the trainer's own eval function
 (`anneal.train.callbacks.heldout_losses`), loaded through the project's loader.
+
+Benchmark columns (`anneal.evals`): a run's last in-loop scores (`bench/<task>/<metric>` in
+metrics.jsonl) and its newest `anneal-eval` scores (evals.jsonl, `harness:<task>/<metric>`); an
+export or soup is scored on the items of the first run's `eval.tasks`, the items its runs were
+scored on. Higher is better in every benchmark column.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class Row:
     eval_loss: float | None
     per_source: dict[str, float] = field(default_factory=dict)
     differs: str = ""               # the config values that set this run apart from the others
+    bench: dict[str, float] = field(default_factory=dict)  # benchmark scores (anneal.evals), higher is better
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -77,7 +83,51 @@ def run_row(label: str, run_dir: Path) -> Row:
         raise AnnealError(f"{path}: no eval row (eval_loss) yet")
     last = evals[-1]
     per_source = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("eval_loss/")}
-    return Row(label, "run", last.get("tokens"), last["eval_loss"], per_source)
+    return Row(label, "run", last.get("tokens"), last["eval_loss"], per_source,
+               bench={**bench_scores(last), **harness_scores(run_dir)})
+
+
+# ------------------------------------------------------------------------ benchmark columns
+# the in-loop scores shown per task (anneal.evals.scoring); all are higher-is-better
+BENCH_METRICS = ("acc", "acc_norm", "logprob_per_byte")
+
+
+def bench_scores(row: dict) -> dict[str, float]:
+    """`<task>/<metric>` of a metrics row's `bench/<task>/<metric>` keys (BENCH_METRICS only)."""
+    return {k[len("bench/"):]: v for k, v in row.items()
+            if k.startswith("bench/") and k.rsplit("/", 1)[1] in BENCH_METRICS}
+
+
+def harness_scores(run_dir: Path | None) -> dict[str, float]:
+    """`harness:<task>/<metric>` of the newest anneal-eval row per task in the run's evals.jsonl."""
+    path = Path(run_dir) / "evals.jsonl" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    out = {}
+    for row in map(json.loads, path.read_text().splitlines()):
+        out.update({f"harness:{row['task']}/{k}": v for k, v in row.get("metrics", {}).items()
+                    if isinstance(v, (int, float)) and "stderr" not in k})
+    return out
+
+
+def bench_of(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r.bench))
+
+
+def score_benchmarks(model, cfg: dict, tokenizer, device: str) -> dict[str, float]:
+    """An export's benchmark scores on the items of the run config's `eval.tasks` (the items its
+    runs were scored on in the loop)."""
+    import torch
+
+    from anneal.evals.scoring import score_tasks
+    from anneal.evals.tasks import load_task
+
+    task_cfgs = (cfg.get("eval") or {}).get("tasks") or []
+    if not task_cfgs:
+        return {}
+    tasks = [load_task(t["task"], limit=t.get("limit"), shots=t.get("shots")) for t in task_cfgs]
+    model.eval()
+    return bench_scores(score_tasks(model, tasks, tokenizer, torch.device(device)))
 
 
 def differences(configs: dict[str, dict]) -> dict[str, str]:
@@ -98,6 +148,7 @@ class HeldOut:
 
         data = cfg["data"]
         self.run_dir, self.eval_seqs, self.seq_len = run_dir, data["eval_seqs"], data["seq_len"]
+        self.cfg = cfg
         # exports are scored with the run's attention (a document mask changes every loss)
         self.document_mask = bool(cfg.get("model", {}).get("document_mask", False))
         self.tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
@@ -122,7 +173,9 @@ class HeldOut:
         kind = "soup" if meta_path.is_file() and "soup" in json.loads(meta_path.read_text()) else "export"
         name = "/".join(export.absolute().parts[-3:]) if export.name == "hf" else export.name  # sweep/0/hf
         per_source = {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith("eval_loss/")}
-        return Row(name, kind, None, losses.get("eval_loss"), per_source)
+        bench = {**score_benchmarks(model, self.cfg, self.tokenizer, device),
+                 **harness_scores(export.parent if (export.parent / RUN_MARKER).is_file() else None)}
+        return Row(name, kind, None, losses.get("eval_loss"), per_source, bench=bench)
 
 
 def compare(paths: list[str | os.PathLike], evals: list[str | os.PathLike] = (), device: str = "cpu") -> list[Row]:
@@ -141,6 +194,10 @@ def compare(paths: list[str | os.PathLike], evals: list[str | os.PathLike] = (),
                 if other.get(key) != ref.get(key):
                     raise AnnealError(f"--eval: run {label} has {key}={other.get(key)} but {first_label} has "
                                       f"{ref.get(key)}; their held-out sets differ, so compare such runs separately")
+            if other.get("eval.tasks") != ref.get("eval.tasks"):
+                raise AnnealError(f"--eval: run {label} has eval.tasks={other.get('eval.tasks')} but {first_label} has "
+                                  f"{ref.get('eval.tasks')}; exports are scored on one set of benchmark items, so "
+                                  "compare such runs separately")
             if bool(other.get("model.document_mask")) != bool(ref.get("model.document_mask")):
                 raise AnnealError(f"--eval: run {label} has model.document_mask={bool(other.get('model.document_mask'))} "
                                   f"but {first_label} has {bool(ref.get('model.document_mask'))}; exports are scored "
@@ -158,15 +215,17 @@ def sources_of(rows: list[Row]) -> list[str]:
 
 
 def comparison_table(rows: list[Row]):
-    """A rich Table: one row per run/export, the best value of each loss column in bold."""
+    """A rich Table: one row per run/export, the best value of each column in bold (the lowest
+    loss, the highest benchmark score)."""
     from rich.markup import escape
     from rich.table import Table
 
     from anneal.train.schedule import format_tokens
 
     sources = sources_of(rows)
+    bench = bench_of(rows)
     table = Table(title="held-out eval loss (final)")
-    for col in ("name", "kind", "tokens", "eval_loss", *sources, "differs"):
+    for col in ("name", "kind", "tokens", "eval_loss", *sources, *bench, "differs"):
         table.add_column(col, justify="left" if col in ("name", "kind", "differs") else "right")
 
     def cell(v, best):
@@ -176,10 +235,11 @@ def comparison_table(rows: list[Row]):
 
     best_mean = min((r.eval_loss for r in rows if r.eval_loss is not None), default=None)
     best = {s: min((r.per_source[s] for r in rows if s in r.per_source), default=None) for s in sources}
+    best_bench = {b: max((r.bench[b] for r in rows if b in r.bench), default=None) for b in bench}
     for r in rows:
         table.add_row(escape(r.name), r.kind, format_tokens(r.tokens) if r.tokens is not None else "-",
                       cell(r.eval_loss, best_mean), *(cell(r.per_source.get(s), best[s]) for s in sources),
-                      escape(r.differs))
+                      *(cell(r.bench.get(b), best_bench[b]) for b in bench), escape(r.differs))
     return table
 
 
@@ -189,4 +249,5 @@ def plot_rows(rows: list[Row], path: str | os.PathLike) -> Path:
     sources = sources_of(rows)
     columns = {"eval_loss": [r.eval_loss for r in rows],
                **{s: [r.per_source.get(s) for r in rows] for s in sources}}
-    return plot_comparison([r.name for r in rows], columns, path)
+    scores = {b: [r.bench.get(b) for r in rows] for b in bench_of(rows)}
+    return plot_comparison([r.name for r in rows], columns, path, scores=scores)

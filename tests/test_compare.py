@@ -17,7 +17,8 @@ from anneal.train.loop import train
 TINY_RUN = ["schedule.stages.0.tokens=1024", "schedule.stages.1.tokens=1024", "schedule.batch_tokens=512",
             "data.seq_len=64", "data.eval_seqs=2", "trainer.micro_batch_size=8", "trainer.threads=1",
             "logging.wandb=false", "logging.progress=false", "logging.plots=false",
-            "export.dtype=float32"]  # fp32 export: --eval must reproduce the logged loss to rounding
+            "export.dtype=float32",  # fp32 export: --eval must reproduce the logged loss to rounding
+            "eval.tasks=[{task: humaneval, limit: 2}, {task: gsm8k, limit: 2, shots: 1}]"]  # benchmark columns
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,32 @@ def test_runs_exports_and_a_soup_in_one_table(sweep, tmp_path, capsys):
     assert "sweep/0" in out and "sweep/1" in out and "soup" in out and "humaneval" in out
     assert f"{rows[4].eval_loss:.4f}" in out             # the soup's loss is in the printed table
     assert png.stat().st_size > 10_000
+
+
+def test_benchmark_columns_for_runs_exports_and_a_soup_on_the_same_items(sweep, tmp_path, capsys):
+    """The runs' last in-loop benchmark scores; their exports rescored on the same items give the
+    same numbers, and the soup is scored on those items too; harness rows (evals.jsonl) join."""
+    soup = make_soup([sweep / "0" / "hf", sweep / "1" / "hf"], tmp_path / "soup").folder
+    rows = compare([sweep], [sweep / "0" / "hf", soup])
+    cols = {"humaneval/logprob_per_byte", "gsm8k/logprob_per_byte"}
+    assert all(set(r.bench) == cols for r in rows)
+    logged = final_eval(sweep / "0")
+    for col in cols:
+        assert rows[0].bench[col] == logged[f"bench/{col}"]
+        assert rows[2].bench[col] == pytest.approx(rows[0].bench[col], abs=1e-5), col   # export == its run
+        assert rows[3].bench[col] not in (rows[0].bench[col], rows[1].bench[col])       # the soup, scored
+    (sweep / "1" / "evals.jsonl").write_text(json.dumps(
+        {"task": "gsm8k", "items": 2, "metrics": {"exact_match/strict-match": 0.5, "exact_match_stderr/strict-match": 0.5}}) + "\n")
+    try:
+        rows = compare([sweep])
+        assert rows[1].bench["harness:gsm8k/exact_match/strict-match"] == 0.5 and len(rows[1].bench) == 3
+        png = tmp_path / "bench.png"
+        compare_main([str(sweep), "--out", str(png)])
+        out = capsys.readouterr().out
+        assert f"{rows[0].bench['gsm8k/logprob_per_byte']:.4f}" in out and "0.5000" in out
+        assert png.stat().st_size > 10_000
+    finally:
+        (sweep / "1" / "evals.jsonl").unlink()
 
 
 def test_not_a_run_is_one_clear_error(sweep, tmp_path, capsys):

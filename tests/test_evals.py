@@ -247,7 +247,7 @@ def _ep_worker(rank, world, task_path, want):
     ds_engine.DeepSpeedEngine(model, tcfg, ep_size=2, zero_stage=1)  # shards the experts over the 2 ranks
     assert model.expert_range != (0, model.config.n_routed_experts)
     task = load_task(task_path)
-    got = score_tasks(model.eval(), [task, load_task("humaneval")], AutoTokenizer.from_pretrained(str(TINY)),
+    got = score_tasks(model.eval(), [task, load_task("humaneval", limit=3)], AutoTokenizer.from_pretrained(str(TINY)),
                       torch.device("cpu"), ParallelLayout.current(ep_size=2), batch_tokens=1024)
     assert got.keys() == want.keys()
     for k, v in want.items():
@@ -260,8 +260,8 @@ def test_deepspeed_ep2_scores_equal_one_process(tiny, tmp_path):
     from _dist import run_distributed
 
     model, tok = tiny
-    path = str(mc_task(tmp_path, n=7, shots=1))  # an odd count: the ranks score unequal shares
-    want = score_tasks(model, [load_task(path), load_task("humaneval")], tok, torch.device("cpu"), batch_tokens=1024)
+    path = str(mc_task(tmp_path, n=5, shots=1))  # an odd count: the ranks score unequal shares
+    want = score_tasks(model, [load_task(path), load_task("humaneval", limit=3)], tok, torch.device("cpu"), batch_tokens=1024)
     run_distributed(_ep_worker, 2, path, want)
 
 
@@ -275,7 +275,7 @@ def test_in_loop_scores_at_step_0_and_stage_ends_and_bad_task_stops_before_train
             "logging.wandb=false", "trainer.threads=1", "data.seq_len=64", "data.eval_seqs=1",
             "trainer.micro_batch_size=4", "schedule.batch_tokens=256", "schedule.stages.0.tokens=256",
             "schedule.stages.1.tokens=256", "export.dtype=float32",
-            f"+eval.tasks=[{{task: {task}}}, {{task: humaneval, limit: 2}}]"]
+            f"eval.tasks=[{{task: {task}}}, {{task: humaneval, limit: 2}}]"]
     result = train(compose(base), tmp_path / "run")
     evals = [r for r in result["history"] if "bench/gsm8k_mc/acc" in r]
     assert [r["step"] for r in evals] == [0, 1, 2]  # start, end of stage1, end of stage2
@@ -292,6 +292,6 @@ def test_in_loop_scores_at_step_0_and_stage_ends_and_bad_task_stops_before_train
     bad = tmp_path / "bad.yaml"
     bad.write_text(task.read_text().replace("{question}", "{context}"))
     with pytest.raises(AnnealError, match=r"eval task gsm8k_mc .*: template: refers to \{context\}"):
-        train(compose([*base[:-1], f"run.dir={tmp_path / 'run2'}", f"+eval.tasks=[{{task: {bad}}}]"]), tmp_path / "run2")
+        train(compose([*base[:-1], f"run.dir={tmp_path / 'run2'}", f"eval.tasks=[{{task: {bad}}}]"]), tmp_path / "run2")
     assert not (tmp_path / "run2" / "metrics.jsonl").exists() or \
         "loss" not in (tmp_path / "run2" / "metrics.jsonl").read_text()

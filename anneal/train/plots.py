@@ -154,13 +154,21 @@ def plot_losses(history: list[Mapping[str, Any]], path: str | os.PathLike, title
 
 
 def plot_comparison(names: list[str], columns: Mapping[str, list[float | None]], path: str | os.PathLike,
-                    title: str = "held-out eval loss") -> Path:
+                    title: str = "held-out eval loss", scores: Mapping[str, list[float | None]] | None = None) -> Path:
     """Write a PNG of grouped bars: one group per column (e.g. ``eval_loss`` and each source), one
     bar per name (run, export, soup), its value written on top. None draws no bar. The y axis
-    starts near the smallest value so that small differences between branches are visible."""
-    fig, axes = _new_figure(1, 4.5)
-    ax = axes[0]
-    fig.set_size_inches(max(6.0, 1.2 + 0.45 * len(names) * len(columns)), 4.5)
+    starts near the smallest value so that small differences between branches are visible.
+    `scores` (benchmark columns, higher is better) go in a second panel below."""
+    panels = [(columns, "loss", title)] + ([(scores, "score (higher is better)", "benchmarks")] if scores else [])
+    n_cols = max(len(c) for c, _, _ in panels)
+    fig = Figure(figsize=(max(6.0, 1.2 + 0.45 * len(names) * n_cols), 4.5 * len(panels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (cols, ylabel, panel_title) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        _bars(ax, names, cols, ylabel, panel_title)
+    return _save(fig, path)
+
+
+def _bars(ax, names: list[str], columns: Mapping[str, list[float | None]], ylabel: str, title: str) -> None:
     width = 0.8 / max(1, len(names))
     values = [v for vs in columns.values() for v in vs if v is not None]
     for i, name in enumerate(names):
@@ -173,11 +181,10 @@ def plot_comparison(names: list[str], columns: Mapping[str, list[float | None]],
         lo, hi = min(values), max(values)
         pad = max(hi - lo, 1e-3)
         ax.set_ylim(lo - pad, hi + 0.8 * pad)
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title)
-    return _save(fig, path)
 
 
 def plot_expert_load(load, layers: list, path: str | os.PathLike, title: str = "") -> Path:
