@@ -33,6 +33,7 @@ setup(
         "pyyaml>=6",
         "numpy>=1.24",
         "pyarrow>=15",
+        "psutil>=5.9",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -164,19 +164,26 @@ def _close_process_group() -> None:
 
 
 def _print_summary(result: dict) -> None:
-    console = Console()
-    hist = [r for r in result["history"] if "loss" in r]
+    """The end of a run: losses, then the paths and commands a user copies, each whole on its
+    own line (soft_wrap: rich never breaks them, at any terminal width or in a log file)."""
+    from anneal.train.tracking import smoothed_losses
+
+    console = Console(soft_wrap=True)
     evals = [r for r in result["history"] if "eval_loss" in r]
-    if hist:
-        console.print(f"train loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} over {result['step']} steps")
+    smooth = smoothed_losses(result["history"])
+    if smooth is not None:
+        first, last, n = smooth
+        console.print(f"train loss {first:.3f} -> {last:.3f} over {result['step']} steps "
+                      f"(mean of the first and of the last {n} logged step{'s' if n > 1 else ''})")
     if len(evals) >= 2:
         console.print(f"eval loss  {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}")
-    console.print(f"run folder : {result['run_dir']}")
+    console.print(f"run folder : {result['run_dir']}", highlight=False)
     if result.get("wandb_dir"):
         group = f", group {result['wandb_group']}" if result.get("wandb_group") else ""
-        console.print(f"W&B run    : {result['wandb_dir']}  (offline{group}; `wandb sync {result['wandb_dir']}` to upload)")
+        console.print(f"W&B run    : {result['wandb_dir']}  (offline{group})", highlight=False)
+        console.print(f"upload with: wandb sync {result['wandb_dir']}", highlight=False, markup=False)
     if result.get("export_dir"):
-        console.print(f"HF export  : {result['export_dir']}")
+        console.print(f"HF export  : {result['export_dir']}", highlight=False)
     elif result.get("preempted"):
         console.print(f"preempted: a checkpoint of step {result['step']} was written (exit status {PREEMPTED_EXIT_CODE})")
     elif result.get("stopped_early"):

@@ -56,7 +56,7 @@ def test_recipe_by_path_and_multirun(tmp_path):
     recipe.write_text(GOOD_RECIPE)
     r = anneal("--multirun", f"recipe={recipe}", "seed=1,2", "export.enabled=false", "logging.plots=false",
                "run.name=sweep", *ENV_QUIET, cwd=tmp_path)
-    assert r.stdout.count("offline, group sweep;") == 2      # both branches in one W&B group
+    assert r.stdout.count("(offline, group sweep)") == 2      # both branches in one W&B group
     losses = []
     for job in ("0", "1"):
         assert (tmp_path / "runs" / "sweep" / job / "expert_load.png").stat().st_size > 0  # heatmap at the evals

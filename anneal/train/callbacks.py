@@ -22,6 +22,7 @@ from anneal.checkpoints import training_state
 from anneal.checkpoints.export import META_FILE
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.build import Prepared
+from anneal.train.devices import host_memory_gb
 from anneal.train.step import to_device, token_losses
 
 
@@ -154,7 +155,7 @@ class Eval(Callback):
 
 class Metrics(Callback):
     """The metrics row to the tracker every `log_every` steps and with every eval; the progress bar
-    every step."""
+    every step, or without a terminal a job-log line every `log_every` steps, the first and the last."""
 
     def __init__(self, run: Run, log_every: int):
         super().__init__(run)
@@ -162,9 +163,13 @@ class Metrics(Callback):
 
     def on_step_end(self, info: StepInfo, row: dict) -> None:
         tracker = self.run.tracker
-        if info.step % self.log_every == 0 or "eval_loss" in row:
+        if "gpu_mem_peak_gb" not in row:
+            row["host_mem_gb"] = host_memory_gb()
+        periodic = info.step % self.log_every == 0
+        last = info.tokens >= self.run.p.schedule.total_tokens or info.stop_now
+        tracker.update_progress(info.step, row, log_line=periodic or info.step == 1 or last)
+        if periodic or "eval_loss" in row:
             tracker.log(row, step=info.step)
-        tracker.update_progress(info.tokens, info.stage, row["loss"], info.lr, row["tokens_per_s"])
 
 
 class Checkpoint(Callback):
