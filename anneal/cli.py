@@ -12,14 +12,13 @@
   runs, and of exports evaluated on the same held-out documents.
 
 `recipe=NAME` picks a bundled recipe from recipes/; `recipe=path/to/file.yaml` uses your own file
-(we put its folder on Hydra's search path under the `recipe` group).
+(registered in Hydra's ConfigStore as an option of the `recipe` group).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -38,64 +37,65 @@ CONF_DIR = conf_dir()
 err_console = Console(stderr=True)
 
 
-def _recipe_file_overrides(args: list[str]) -> list[str]:
-    """Rewrite `recipe=some/file.yaml` into a search-path entry + `recipe=file` (Hydra groups take
-    names, not paths). Several files (multirun `recipe=a.yaml,b.yaml`) must share one folder."""
-    out, extra_dirs = [], []
+def register_recipe_files(args: list[str]) -> list[str]:
+    """`recipe=path/to/file.yaml` (or `recipe=a.yaml,b.yaml` under --multirun): each file goes into
+    Hydra's ConfigStore as an option of the `recipe` group, at the global package (so its
+    `# @package _global_` header is optional), and the argument becomes `recipe=<its name>`. No
+    temporary folder, no search-path override: Hydra's own flags may come before or after it."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    out = []
     for arg in args:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+") == "recipe" and (value.endswith((".yaml", ".yml")) or "/" in value):
-            names = []
-            for item in value.split(","):
-                path = Path(item).expanduser()
-                if not path.is_file():
-                    raise AnnealError(f"recipe={item}: no such file. Give a bundled recipe name "
-                                      f"({', '.join(bundled_recipes())}) or a path to a recipe YAML")
-                link_root = Path(tempfile.mkdtemp(prefix="anneal-recipe-"))
-                (link_root / "recipe").mkdir()
-                (link_root / "recipe" / path.name).symlink_to(path.resolve())
-                extra_dirs.append(link_root)
-                names.append(path.stem)
-            out.append(f"{key}={','.join(names)}")
-        else:
+        if not (sep and key.lstrip("+") == "recipe" and (".yaml" in value or ".yml" in value or "/" in value)):
             out.append(arg)
-    if extra_dirs:
-        out.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra_dirs) + "]")
+            continue
+        names = []
+        for item in value.split(","):
+            path = Path(item).expanduser()
+            if not path.is_file():
+                raise AnnealError(f"recipe={item}: no such file. Give a bundled recipe name "
+                                  f"({', '.join(bundled_recipes())}) or a path to a recipe YAML")
+            try:
+                node = OmegaConf.load(path)
+            except Exception as e:  # noqa: BLE001 - a YAML syntax error, with its line
+                raise AnnealError(f"recipe {path}: not valid YAML ({' '.join(str(e).split())})") from None
+            name = path.stem if path.stem not in bundled_recipes() else f"{path.stem}-file"
+            ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
+            RECIPE_FILES[name] = path.resolve()
+            names.append(name)
+        out.append(f"{key}={','.join(names)}")
     return out
 
 
-def check_config_keys(args: list[str]) -> None:
-    """Unknown keys on the command line or in a recipe file: one error with the nearest valid key
-    (before Hydra, whose message has no suggestion)."""
-    from omegaconf import OmegaConf
+RECIPE_FILES: dict[str, Path] = {}   # recipe option name -> the user's file (for error messages)
+
+
+def composition_error(e: Exception) -> AnnealError:
+    """Hydra's composition error as one line; an unknown key gets the nearest valid one."""
+    import re
 
     from anneal.config import check_keys
 
-    keys = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or arg.startswith("-"):
-            continue
-        key = key.lstrip("+~")
-        keys.append(key)
-        if key == "recipe":
-            for item in value.split(","):
-                path = Path(item).expanduser() if item.endswith((".yaml", ".yml")) or "/" in item \
-                    else CONF_DIR / "recipe" / f"{item}.yaml"
-                if path.is_file():
-                    tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-                    tree.pop("defaults", None)
-                    check_keys(_flat_keys(tree), f"recipe {path}")
-    check_keys(keys, "command line")
-
-
-def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in tree.items():
-        out.append(prefix + str(k))
-        if isinstance(v, dict):
-            out += _flat_keys(v, f"{prefix}{k}.")
-    return out
+    text = str(e)
+    where_m = re.search(r"In 'recipe/([^']+)'", text)
+    where = f"recipe {RECIPE_FILES.get(where_m.group(1), where_m.group(1))}" if where_m else "command line"
+    key_m = re.search(r"Could not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text)
+    if key_m and ("not in" in text or "Could not override" in text):
+        try:
+            check_keys([key_m.group(1)], where)
+        except AnnealError as unknown:   # the key is not in the schema: the did-you-mean message
+            return unknown
+    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if missing:
+        group, name = missing.groups()
+        hint = (f"; bundled: {', '.join(bundled_recipes())}, or a path to a recipe YAML" if group == "recipe" else
+                f"; {group} has: {', '.join(sorted(p.stem for p in (CONF_DIR / group).glob('*.yaml')))}")
+        return AnnealError(f"{group}={name}: no such {group} config{hint}")
+    first = text.strip().splitlines()[0]
+    cause = e.__cause__ and str(e.__cause__).strip().splitlines()[0]
+    return AnnealError(f"{where}: {first}" + (f": {cause}" if cause and cause not in first else ""))
 
 
 def bundled_recipes() -> list[str]:
@@ -115,31 +115,37 @@ def _report_error(e: Exception) -> None:
 # ---------------------------------------------------------------------------------------------- anneal
 def main() -> None:
     import hydra
+    from hydra.errors import HydraException
     from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
 
     from anneal.config import register_schema
+    from anneal.train.devices import reset_peak_host_memory
 
     register_schema()
     try:
-        check_config_keys(sys.argv[1:])
-        sys.argv[1:] = _recipe_file_overrides(sys.argv[1:])
+        sys.argv[1:] = register_recipe_files(sys.argv[1:])
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
+    reset_peak_host_memory()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from anneal.config import absolute_paths
         from anneal.train.loop import train
         from moe.experts import get_backend
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        reset_peak_host_memory()   # under --multirun each job is one call in this process
         run_dir = HydraConfig.get().runtime.output_dir
         try:
             # a bad backend name fails on every rank alike, before any collective: the loop's
             # layout.rank0_first broadcasts AnnealError only, and moe raises its own UnknownBackendError
             get_backend(cfg.model.experts_backend)
+            absolute_paths(cfg)   # the saved config means the same from any folder
             result = train(cfg, run_dir)
         except USER_ERRORS as e:
             _report_error(e)
@@ -150,7 +156,14 @@ def main() -> None:
         if result.get("preempted"):
             sys.exit(PREEMPTED_EXIT_CODE)
 
-    _run()
+    # Hydra's errors reach us (not its own printer), so a composition error is one line, with
+    # the nearest valid key for an unknown one (Hydra's message has no suggestion)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        _run()
+    except (HydraException, OmegaConfBaseException) as e:
+        _report_error(composition_error(e))
+        sys.exit(2)
 
 
 def _close_process_group() -> None:
@@ -198,11 +211,16 @@ def compose(overrides: list[str]):
 
     from anneal.config import register_schema
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register_schema()
-    check_config_keys(overrides)
-    overrides = _recipe_file_overrides(overrides)
+    overrides = register_recipe_files(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+        try:
+            return hydra_compose(config_name="config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise composition_error(e) from None
 
 
 def plot_schedule_main(argv: list[str] | None = None) -> None:
