@@ -269,7 +269,11 @@ def catalog_main(argv: list[str] | None = None) -> None:
             Console().print(f"{len(found)} refs of {args.repo or DOTS1_BASE_REPO} written to {path}: "
                             f"{', '.join(e['name'] for e in found) or '(none besides main)'}", soft_wrap=True)
             args.catalog.append(str(path))
-        Console().print(format_catalog_table(Catalog.load(args.catalog)))
+        catalog = Catalog.load(args.catalog)
+        console = Console()
+        console.print(format_catalog_table(catalog))
+        for row in catalog.rows():   # the locations a user copies: whole lines, never wrapped
+            console.print(f"{row['name']}: {row['location']}", soft_wrap=True, highlight=False, markup=False)
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
@@ -277,7 +281,7 @@ def catalog_main(argv: list[str] | None = None) -> None:
 
 def export_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anneal-export",
-                                     description="Export a training checkpoint (runs/<id>/ckpt/step_N) as an HF folder.")
+                                     description="Export a training checkpoint (runs/<id>/ckpt/step_00000008, or a run folder) as an HF folder.")
     parser.add_argument("checkpoint", help="a step folder, or a run folder (its latest checkpoint)")
     parser.add_argument("out", help="HF folder to create")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -398,9 +402,9 @@ def compare_main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
-    console = Console(width=max(120, Console().width))
+    console = Console()
     console.print(comparison_table(rows))
-    console.print(f"wrote {plot_rows(rows, args.out)}")
+    console.print(f"wrote {plot_rows(rows, args.out)}", soft_wrap=True, highlight=False)
 
 
 def _plan_memory_main(argv: list[str]) -> None:

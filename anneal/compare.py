@@ -167,7 +167,9 @@ def comparison_table(rows: list[Row]):
     sources = sources_of(rows)
     table = Table(title="held-out eval loss (final)")
     for col in ("name", "kind", "tokens", "eval_loss", *sources, "differs"):
-        table.add_column(col, justify="left" if col in ("name", "kind", "differs") else "right")
+        # name and differs fold (at spaces, else mid-word) instead of being cut with an ellipsis
+        table.add_column(col, justify="left" if col in ("name", "kind", "differs") else "right",
+                         overflow="fold", no_wrap=col in ("kind", "tokens"), ratio=2 if col == "differs" else None)
 
     def cell(v, best):
         if v is None:

@@ -295,12 +295,13 @@ def format_catalog_table(catalog: Catalog | None = None, *, plain: bool = False)
                  "  ".join("-" * widths[c] for c in _COLUMNS)]
         lines += ["  ".join(r[c].ljust(widths[c]) for c in _COLUMNS).rstrip() for r in rows]
         return "\n".join(lines)
-    table = Table(title="dots1 checkpoints", caption="verified = repo id/revision checked against the hub")
-    for c in _COLUMNS:
+    table = Table(title="dots1 checkpoints", caption="verified = repo id/revision checked against the hub; "
+                  "locations in full below")
+    for c in _COLUMNS[:-2] + _COLUMNS[-1:]:   # no location: a path folded mid-word cannot be copied
         table.add_column(c, justify="right" if c in ("tokens", "lr") else "left", no_wrap=c == "name",
                          overflow="fold")
     for r in rows:
-        table.add_row(*(r[c] for c in _COLUMNS))
+        table.add_row(*(r[c] for c in _COLUMNS if c != "location"))
     return table
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from anneal.checkpoints import training_state
-from anneal.checkpoints.export import META_FILE
+from anneal.checkpoints.export import META_FILE, anneal_meta
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.build import Prepared
 from anneal.train.devices import host_memory_gb
@@ -187,8 +187,9 @@ class Checkpoint(Callback):
 
     def save(self, info: StepInfo) -> Path:
         run, p = self.run, self.run.p
-        meta = {"step": info.step, "tokens": info.tokens, "stage": info.stage, "lr": p.schedule.lr_at(info.tokens),
-                "checkpoint": p.checkpoint_name, "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + info.tokens}
+        meta = anneal_meta(started_from=p.checkpoint_name, stage=info.stage, lr=p.schedule.lr_at(info.tokens),
+                           tokens_seen_total=p.meta.get("tokens_seen_total", 0) + info.tokens,
+                           step=info.step, tokens=info.tokens)
         callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None}
         state = {"step": info.step, "tokens": info.tokens, "data": global_data_state(run),
                  "rng": training_state.rng_state(), "history": list(run.tracker.history), "callbacks": callbacks}
@@ -223,9 +224,10 @@ class Export(Callback):
         if not cfg.export.enabled:
             return
         export_dir = Path(cfg.export.dir) if cfg.export.dir else run.run_dir / "hf"
-        meta = {"stage": p.schedule.stage_names[-1], "lr": p.schedule.lr_at(tokens),
-                "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + tokens,
-                "started_from": p.checkpoint_name, "schedule": p.schedule.to_config()}
+        step = run.tracker.history[-1]["step"] if run.tracker.history else None
+        meta = anneal_meta(started_from=p.checkpoint_name, stage=p.schedule.stage_names[-1],
+                           lr=p.schedule.lr_at(tokens), tokens_seen_total=p.meta.get("tokens_seen_total", 0) + tokens,
+                           step=step, tokens=tokens, schedule=p.schedule.to_config())
         kwargs = dict(tokenizer_dir=p.tokenizer_dir, dtype=getattr(torch, cfg.export.dtype),
                       max_shard_size=cfg.export.max_shard_size, overwrite=cfg.export.overwrite,
                       extra_files={META_FILE: json.dumps(meta, indent=2)})
