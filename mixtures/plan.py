@@ -54,7 +54,8 @@ def plan_mixture(spec: MixtureSpec, tokenizer, stage_tokens: dict, *, seq_len: i
     EOS included), ``estimated`` (source_tokens from a sample), ``share`` (normalized weight),
     ``tokens`` (share x stage tokens), ``sequences`` (tokens / seq_len, if given),
     ``epochs`` (passes in this stage), ``cum_epochs`` (passes up to the end of this stage),
-    ``warning`` (None or text: above ``repeat_warn`` passes, or a ``stop`` source running out).
+    ``warning`` (None or text: above ``repeat_warn`` passes, a ``stop`` source running out, or a
+    stage too short for the source's share: less than one of its average documents).
     For a ``stop`` source that runs out, ``tokens`` is what it has left and the others' rows
     are not re-scaled (a plan, not a simulation; the warning says so).
     """
@@ -92,6 +93,11 @@ def plan_mixture(spec: MixtureSpec, tokenizer, stage_tokens: dict, *, seq_len: i
             if warning is None and cum > repeat_warn and want > 0:
                 warning = (f"{cum:.1f} passes over this source by the end of {stage} "
                            f"(> {repeat_warn:g}); repeated data, consider more data or a lower weight")
+            mean_doc = ntok / docs if docs else 0
+            if warning is None and 0 < want < mean_doc:
+                warning = (f"its {_human(want)} tokens of {stage} are less than one of its average documents "
+                           f"({_human(mean_doc)} tokens): documents are whole, so the stage's shares cannot be met; "
+                           f"lengthen {stage}")
             rows.append({
                 "stage": stage, "source": src.name, "docs": docs, "source_tokens": ntok,
                 "estimated": est, "share": share, "tokens": int(round(want)),

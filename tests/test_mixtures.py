@@ -610,3 +610,25 @@ def test_bundled_template_offline():
         pytest.skip("would go to the hub")
     with pytest.raises(MixtureError, match=r"source 'web_edu'.*HuggingFaceFW/fineweb-edu.*internet or the HF cache"):
         load_sources(spec)
+
+
+def test_plan_tables_keep_columns_apart_at_any_size():
+    """1T-token stages over a small source: 7-digit epoch counts. The plain table sizes its columns
+    to their cells and the rich table fits 80 columns; no two numbers run together."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from anneal.planning import plan_table
+    from mixtures import format_plan
+
+    rows = [{"stage": "stage1", "source": "wiki", "docs": 56, "source_tokens": 294_280, "estimated": False,
+             "share": 0.5, "tokens": 500 * 10**9, "sequences": None, "epochs": 1421039.92, "cum_epochs": 1421039.92,
+             "warning": "1421039.9 passes over this source by the end of stage1 (> 4)"}] * 2
+    text = format_plan(rows)
+    assert text.splitlines()[2].split() == ["stage1", "wiki", "56", "294.28k", "50.0%", "500.00B",
+                                            "1421039.92", "1421039.92", "!"]
+    buf = StringIO()
+    Console(file=buf, width=80).print(plan_table(rows))
+    table = buf.getvalue().splitlines()
+    assert max(map(len, table)) <= 80 and table[1].split() == text.splitlines()[2].split()
