@@ -201,7 +201,7 @@ def test_tracker_job_log_and_wandb_token_axis(tmp_path, capsys, monkeypatch):
                    "900 tok/s | host mem 0.50 GiB",
                    "eval step 1 | tokens 1.024K | eval_loss 4.5000 | wiki 4.0000 | gsm8k 5.0000"]
     assert ("tokens", "") in defined and ("*", "tokens") in defined
-    assert smoothed_losses([{"loss": v} for v in range(20)]) == (0.5, 18.5, 2)
+    assert smoothed_losses([{"loss": v} for v in range(20)]) == (2.0, 17.0, 5)
 
 
 def test_peak_host_memory_is_per_job():

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from anneal.checkpoints.atomic import atomic_write
 from anneal.errors import AnnealError
 from anneal.paths import conf_dir, package_root
 
@@ -411,9 +412,12 @@ def refresh_catalog(repo_id: str = DOTS1_BASE_REPO, out: str | os.PathLike | Non
     names = {e["name"] for e in found}
     merged = [e for e in kept if e.get("name") not in names] + found
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"# Written by anneal-catalog --refresh from the refs of {repo_id}; edit freely.\n"
-                   + yaml.safe_dump({"checkpoints": merged}, sort_keys=False, width=100))
-    read_catalog_file(tmp)        # what we write must load
-    os.replace(tmp, path)
+    text = (f"# Written by anneal-catalog --refresh from the refs of {repo_id}; edit freely.\n"
+            + yaml.safe_dump({"checkpoints": merged}, sort_keys=False, width=100))
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text)
+        read_catalog_file(tmp)    # what we write must load
+
+    atomic_write(path, write)
     return path, found

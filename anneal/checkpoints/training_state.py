@@ -35,6 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from anneal.checkpoints import dcp_io, state_io, write_guards
+from anneal.checkpoints.atomic import atomic_write_text
 from anneal.checkpoints.state_io import UnsafeStateError
 from anneal.errors import AnnealError
 
@@ -60,12 +61,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ sharded format
@@ -200,11 +195,11 @@ def save_checkpoint(ckpt_root: Path, step: int, model, hf_config: dict, trainer_
             marker = {"format": FORMAT, "step": step, "layout": layout or {"world_size": 1},
                       "optimizer": any(p.exp_avg is not None for p in pieces),
                       "tensors": {p.name: list(p.shape) for p in pieces}}
-            _atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1))   # the commit point of the folder
+            atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1))   # the commit point of the folder
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        _atomic_write_text(ckpt_root / LATEST, name)
+        atomic_write_text(ckpt_root / LATEST, name)
         _prune(ckpt_root, keep)
 
     error = agree_on_errors(write) or agree_on_errors(commit)

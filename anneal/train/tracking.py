@@ -47,13 +47,13 @@ def eval_line(step: int, row: dict) -> str:
                        f"eval_loss {row['eval_loss']:.4f}", *per_source])
 
 
-def smoothed_losses(history: list[dict], key: str = "loss", frac: float = 0.1, least: int = 1) -> tuple[float, float, int] | None:
+def smoothed_losses(history: list[dict], key: str = "loss", frac: float = 0.1) -> tuple[float, float, int] | None:
     """(mean of the first, mean of the last, window) of `key` over a window of `frac` of the rows
-    that have it (at least `least`): a summary one noisy step cannot flip."""
+    that have it, at least min(10, a quarter of them): a summary one noisy step cannot flip."""
     values = [r[key] for r in history if key in r]
     if not values:
         return None
-    n = max(least, min(len(values), round(frac * len(values)) or 1))
+    n = max(round(frac * len(values)), min(10, len(values) // 4), 1)
     return sum(values[:n]) / n, sum(values[-n:]) / n, n
 
 
