@@ -66,7 +66,28 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
     dst.mkdir(parents=True, exist_ok=True)
     for name in copied:
         shutil.copy2(src / name, dst / name)
+    config = dst / "tokenizer_config.json"
+    try:
+        portable = portable_tokenizer_config(json.loads(config.read_text())) if config.is_file() else None
+    except ValueError:   # not JSON: copied as it is, for transformers to judge
+        portable = None
+    if portable is not None:
+        config.write_text(json.dumps(portable, indent=2) + "\n")
     return copied
+
+
+# transformers 5 saves a fast tokenizer as "TokenizersBackend", a class transformers 4.x does not
+# have; "PreTrainedTokenizerFast" is the same tokenizer (tokenizer.json) in both (5.x aliases it).
+_V5_ONLY_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+_LOAD_ARTIFACTS = ("is_local", "local_files_only")   # how the source was loaded, not the tokenizer
+
+
+def portable_tokenizer_config(config: dict) -> dict:
+    """A tokenizer_config.json that transformers 4.x (serving stacks pinned to it) and 5.x both load."""
+    out = {k: v for k, v in config.items() if k not in _LOAD_ARTIFACTS}
+    if out.get("tokenizer_class") in _V5_ONLY_CLASSES:
+        out["tokenizer_class"] = _V5_ONLY_CLASSES[out["tokenizer_class"]]
+    return out
 
 
 def write_json(path: Path, d: dict) -> None:
