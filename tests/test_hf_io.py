@@ -516,6 +516,13 @@ def test_exported_tokenizer_config_names_a_class_transformers_4_and_5_have(base_
         {k: v for k, v in source.items() if k not in ("tokenizer_class", "is_local", "local_files_only")}
     ref, got = (transformers.AutoTokenizer.from_pretrained(d) for d in (TINY_TOKENIZER, out))
     assert got(TEXT)["input_ids"] == ref(TEXT)["input_ids"] and got.eos_token_id == ref.eos_token_id
+    # the config fields SGLang's dots1 model reads without a default (README "Serving the export")
+    config = json.loads((out / "config.json").read_text())
+    assert config["scoring_func"] == "noaux_tc" and config["architectures"] == ["Dots1ForCausalLM"]
+    for key in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "routed_scaling_factor",
+                "norm_topk_prob", "first_k_dense_replace", "moe_layer_freq", "head_dim", "rope_theta",
+                "attention_bias", "rms_norm_eps", "hidden_act", "moe_intermediate_size"):
+        assert key in config, key
 
 
 @pytest.mark.slow
