@@ -34,6 +34,7 @@ setup(
         "numpy>=1.24",
         "pyarrow>=15",
         "psutil>=5.9",
+        "pydantic>=2.5",
     ],
     extras_require={
         "test": ["pytest>=8"],
