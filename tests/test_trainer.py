@@ -215,3 +215,23 @@ def test_peak_host_memory_is_per_job():
     if not reset_peak_host_memory():
         pytest.skip("no /proc/self/clear_refs here")
     assert peak_host_memory_gb() < high - 0.3 and peak_host_memory_gb() >= host_memory_gb() - 0.05
+
+
+def test_progress_bar_shows_the_whole_token_counter_at_80_columns(tmp_path, monkeypatch):
+    """On a terminal the live bar's token counter is short (12.29K/491.5K) and never cut off."""
+    from io import StringIO
+
+    from omegaconf import OmegaConf
+    from rich.console import Console
+
+    from anneal.train import tracking
+
+    buf = StringIO()
+    monkeypatch.setattr(tracking, "console", Console(file=buf, width=80, force_terminal=True, soft_wrap=True))
+    cfg = OmegaConf.create({"wandb": False, "mode": "disabled", "project": "t", "entity": None, "progress": True})
+    tracker = tracking.Tracker(tmp_path, cfg, {}, total_tokens=491_520, start_tokens=0)
+    tracker.update_progress(3, {"tokens": 12_288, "stage": "stage1", "loss": 5.123, "lr": 2.9e-4,
+                                "tokens_per_s": 5900.0}, log_line=True)
+    tracker.close()
+    last = [line for line in buf.getvalue().splitlines() if "stage1" in line][-1]
+    assert "12.29K/491.5K tok" in last and "loss 5.123" in last and "5.9K tok/s" in last
