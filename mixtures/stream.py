@@ -9,7 +9,7 @@ How a batch is made
    sources of the stage share its weight in proportion to theirs (logged and warned).
 2. **Which source next** (:class:`TokenFairSampler`): the source with the smallest
    ``tokens_this_stage / weight`` among the sources with a positive weight that are not
-   dropped (ties: the largest weight, then the lowest index) gives its next whole document. This is weighted fair queuing
+   dropped (ties: lowest index) gives its next whole document. This is weighted fair queuing
    on tokens, a deterministic relative of smooth weighted round-robin that balances *tokens*
    rather than documents: after any number of documents, every source's token count in the
    stage is within one document (of that source) of ``weight_share * stage_tokens``. The
@@ -74,7 +74,7 @@ STATE_VERSION = 1
 
 
 class TokenFairSampler:
-    """Pick the source whose ``tokens / weight`` is smallest (ties: largest weight, then lowest index).
+    """Pick the source whose ``tokens / weight`` is smallest (ties: lowest index).
 
     Guarantee (tested): among the active sources of a stage, ``t_i / w_i`` stay within one
     document of each other, so ``|t_i - share_i * T| <= max document length`` at every point.
@@ -87,16 +87,13 @@ class TokenFairSampler:
         self.tokens = [0] * len(self.tokens)
 
     def choose(self, weights: Sequence[float], active: Sequence[bool]) -> int:
-        """Ties (every source at a stage start) go to the larger weight, the source whose deficit
-        ``share * T - t`` grows fastest, then to the lower index: at a short stage's start the
-        first whole document is the heaviest source's, not the first-listed one's."""
-        best, best_v, best_w = -1, 0.0, 0.0
+        best, best_v = -1, 0.0
         for i, (w, a) in enumerate(zip(weights, active)):
             if not a or w <= 0:
                 continue
             v = self.tokens[i] / w
-            if best < 0 or v < best_v or (v == best_v and w > best_w):
-                best, best_v, best_w = i, v, w
+            if best < 0 or v < best_v:
+                best, best_v = i, v
         return best
 
     def add(self, i: int, n_tokens: int) -> None:
