@@ -173,7 +173,12 @@ def _worker(rank, world, ep_size, zero_stage, ckpt, skew, compiled=False):
     (plain, rows_plain), (paired, rows_paired) = results
     _assert_same(plain, paired, rows_plain, rows_paired, exact=not compiled)
     if compiled:
-        assert rows_plain[0] == rows_paired[0]
+        # Step 1 starts from the same weights, so only the order of fp32 sums inside the traced graphs
+        # differs: a few ulps (one ulp, 7.6e-8 relative, seen on a CI machine; bitwise on another), not
+        # the 1e-5 that AdamW's amplification needs over 3 steps. Which order AOTAutograd and the CPU's
+        # kernels pick is not ours to fix, so bitwise here would hold only by luck of the machine.
+        flat = [[[*l, *c, a, g] for l, c, a, g in rows[:1]] for rows in (rows_plain, rows_paired)]
+        torch.testing.assert_close(*(torch.tensor(f, dtype=torch.float64) for f in flat), rtol=1e-6, atol=0)
     if skew:  # the case is what it says: every row goes to EP rank 0's experts [0, 4)
         router = next(iter(paired.routers().values()))
         assert int(router(torch.randn(64, TINY["hidden_size"]))[0].max()) < 4
