@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from _dist import run_distributed
+from _dist import run_distributed, run_on_one_gpu
 from test_ep import tiny_model
 from test_paired_schedule import SOURCES, _batches
 
@@ -60,11 +60,11 @@ class Reference:
         self.m, self.v, self.t = {}, {}, 0
 
     def gradients(self, weights: dict[str, torch.Tensor], step: int, n: int, world: int,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """At `weights` (the engine's whole model at its compute weights), in `dtype`: the gradient
         of `accumulate`'s loss, each micro-batch of every rank in its own backward, summed in fp64
         and averaged over the ranks."""
-        from anneal.train.step import token_losses
+        from anneal.train.step import to_device, token_losses
 
         if dtype == torch.float64:
             self.model.double()
@@ -75,7 +75,7 @@ class Reference:
         for rank in range(world):
             for batch in _batches(step, n, rank):
                 self.model.zero_grad(set_to_none=True)
-                loss = token_losses(self.model, batch).mean() + self.model.aux_loss()
+                loss = token_losses(self.model, to_device(batch, device)).mean() + self.model.aux_loss()
                 (loss / (n * world)).backward()
                 for name, p in self.model.named_parameters():
                     total[name] += p.grad.double()
@@ -156,17 +156,18 @@ def _compare(got: dict, want: dict, tol: float, tensor_tol: float, what: str) ->
 
 # --------------------------------------------------------------------------------------- one run
 def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, ep_size: int,
-         paired: bool = False, ckpt: bool = False, ramp=RAMP) -> None:
+         paired: bool = False, ckpt: bool = False, ramp=RAMP, device: str = "cpu") -> None:
     from anneal.model.precision import PrecisionPolicy
     from anneal.train.engine import Engine
     from anneal.train.paired_schedule import PairedSchedule
     from anneal.train.step import accumulate
 
     policy = PrecisionPolicy(torch.bfloat16) if bf16 else PrecisionPolicy()
-    ref = Reference(tiny_model())
+    device = torch.device(device)
+    ref = Reference(tiny_model().to(device))
     ref_dtype = torch.bfloat16 if bf16 else torch.float64
     ref.model.set_aux_loss_coef(0.01)
-    model = tiny_model()
+    model = tiny_model().to(device)
     model.set_aux_loss_coef(0.01)
     model.gradient_checkpointing = ckpt
     decays = {n: p.ndim >= 2 for n, p in model.named_parameters()}
@@ -189,13 +190,13 @@ def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, e
     label = f"{engine_name} zero{zero_stage} {'bf16' if bf16 else 'fp32'} ep{ep_size} world{world}" + \
         (" paired" if paired else "") + (" ckpt" if ckpt else "")
     for step, n in enumerate(ramp):
-        want = ref.gradients(whole(), step, n, world, ref_dtype)
+        want = ref.gradients(whole(), step, n, world, ref_dtype, device)
         masters_before = frags(_params_now(engine))
         batches = iter(_batches(step, n, rank))
         if sched is not None:
-            sched.accumulate(batches, n, SOURCES, torch.device("cpu"))
+            sched.accumulate(batches, n, SOURCES, device)
         else:
-            accumulate(model, engine, batches, n, SOURCES, torch.device("cpu"))
+            accumulate(model, engine, batches, n, SOURCES, device)
         norm = engine.step(LR)
         where = f"{label}, step {step + 1} ({n} micro-batches)"
         _compare(frags(seen), want, tol, tensor_tol, f"{where}: gradient")
@@ -209,21 +210,21 @@ def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, e
         for name, (offset, after) in frags(_params_now(engine)).items():
             w = masters_before[name][1].double()
             moved[name] = (offset, after.double() - w)
-            expected[name] = torch.zeros(want[name].numel(), dtype=torch.float64)
+            expected[name] = torch.zeros(want[name].numel(), dtype=torch.float64, device=device)
             expected[name][offset:offset + w.numel()] = \
                 -direction[name].reshape(-1)[offset:offset + w.numel()] - LR * WD * decays[name] * w
         _compare(moved, expected, *UPDATE_TOL.get((bf16, ep_size > 1), UPDATE_TOL[False, False]), f"{where}: update")
 
 
-def _ds_worker(rank, world, ep_size, configs):
+def _ds_worker(rank, world, ep_size, configs, device="cpu"):
     """Each (zero_stage, bf16, paired, ckpt, ramp) in turn, in one set of processes (DeepSpeed's
     start-up is most of the cost)."""
     pytest.importorskip("deepspeed")
     from anneal.parallel import ds_engine
 
-    ds_engine.init_distributed("cpu")
+    ds_engine.init_distributed(device)
     for zero_stage, bf16, paired, ckpt, ramp in configs:
-        _run(rank, world, "deepspeed", zero_stage, bf16, ep_size, paired, ckpt, ramp)
+        _run(rank, world, "deepspeed", zero_stage, bf16, ep_size, paired, ckpt, ramp, device)
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -267,3 +268,22 @@ def test_deepspeed_config_refuses_keys_that_change_accumulation():
     with pytest.raises(AnnealError, match=r"trainer\.deepspeed\.fp16: the mixed-precision policy"):
         deepspeed_config(tcfg, zero_stage=2, bf16=False, extra={"fp16": {"enabled": True}})
     assert deepspeed_config(tcfg, zero_stage=1, bf16=True)["bf16"]["immediate_grad_update"] is True
+
+
+# --------------------------------------------------------------------------------------------- GPU
+def _cuda_worker(rank, world):
+    """On one GPU (NCCL), deterministic algorithms so that the reference's bf16 backward repeats the
+    engine's: the native bf16 policy, DeepSpeed bf16 ZeRO 1 (BF16_Optimizer) and ZeRO 2, plain and
+    paired with checkpointing."""
+    from anneal.train.devices import set_deterministic
+
+    set_deterministic(True, torch.device("cuda"))
+    _run(rank, world, "native", 0, True, 1, device="cuda")
+    _ds_worker(rank, world, 1, [(1, True, False, False, RAMP), (2, True, False, False, RAMP),
+                                (1, True, True, True, [2, 3, 8])], device="cuda")
+
+
+@pytest.mark.gpu
+def test_engines_match_reference_on_cuda():
+    pytest.importorskip("deepspeed")
+    run_on_one_gpu(_cuda_worker)

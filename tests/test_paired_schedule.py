@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from _dist import run_distributed
+from _dist import run_distributed, run_on_one_gpu
 from anneal.errors import AnnealError
 from anneal.train.engine import Engine
 from anneal.train.paired_schedule import PairedSchedule
@@ -321,21 +321,4 @@ def _worker_ds_cuda(rank, world, zero_stage):
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_deepspeed_bf16_paired_matches_plain_on_cuda(zero_stage):
     pytest.importorskip("deepspeed")
-    import os
-
-    from _dist import free_port
-
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import torch.multiprocessing as mp
-
-        mp.spawn(_worker_ds_cuda, args=(1, zero_stage), nprocs=1, join=True)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    run_on_one_gpu(_worker_ds_cuda, zero_stage)
