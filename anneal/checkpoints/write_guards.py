@@ -24,6 +24,10 @@ class NonFiniteWeightsError(AnnealError):
     """Weights with NaN/inf are never written as a checkpoint or an export."""
 
 
+class CorruptCheckpointError(AnnealError):
+    """A checkpoint file that is damaged (truncated, foreign bytes, NaN/inf where none was written)."""
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
