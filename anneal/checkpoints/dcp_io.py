@@ -270,6 +270,9 @@ def _unwrap(e, what: str) -> Exception:
             return OSError(errno.ENOSPC, f"No space left on device ({text})")
         return AnnealError(f"{what}: rank {rank}: {text}. Nothing was committed: the previous checkpoint is intact; "
                            "check the disk (full, read-only, quota?) and resume with run.resume=true")
-    return AnnealError(f"{what}: rank {rank}: a file of it is truncated or not a checkpoint file ({text}). Move "
-                       "this step folder aside and resume (the newest other complete checkpoint is used), or copy "
-                       "the folder again")
+    if "weights_only" in text or not text:   # torch.load's advice to unpickle is not ours to give
+        text = ""
+    files = ", ".join(sorted(p.name for p in Path(what.rpartition(" ")[2]).glob("*.distcp"))[:4])
+    return AnnealError(f"{what}: rank {rank}: {files or 'a rank file'} is truncated or not a checkpoint file "
+                       f"({type(first).__name__}{': ' + text[:160] if text else ''}). Move this step folder aside and "
+                       "resume (the newest other complete checkpoint is used), or copy the folder again")

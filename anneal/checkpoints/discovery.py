@@ -89,6 +89,8 @@ def why_incomplete(step_dir: Path) -> str | None:
         return f"{MARKER} is not JSON"
     if not isinstance(marker, dict) or marker.get("step") != step_number(step_dir):
         return f"{MARKER} names another step"
+    if not (step_dir / f"{STATE}.json").exists() and (step_dir / f"{STATE}.pt").exists():
+        return f"{STATE}.pt is a pickle, which anneal does not unpickle (it can run code)"
     try:
         json.loads((step_dir / f"{STATE}.json").read_text())
     except (OSError, UnicodeDecodeError, ValueError):

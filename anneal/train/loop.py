@@ -98,7 +98,8 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
     for note in notes:
         tracker.print(note, markup=False, highlight=False, soft_wrap=True)
     if resume_from is not None:
-        tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)", markup=False)
+        tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)", markup=False,
+                      soft_wrap=True)
     tracker.print(f"model ready: peak host memory per rank {', '.join(f'{g:.2f}' for g in load_peak_gb)} GB")
     run = Run(cfg, p, engine, tracker, layout, device, run_dir, last_checkpoint=resume_from)
     try:

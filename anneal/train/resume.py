@@ -25,7 +25,7 @@ COMPOSED = "config.yaml"
 RECIPE_FILES: dict[str, str] = {}
 # keys that fix what the run trains on and from: a resume that changes one is refused
 FIXED = ("checkpoint", "catalog_files", "seed", "model.arch", "model.init_seed", "data.mixture", "data.seq_len",
-         "data.shards", "data.tokenizer", "data.tokenizer_vocab_size", "schedule.batch_tokens", "schedule.start_lr")
+         "data.shards", "data.tokenizer", "data.tokenizer_vocab_size", "schedule.batch_tokens")
 # keys that say where and how loudly a run runs, not what it trains: never listed as changes
 _NOT_SETTINGS = ("run.", "resumes", "logging.progress", "trainer.threads", "trainer.stop_after_steps")
 # what one invocation says, not the run: never recorded nor replayed
@@ -147,8 +147,6 @@ def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object
 
 def check_changes(changes, config_file: Path) -> None:
     for key, old, new in changes:
-        if key == "schedule.start_lr" and old is None:
-            continue  # the LR a run started from stays what it read from its checkpoint
         if key.startswith(FIXED):
             raise AnnealError(f"run.resume=true: {key} was {old!r} in this run ({config_file}) and is {new!r} now; "
                               "it fixes what the run trains on and cannot change within a run. Drop the override, "

@@ -105,7 +105,7 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> Claim:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir).acquire()
-    except PermissionError as e:
+    except OSError as e:  # read-only, not a folder, no space
         raise AnnealError(f"cannot write the run folder {run_dir} ({e.strerror}): choose a writable run.root") from None
     try:
         claim = _claim_locked(cfg, run_dir, marker)
