@@ -271,3 +271,46 @@ def test_unwritable_run_root_is_one_line(tmp_path):
         root.mkdir(mode=0o555)
         with pytest.raises(AnnealError, match=r"cannot write the run folder .*\(Permission denied\)"):
             claim_run_dir(cfg_for(root / "r"), root / "r")
+
+
+# ------------------------------------------------------------------- the printed resume command
+@pytest.mark.slow
+def test_printed_resume_command_runs_as_printed_and_replays_the_run(tmp_path):
+    """A narrow non-terminal (a SLURM log), a run root with a space and a non-ASCII letter, and
+    overrides the resume command does not repeat: the printed line, run by a shell from another
+    folder, continues exactly the run that was started (no setting differs: no `resumes:`)."""
+    from anneal.train.run_dir import hydra_value
+
+    root = tmp_path / "my runs é"
+    env = {**os.environ, "COLUMNS": "40", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    first = subprocess.run(
+        [sys.executable, "-m", "anneal", "logging.progress=false", "logging.plots=false", "logging.wandb=false",
+         "data.seq_len=64", "data.eval_seqs=1", "schedule.batch_tokens=512", "schedule.stages.0.tokens=2048",
+         "schedule.stages.1.tokens=1024", "trainer.micro_batch_size=2", "export.enabled=false",
+         f"run.root={hydra_value(str(root))}", "run.name=longer", "trainer.stop_after_steps=2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    line = next(x for x in first.stdout.splitlines() if x.startswith("anneal "))
+    assert "run.resume=true" in line and "run.name=longer" in line
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    second = subprocess.run(["bash", "-c", line], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "replaying this run's overrides" in second.stdout and "resumed from" in second.stdout
+    run_dir = root / "longer"
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert "resumes" not in cfg and cfg.trainer.micro_batch_size == 2 and str(cfg.schedule.stages[0].tokens) == "2048"
+    assert [r["step"] for r in rows(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]   # (2048 + 1024) / 512
+    assert not list(elsewhere.iterdir())                                          # no new run started
+
+
+def test_hydra_errors_exit_2_and_a_resume_needs_the_run_name(tmp_path):
+    bad_group = subprocess.run([sys.executable, "-m", "anneal", "trainer=no_such_trainer"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)
+    assert bad_group.returncode == 2, bad_group.stderr[-1000:]
+    no_name = subprocess.run([sys.executable, "-m", "anneal", "run.resume=true"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert no_name.returncode == 2 and "run.resume=true needs run.name=NAME" in no_name.stderr
+    assert not (tmp_path / "runs").exists()
