@@ -180,11 +180,6 @@ def remove_stale_partials(cfg: DictConfig, run_dir: Path) -> list[str]:
     return [f"removed what an interrupted writer left: {', '.join(str(p) for p in stale)}"] if stale else []
 
 
-def resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The checkpoint a run.resume=true run continues from (what ranks other than 0 read)."""
-    return discovery.newest_checkpoint(Path(run_dir) / "ckpt")[0] if cfg.run.resume else None
-
-
 _HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_./:@+-]+")
 
 
