@@ -345,3 +345,18 @@ def test_sigkill_mid_step_write_commit_and_export_resumes_byte_identical(tmp_pat
     assert losses(cut) == losses(tmp_path / "full") and len(losses(cut)) == 5
     a, b = load_file(str(cut / "hf" / "model.safetensors")), load_file(str(tmp_path / "full" / "hf" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_empty_data_file_is_one_line_and_the_retry_takes_the_folder(tmp_path):
+    from mixtures.errors import MixtureError
+
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "mix.yaml").write_text(
+        "name: em\nheldout_seed: 0\nsources:\n  - name: wiki\n    data: {path: empty.txt, format: text}\n"
+        "    text: '{text}'\n    weights: {stage1: 1.0, stage2: 1.0}\n")
+    run_dir = tmp_path / "run"
+    with pytest.raises(MixtureError, match=r"empty.txt is empty; put documents in it"):
+        train(cfg_for(run_dir, f"data.mixture={tmp_path / 'mix.yaml'}"), run_dir)
+    claim = claim_run_dir(cfg_for(run_dir), run_dir)       # the corrected retry, without run.resume
+    claim.lock.release()
+    assert "never trained a step" in " ".join(claim.notes)
