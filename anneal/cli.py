@@ -149,7 +149,10 @@ def main() -> None:
             get_backend(cfg.model.experts_backend)
             result = train(cfg, run_dir)
         except USER_ERRORS as e:
-            _report_error(e)
+            message = str(e)
+            if "resume with run.resume=true" in message:  # say which run, as a command that works as printed
+                message += f" (the command: {_resume_command_for(cfg, run_dir)})"
+            _report_error(AnnealError(message))
             sys.exit(getattr(e, "exit_code", 2))  # 2: bad input; 3: a guard stopped the run (README)
         except KeyboardInterrupt:
             _report_error(AnnealError("interrupted (a second Ctrl-C): the run stopped mid-step; its newest complete "
