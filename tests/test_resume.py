@@ -360,3 +360,13 @@ def test_an_empty_data_file_is_one_line_and_the_retry_takes_the_folder(tmp_path)
     claim = claim_run_dir(cfg_for(run_dir), run_dir)       # the corrected retry, without run.resume
     claim.lock.release()
     assert "never trained a step" in " ".join(claim.notes)
+
+
+def test_remote_code_keys_of_a_checkpoint_config_are_noted_not_dropped_silently(tmp_path, caplog):
+    from anneal.checkpoints.hf_load import note_remote_code_keys
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dots1", "auto_map": {"AutoModel": "x.Y"},
+                                                      "trust_remote_code": True}))
+    with caplog.at_level("WARNING", logger="anneal"):
+        assert note_remote_code_keys(tmp_path / "config.json") == ["auto_map", "trust_remote_code"]
+    assert "auto_map, trust_remote_code ignored" in caplog.text
