@@ -27,6 +27,7 @@ from rich.markup import escape
 from anneal.errors import AnnealError
 from anneal.paths import conf_dir
 from anneal.train.preemption import PREEMPTED_EXIT_CODE
+from anneal.train.resume import RECIPE_FILES, replay_saved_overrides
 from mixtures.errors import MixtureError
 from moe.errors import UnknownBackendError
 
@@ -63,13 +64,10 @@ def register_recipe_files(args: list[str]) -> list[str]:
                 raise AnnealError(f"recipe {path}: not valid YAML ({' '.join(str(e).split())})") from None
             name = path.stem if path.stem not in bundled_recipes() else f"{path.stem}-file"
             ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
-            RECIPE_FILES[name] = path.resolve()
+            RECIPE_FILES[name] = str(path.resolve())   # what the run's overrides record and errors name
             names.append(name)
         out.append(f"{key}={','.join(names)}")
     return out
-
-
-RECIPE_FILES: dict[str, Path] = {}   # recipe option name -> the user's file (for error messages)
 
 
 def composition_error(e: Exception) -> AnnealError:
@@ -124,6 +122,9 @@ def main() -> None:
 
     register_schema()
     try:
+        sys.argv[1:], replayed = replay_saved_overrides(sys.argv[1:])
+        if replayed and _is_rank0():
+            Console(soft_wrap=True).print(replayed, markup=False, highlight=False)
         sys.argv[1:] = register_recipe_files(sys.argv[1:])
     except USER_ERRORS as e:
         _report_error(e)
@@ -148,8 +149,16 @@ def main() -> None:
             absolute_paths(cfg)   # the saved config means the same from any folder
             result = train(cfg, run_dir)
         except USER_ERRORS as e:
-            _report_error(e)
+            message = str(e)
+            if "resume with run.resume=true" in message:  # say which run, as a command that works as printed
+                message += f" (the command: {_resume_command_for(cfg, run_dir)})"
+            _report_error(AnnealError(message))
             sys.exit(getattr(e, "exit_code", 2))  # 2: bad input; 3: a guard stopped the run (README)
+        except KeyboardInterrupt:
+            _report_error(AnnealError("interrupted (a second Ctrl-C): the run stopped mid-step; its newest complete "
+                                      "checkpoint is kept; continue with: "
+                                      + _resume_command_for(cfg, run_dir)))
+            sys.exit(130)
         if _is_rank0():
             _print_summary(result)
         _close_process_group()
@@ -164,6 +173,12 @@ def main() -> None:
     except (HydraException, OmegaConfBaseException) as e:
         _report_error(composition_error(e))
         sys.exit(2)
+
+
+def _resume_command_for(cfg, run_dir) -> str:
+    from anneal.train.run_dir import resume_command
+
+    return resume_command(cfg, run_dir)
 
 
 def _close_process_group() -> None:
@@ -200,7 +215,8 @@ def _print_summary(result: dict) -> None:
     elif result.get("preempted"):
         console.print(f"preempted: a checkpoint of step {result['step']} was written (exit status {PREEMPTED_EXIT_CODE})")
     elif result.get("stopped_early"):
-        console.print("stopped early (trainer.stop_after_steps); continue with run.resume=true")
+        console.print("stopped early (trainer.stop_after_steps); continue with:")
+        console.print(result["resume_command"], markup=False, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- compose
