@@ -34,6 +34,8 @@ setup(
         "pyyaml>=6",
         "numpy>=1.24",
         "pyarrow>=15",
+        "psutil>=5.9",
+        "pydantic>=2.5",
     ],
     extras_require={
         # lm-evaluation-harness for anneal-eval; in `test` too, so CI runs the harness on a CPU export

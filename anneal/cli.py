@@ -12,14 +12,13 @@
   runs, and of exports evaluated on the same held-out documents.
 
 `recipe=NAME` picks a bundled recipe from recipes/; `recipe=path/to/file.yaml` uses your own file
-(we put its folder on Hydra's search path under the `recipe` group).
+(registered in Hydra's ConfigStore as an option of the `recipe` group).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -28,6 +27,7 @@ from rich.markup import escape
 from anneal.errors import AnnealError
 from anneal.paths import conf_dir
 from anneal.train.preemption import PREEMPTED_EXIT_CODE
+from anneal.train.resume import RECIPE_FILES, replay_saved_overrides
 from mixtures.errors import MixtureError
 from moe.errors import UnknownBackendError
 
@@ -38,64 +38,62 @@ CONF_DIR = conf_dir()
 err_console = Console(stderr=True)
 
 
-def _recipe_file_overrides(args: list[str]) -> list[str]:
-    """Rewrite `recipe=some/file.yaml` into a search-path entry + `recipe=file` (Hydra groups take
-    names, not paths). Several files (multirun `recipe=a.yaml,b.yaml`) must share one folder."""
-    out, extra_dirs = [], []
+def register_recipe_files(args: list[str]) -> list[str]:
+    """`recipe=path/to/file.yaml` (or `recipe=a.yaml,b.yaml` under --multirun): each file goes into
+    Hydra's ConfigStore as an option of the `recipe` group, at the global package (so its
+    `# @package _global_` header is optional), and the argument becomes `recipe=<its name>`. No
+    temporary folder, no search-path override: Hydra's own flags may come before or after it."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    out = []
     for arg in args:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+") == "recipe" and (value.endswith((".yaml", ".yml")) or "/" in value):
-            names = []
-            for item in value.split(","):
-                path = Path(item).expanduser()
-                if not path.is_file():
-                    raise AnnealError(f"recipe={item}: no such file. Give a bundled recipe name "
-                                      f"({', '.join(bundled_recipes())}) or a path to a recipe YAML")
-                link_root = Path(tempfile.mkdtemp(prefix="anneal-recipe-"))
-                (link_root / "recipe").mkdir()
-                (link_root / "recipe" / path.name).symlink_to(path.resolve())
-                extra_dirs.append(link_root)
-                names.append(path.stem)
-            out.append(f"{key}={','.join(names)}")
-        else:
+        if not (sep and key.lstrip("+") == "recipe" and (".yaml" in value or ".yml" in value or "/" in value)):
             out.append(arg)
-    if extra_dirs:
-        out.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra_dirs) + "]")
+            continue
+        names = []
+        for item in value.split(","):
+            path = Path(item).expanduser()
+            if not path.is_file():
+                raise AnnealError(f"recipe={item}: no such file. Give a bundled recipe name "
+                                  f"({', '.join(bundled_recipes())}) or a path to a recipe YAML")
+            try:
+                node = OmegaConf.load(path)
+            except Exception as e:  # noqa: BLE001 - a YAML syntax error, with its line
+                raise AnnealError(f"recipe {path}: not valid YAML ({' '.join(str(e).split())})") from None
+            name = path.stem if path.stem not in bundled_recipes() else f"{path.stem}-file"
+            ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
+            RECIPE_FILES[name] = str(path.resolve())   # what the run's overrides record and errors name
+            names.append(name)
+        out.append(f"{key}={','.join(names)}")
     return out
 
 
-def check_config_keys(args: list[str]) -> None:
-    """Unknown keys on the command line or in a recipe file: one error with the nearest valid key
-    (before Hydra, whose message has no suggestion)."""
-    from omegaconf import OmegaConf
+def composition_error(e: Exception) -> AnnealError:
+    """Hydra's composition error as one line; an unknown key gets the nearest valid one."""
+    import re
 
     from anneal.config import check_keys
 
-    keys = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or arg.startswith("-"):
-            continue
-        key = key.lstrip("+~")
-        keys.append(key)
-        if key == "recipe":
-            for item in value.split(","):
-                path = Path(item).expanduser() if item.endswith((".yaml", ".yml")) or "/" in item \
-                    else CONF_DIR / "recipe" / f"{item}.yaml"
-                if path.is_file():
-                    tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-                    tree.pop("defaults", None)
-                    check_keys(_flat_keys(tree), f"recipe {path}")
-    check_keys(keys, "command line")
-
-
-def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in tree.items():
-        out.append(prefix + str(k))
-        if isinstance(v, dict):
-            out += _flat_keys(v, f"{prefix}{k}.")
-    return out
+    text = str(e)
+    where_m = re.search(r"In 'recipe/([^']+)'", text)
+    where = f"recipe {RECIPE_FILES.get(where_m.group(1), where_m.group(1))}" if where_m else "command line"
+    key_m = re.search(r"Could not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text)
+    if key_m and ("not in" in text or "Could not override" in text):
+        try:
+            check_keys([key_m.group(1)], where)
+        except AnnealError as unknown:   # the key is not in the schema: the did-you-mean message
+            return unknown
+    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if missing:
+        group, name = missing.groups()
+        hint = (f"; bundled: {', '.join(bundled_recipes())}, or a path to a recipe YAML" if group == "recipe" else
+                f"; {group} has: {', '.join(sorted(p.stem for p in (CONF_DIR / group).glob('*.yaml')))}")
+        return AnnealError(f"{group}={name}: no such {group} config{hint}")
+    first = text.strip().splitlines()[0]
+    cause = e.__cause__ and str(e.__cause__).strip().splitlines()[0]
+    return AnnealError(f"{where}: {first}" + (f": {cause}" if cause and cause not in first else ""))
 
 
 def bundled_recipes() -> list[str]:
@@ -115,42 +113,72 @@ def _report_error(e: Exception) -> None:
 # ---------------------------------------------------------------------------------------------- anneal
 def main() -> None:
     import hydra
+    from hydra.errors import HydraException
     from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
 
     from anneal.config import register_schema
+    from anneal.train.devices import reset_peak_host_memory
 
     register_schema()
     try:
-        check_config_keys(sys.argv[1:])
-        sys.argv[1:] = _recipe_file_overrides(sys.argv[1:])
+        sys.argv[1:], replayed = replay_saved_overrides(sys.argv[1:])
+        if replayed and _is_rank0():
+            Console(soft_wrap=True).print(replayed, markup=False, highlight=False)
+        sys.argv[1:] = register_recipe_files(sys.argv[1:])
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
+    reset_peak_host_memory()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from anneal.config import absolute_paths
         from anneal.train.loop import train
         from moe.experts import get_backend
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        reset_peak_host_memory()   # under --multirun each job is one call in this process
         run_dir = HydraConfig.get().runtime.output_dir
         try:
             # a bad backend name fails on every rank alike, before any collective: the loop's
             # layout.rank0_first broadcasts AnnealError only, and moe raises its own UnknownBackendError
             get_backend(cfg.model.experts_backend)
+            absolute_paths(cfg)   # the saved config means the same from any folder
             result = train(cfg, run_dir)
         except USER_ERRORS as e:
-            _report_error(e)
+            message = str(e)
+            if "resume with run.resume=true" in message:  # say which run, as a command that works as printed
+                message += f" (the command: {_resume_command_for(cfg, run_dir)})"
+            _report_error(AnnealError(message))
             sys.exit(getattr(e, "exit_code", 2))  # 2: bad input; 3: a guard stopped the run (README)
+        except KeyboardInterrupt:
+            _report_error(AnnealError("interrupted (a second Ctrl-C): the run stopped mid-step; its newest complete "
+                                      "checkpoint is kept; continue with: "
+                                      + _resume_command_for(cfg, run_dir)))
+            sys.exit(130)
         if _is_rank0():
             _print_summary(result)
         _close_process_group()
         if result.get("preempted"):
             sys.exit(PREEMPTED_EXIT_CODE)
 
-    _run()
+    # Hydra's errors reach us (not its own printer), so a composition error is one line, with
+    # the nearest valid key for an unknown one (Hydra's message has no suggestion)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        _run()
+    except (HydraException, OmegaConfBaseException) as e:
+        _report_error(composition_error(e))
+        sys.exit(2)
+
+
+def _resume_command_for(cfg, run_dir) -> str:
+    from anneal.train.run_dir import resume_command
+
+    return resume_command(cfg, run_dir)
 
 
 def _close_process_group() -> None:
@@ -164,23 +192,31 @@ def _close_process_group() -> None:
 
 
 def _print_summary(result: dict) -> None:
-    console = Console()
-    hist = [r for r in result["history"] if "loss" in r]
+    """The end of a run: losses, then the paths and commands a user copies, each whole on its
+    own line (soft_wrap: rich never breaks them, at any terminal width or in a log file)."""
+    from anneal.train.tracking import smoothed_losses
+
+    console = Console(soft_wrap=True)
     evals = [r for r in result["history"] if "eval_loss" in r]
-    if hist:
-        console.print(f"train loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} over {result['step']} steps")
+    smooth = smoothed_losses(result["history"])
+    if smooth is not None:
+        first, last, n = smooth
+        console.print(f"train loss {first:.3f} -> {last:.3f} over {result['step']} steps "
+                      f"(mean of the first and of the last {n} logged step{'s' if n > 1 else ''})")
     if len(evals) >= 2:
         console.print(f"eval loss  {evals[0]['eval_loss']:.3f} -> {evals[-1]['eval_loss']:.3f}")
-    console.print(f"run folder : {result['run_dir']}")
+    console.print(f"run folder : {result['run_dir']}", highlight=False)
     if result.get("wandb_dir"):
         group = f", group {result['wandb_group']}" if result.get("wandb_group") else ""
-        console.print(f"W&B run    : {result['wandb_dir']}  (offline{group}; `wandb sync {result['wandb_dir']}` to upload)")
+        console.print(f"W&B run    : {result['wandb_dir']}  (offline{group})", highlight=False)
+        console.print(f"upload with: wandb sync {result['wandb_dir']}", highlight=False, markup=False)
     if result.get("export_dir"):
-        console.print(f"HF export  : {result['export_dir']}")
+        console.print(f"HF export  : {result['export_dir']}", highlight=False)
     elif result.get("preempted"):
         console.print(f"preempted: a checkpoint of step {result['step']} was written (exit status {PREEMPTED_EXIT_CODE})")
     elif result.get("stopped_early"):
-        console.print("stopped early (trainer.stop_after_steps); continue with run.resume=true")
+        console.print("stopped early (trainer.stop_after_steps); continue with:")
+        console.print(result["resume_command"], markup=False, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- compose
@@ -191,11 +227,16 @@ def compose(overrides: list[str]):
 
     from anneal.config import register_schema
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register_schema()
-    check_config_keys(overrides)
-    overrides = _recipe_file_overrides(overrides)
+    overrides = register_recipe_files(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+        try:
+            return hydra_compose(config_name="config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise composition_error(e) from None
 
 
 def plot_schedule_main(argv: list[str] | None = None) -> None:
@@ -244,7 +285,11 @@ def catalog_main(argv: list[str] | None = None) -> None:
             Console().print(f"{len(found)} refs of {args.repo or DOTS1_BASE_REPO} written to {path}: "
                             f"{', '.join(e['name'] for e in found) or '(none besides main)'}", soft_wrap=True)
             args.catalog.append(str(path))
-        Console().print(format_catalog_table(Catalog.load(args.catalog)))
+        catalog = Catalog.load(args.catalog)
+        console = Console()
+        console.print(format_catalog_table(catalog))
+        for row in catalog.rows():   # the locations a user copies: whole lines, never wrapped
+            console.print(f"{row['name']}: {row['location']}", soft_wrap=True, highlight=False, markup=False)
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
@@ -252,7 +297,7 @@ def catalog_main(argv: list[str] | None = None) -> None:
 
 def export_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anneal-export",
-                                     description="Export a training checkpoint (runs/<id>/ckpt/step_N) as an HF folder.")
+                                     description="Export a training checkpoint (runs/<id>/ckpt/step_00000008, or a run folder) as an HF folder.")
     parser.add_argument("checkpoint", help="a step folder, or a run folder (its latest checkpoint)")
     parser.add_argument("out", help="HF folder to create")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -373,9 +418,9 @@ def compare_main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
-    console = Console(width=max(120, Console().width))
+    console = Console()
     console.print(comparison_table(rows))
-    console.print(f"wrote {plot_rows(rows, args.out)}")
+    console.print(f"wrote {plot_rows(rows, args.out)}", soft_wrap=True, highlight=False)
 
 
 def _plan_memory_main(argv: list[str]) -> None:

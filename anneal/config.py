@@ -107,7 +107,7 @@ class LoggingCfg:
 class RunCfg:
     root: str = "runs"
     name: str = "???"
-    dir: str = "${hydra:runtime.output_dir}"
+    dir: Optional[str] = "${hydra:runtime.output_dir}"  # null outside a run (anneal --cfg job --resolve)
     resume: bool = False                   # continue from the newest checkpoint in run.dir
     overwrite: bool = False                # start over in a run folder that already holds a run
 
@@ -278,3 +278,25 @@ def check_keys(keys, where: str) -> None:
         else:
             hint = ""
         raise AnnealError(f"{where}: unknown config key {key}{hint}")
+
+
+def absolute_paths(cfg) -> None:
+    """Relative file paths in `cfg` made absolute (from the current folder), in place, so the run
+    folder's saved config means the same from anywhere (`anneal-compare` run from another folder).
+    Names (a bundled mixture, a catalog checkpoint, "train") stay: only values spelt like a path
+    (with a "/", a leading "." or "~", or a file suffix) that exist are changed."""
+    from pathlib import Path
+
+    def resolved(value):
+        if not isinstance(value, str) or not ("/" in value or value.startswith((".", "~"))
+                                              or value.endswith((".yaml", ".yml", ".json"))):
+            return value
+        path = Path(value).expanduser()
+        return str(path.resolve()) if not path.is_absolute() and path.exists() else value
+
+    cfg.data.mixture = resolved(cfg.data.mixture)
+    cfg.data.tokenizer = resolved(cfg.data.tokenizer)
+    cfg.checkpoint = resolved(cfg.checkpoint)
+    cfg.catalog_files = [resolved(f) for f in cfg.catalog_files]
+    if cfg.export.dir:
+        cfg.export.dir = str(Path(cfg.export.dir).expanduser().resolve())

@@ -68,11 +68,30 @@ def print_mixture_plan(mixture: str, stage_tokens: list[str], *, tokenizer: str 
 
 def _plan_and_print(spec, tokenizer, stage_tokens: dict[str, int], *, seq_len: int | None,
                     repeat_warn: float, max_docs: int = 20000) -> list[dict]:
-    from mixtures import format_plan, plan_mixture
+    from mixtures import plan_mixture
 
     rows = plan_mixture(spec, tokenizer, stage_tokens, seq_len=seq_len, repeat_warn=repeat_warn,
                         max_docs=max_docs)
-    Console().print(f"mixture {spec.name!r}" + (f", seq_len {seq_len}" if seq_len else "") + ", stages: "
-                    + ", ".join(f"{k}={format_tokens(v)}" for k, v in stage_tokens.items()))
-    print(format_plan(rows))  # a fixed-width table: plain print, never wrapped
+    console = Console(soft_wrap=True)
+    console.print(f"mixture {spec.name!r}" + (f", seq_len {seq_len}" if seq_len else "") + ", stages: "
+                  + ", ".join(f"{k}={format_tokens(v)}" for k, v in stage_tokens.items()), highlight=False)
+    console.print(plan_table(rows), soft_wrap=False)
+    from mixtures.plan import plan_notes
+
+    for note in plan_notes(rows):   # whole lines: a warning is read and grepped, not folded
+        console.print(note, markup=False, highlight=False)
     return rows
+
+
+def plan_table(rows: list[dict]):
+    """A rich Table of `mixtures.plan_mixture` rows: fits the console, folds cells cleanly."""
+    from rich.table import Table
+
+    from mixtures.plan import PLAN_COLUMNS, plan_cells
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for i, col in enumerate(PLAN_COLUMNS):
+        table.add_column(col, justify="left" if i < 2 else "right", overflow="fold")
+    for cells in plan_cells(rows):
+        table.add_row(*cells)
+    return table

@@ -54,7 +54,8 @@ def plan_mixture(spec: MixtureSpec, tokenizer, stage_tokens: dict, *, seq_len: i
     EOS included), ``estimated`` (source_tokens from a sample), ``share`` (normalized weight),
     ``tokens`` (share x stage tokens), ``sequences`` (tokens / seq_len, if given),
     ``epochs`` (passes in this stage), ``cum_epochs`` (passes up to the end of this stage),
-    ``warning`` (None or text: above ``repeat_warn`` passes, or a ``stop`` source running out).
+    ``warning`` (None or text: above ``repeat_warn`` passes, a ``stop`` source running out, or a
+    stage too short for the source's share: less than one of its average documents).
     For a ``stop`` source that runs out, ``tokens`` is what it has left and the others' rows
     are not re-scaled (a plan, not a simulation; the warning says so).
     """
@@ -92,6 +93,11 @@ def plan_mixture(spec: MixtureSpec, tokenizer, stage_tokens: dict, *, seq_len: i
             if warning is None and cum > repeat_warn and want > 0:
                 warning = (f"{cum:.1f} passes over this source by the end of {stage} "
                            f"(> {repeat_warn:g}); repeated data, consider more data or a lower weight")
+            mean_doc = ntok / docs if docs else 0
+            if warning is None and 0 < want < mean_doc:
+                warning = (f"its {_human(want)} tokens of {stage} are less than one of its average documents "
+                           f"({_human(mean_doc)} tokens): documents are whole, so the stage's shares cannot be met; "
+                           f"lengthen {stage}")
             rows.append({
                 "stage": stage, "source": src.name, "docs": docs, "source_tokens": ntok,
                 "estimated": est, "share": share, "tokens": int(round(want)),
@@ -109,26 +115,38 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def format_plan(rows: list[dict]) -> str:
-    """A console table of :func:`plan_mixture` rows, then the warnings."""
-    head = (f"{'stage':<10}{'source':<16}{'docs':>9}{'src tokens':>12}{'share':>8}{'tokens':>11}"
-            f"{'epochs':>8}{'cum ep':>8}")
-    lines = [head, "-" * len(head)]
+PLAN_COLUMNS = ("stage", "source", "docs", "src tokens", "share", "tokens", "epochs", "cum ep", "")
+
+
+def plan_cells(rows: list[dict]) -> list[list[str]]:
+    """The cells of :func:`plan_mixture` rows as strings, one list per row (:data:`PLAN_COLUMNS`;
+    the last cell is ``!`` for a row with a warning)."""
     def num(x, fmt):
         return "?" if x is None else format(x, fmt)
 
-    for r in rows:
-        st = ("?" if r["source_tokens"] is None else
-              _human(r["source_tokens"]) + ("~" if r["estimated"] else ""))
-        lines.append(f"{r['stage']:<10}{r['source']:<16}{num(r['docs'], ','):>9}{st:>12}"
-                     f"{r['share']:>8.1%}{_human(r['tokens']):>11}{num(r['epochs'], '.2f'):>8}"
-                     f"{num(r['cum_epochs'], '.2f'):>8}" + ("  !" if r["warning"] else ""))
-    if any(r["estimated"] for r in rows):
-        lines.append("~ estimated from a sample of the source's documents")
-    for r in rows:
-        if r["warning"]:
-            lines.append(f"WARNING {r['stage']}/{r['source']}: {r['warning']}")
-    return "\n".join(lines)
+    return [[r["stage"], r["source"], num(r["docs"], ","),
+             "?" if r["source_tokens"] is None else _human(r["source_tokens"]) + ("~" if r["estimated"] else ""),
+             f"{r['share']:.1%}", _human(r["tokens"]), num(r["epochs"], ".2f"), num(r["cum_epochs"], ".2f"),
+             "!" if r["warning"] else ""] for r in rows]
+
+
+def plan_notes(rows: list[dict]) -> list[str]:
+    """The lines under the table: the ``~`` legend and one line per warning."""
+    notes = ["~ estimated from a sample of the source's documents"] if any(r["estimated"] for r in rows) else []
+    return notes + [f"WARNING {r['stage']}/{r['source']}: {r['warning']}" for r in rows if r["warning"]]
+
+
+def format_plan(rows: list[dict]) -> str:
+    """A plain-text table of :func:`plan_mixture` rows (columns as wide as their widest cell, two
+    spaces apart: numbers never run together), then the warnings."""
+    cells = plan_cells(rows)
+    widths = [max(len(c) for c in col) for col in zip(PLAN_COLUMNS, *cells)]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    head = line(PLAN_COLUMNS)
+    return "\n".join([head, "-" * len(head), *map(line, cells), *plan_notes(rows)])
 
 
 def load_tokenizer(name: str, spec: MixtureSpec | None = None, vocab_size: int = 4096):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .errors import MixtureError
-from .stream import PackedMixtureStream, format_accounting
+from .stream import PackedMixtureStream, format_accounting, stage_shares
 from .spec import MixtureSpec
 
 
@@ -82,7 +82,11 @@ class ShardedStream:
             docs = sum(p[name]["documents"] for p in parts)
             epochs = (docs / src.n_train if not src.streaming and src.n_train
                       else sum(p[name]["epochs"] for p in parts) / len(parts))
-            out[name] = {"tokens": tokens, "documents": docs, "epochs": epochs}
+            stage_tokens: dict[str, int] = {}
+            for p in parts:
+                for st, n in p[name].get("stage_tokens", {}).items():
+                    stage_tokens[st] = stage_tokens.get(st, 0) + n
+            out[name] = {"tokens": tokens, "documents": docs, "epochs": epochs, "stage_tokens": stage_tokens}
             skipped = sum(p[name].get("skipped_records", 0) for p in parts)
             if skipped:
                 out[name]["skipped_records"] = skipped
@@ -93,7 +97,7 @@ class ShardedStream:
         return self.merge_accounting(self.shard_accounting())
 
     def format_accounting(self, acc: dict | None = None) -> str:
-        return format_accounting(self.accounting() if acc is None else acc)
+        return format_accounting(self.accounting() if acc is None else acc, stage_shares(self.streams[0].spec))
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> list[dict]:

@@ -152,6 +152,7 @@ class PackedMixtureStream:
         self._sequences = 0
         self._acct_tokens = [0] * n
         self._acct_docs = [0] * n
+        self._acct_stage_tokens: dict[str, list[int]] = {}   # stage -> tokens per source
         self._heldout_cache: dict = {}
         self.stage = None
         self.set_stage(stage if stage is not None else self._first_stage())
@@ -244,9 +245,11 @@ class PackedMixtureStream:
         first = 0 if self._sequences == 0 else 1
         cnt_t = np.bincount(src[first:], minlength=len(self.sources))
         cnt_d = np.bincount(src[first:][docstart[first:]], minlength=len(self.sources))
+        per_stage = self._acct_stage_tokens.setdefault(self.stage, [0] * len(self.sources))
         for i in range(len(self.sources)):
             self._acct_tokens[i] += int(cnt_t[i])
             self._acct_docs[i] += int(cnt_d[i])
+            per_stage[i] += int(cnt_t[i])
         # drop the consumed n_seqs*L tokens, keep the shared last token
         drop = n_seqs * L
         while drop:
@@ -286,7 +289,7 @@ class PackedMixtureStream:
         """Per source, exactly what has gone into the batches returned so far: ``tokens``
         (EOS included), ``documents`` (documents whose first token was returned) and
         ``epochs`` (documents / training documents of the source, a float: 2.5 = two full
-        passes and half of a third)."""
+        passes and half of a third) and ``stage_tokens`` (tokens per stage)."""
         out = {}
         for i, src in enumerate(self.sources):
             n = self._fetcher.n_train(i)
@@ -295,6 +298,7 @@ class PackedMixtureStream:
                 "documents": self._acct_docs[i],
                 # streaming sources of unknown size: completed passes so far (an int)
                 "epochs": self._acct_docs[i] / n if n else self._cursor[i][0],
+                "stage_tokens": {st: t[i] for st, t in self._acct_stage_tokens.items()},
             }
             if src.skipped:
                 out[src.spec.name]["skipped_records"] = src.skipped
@@ -302,7 +306,7 @@ class PackedMixtureStream:
 
     def format_accounting(self) -> str:
         """A small table of :meth:`accounting` for the console/log."""
-        return format_accounting(self.accounting())
+        return format_accounting(self.accounting(), stage_shares(self.spec))
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
@@ -324,6 +328,7 @@ class PackedMixtureStream:
             "sequences": self._sequences,
             "acct_tokens": list(self._acct_tokens),
             "acct_docs": list(self._acct_docs),
+            "acct_stage_tokens": {k: list(v) for k, v in self._acct_stage_tokens.items()},
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -359,6 +364,7 @@ class PackedMixtureStream:
         self._sequences = int(sd["sequences"])
         self._acct_tokens = [int(x) for x in sd["acct_tokens"]]
         self._acct_docs = [int(x) for x in sd["acct_docs"]]
+        self._acct_stage_tokens = {k: [int(x) for x in v] for k, v in sd.get("acct_stage_tokens", {}).items()}
 
     # ------------------------------------------------------------------ held-out
     def heldout_batches(self, source_name: str, n_seqs: int, seq_len: int | None = None) -> dict:
@@ -421,11 +427,32 @@ class PackedMixtureStream:
             pass
 
 
-def format_accounting(acc: dict) -> str:
-    """A small table of an accounting dict (:meth:`PackedMixtureStream.accounting`) for the console/log."""
+def stage_shares(spec: MixtureSpec) -> dict[str, dict[str, float]]:
+    """stage -> source -> the share the mixture asks for (normalized weights)."""
+    return {st: dict(zip(spec.source_names, spec.normalized_weights(st))) for st in spec.stage_names}
+
+
+def format_accounting(acc: dict, targets: dict[str, dict[str, float]] | None = None, off_by: float = 0.05) -> str:
+    """A small table of an accounting dict (:meth:`PackedMixtureStream.accounting`) for the
+    console/log: the whole run, then each stage's share with its target in brackets and ``!``
+    where they differ by more than ``off_by`` (whole documents at a short stage), then a warning."""
     total = sum(a["tokens"] for a in acc.values()) or 1
-    lines = [f"{'source':<16}{'tokens':>14}{'share':>8}{'docs':>10}{'epochs':>9}"]
+    stages = list(dict.fromkeys(st for a in acc.values() for st in a.get("stage_tokens", {})))
+    stage_total = {st: sum(a.get("stage_tokens", {}).get(st, 0) for a in acc.values()) or 1 for st in stages}
+    lines = [f"{'source':<16}{'tokens':>14}{'share':>8}{'docs':>10}{'epochs':>9}"
+             + "".join(f"{st:>18}" for st in stages)]
+    off = []
     for name, a in acc.items():
+        cells = ""
+        for st in stages:
+            got = a.get("stage_tokens", {}).get(st, 0) / stage_total[st]
+            want = (targets or {}).get(st, {}).get(name)
+            bad = want is not None and abs(got - want) > off_by
+            off += [(st, name, got, want)] if bad else []
+            cells += f"{got:>10.1%}" + (f" ({want:.0%})" if want is not None else "").rjust(7) + ("!" if bad else " ")
         lines.append(f"{name:<16}{a['tokens']:>14,}{a['tokens'] / total:>8.1%}"
-                     f"{a['documents']:>10,}{a['epochs']:>9.3f}")
+                     f"{a['documents']:>10,}{a['epochs']:>9.3f}" + cells)
+    for st, name, got, want in off:
+        lines.append(f"WARNING {st}/{name}: {got:.1%} of the stage's tokens, asked {want:.0%}: the stage is short "
+                     "next to this mixture's documents (whole documents); lengthen it (anneal-plan shows the sizes)")
     return "\n".join(lines)

@@ -304,3 +304,16 @@ def test_refresh_offline_is_one_line_and_writes_nothing(monkeypatch, tmp_path, c
     err = capsys.readouterr().err
     assert "cannot reach the Hugging Face hub" in err and "ConnectionError" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c.yaml").exists() and not user_catalog_path().exists()
+
+
+def test_catalog_command_never_wraps_a_location(tmp_path, capsys):
+    """At 80 columns the table fits and every location is printed whole on one line (a path
+    folded mid-word cannot be copied)."""
+    from anneal.cli import catalog_main
+
+    deep = fake_checkpoint(tmp_path / "a_rather_long_folder_name" / "checkpoints_of_my_own_anneals" / "run_0042")
+    user = write_catalog(tmp_path / "c.yaml", [{"name": "mine", "path": str(deep), "stage": "sft"}])
+    catalog_main(["--catalog", str(user)])
+    lines = capsys.readouterr().out.splitlines()
+    assert f"mine: {deep}" in lines and "rednote-hilab/dots.llm1.inst" in "\n".join(lines)
+    assert max(len(line) for line in lines if "│" in line or "┃" in line) <= 80

@@ -106,3 +106,34 @@ def test_a_document_masked_run_is_rescored_with_its_mask(sweep, tmp_path):
         assert rows[1].per_source[source] == pytest.approx(loss, abs=1e-5), source
     with pytest.raises(AnnealError, match="model.document_mask"):
         compare([sweep / "0", run], [run / "hf"])
+
+
+def test_anneal_export_and_the_runs_export_soup_together(sweep, tmp_path):
+    """anneal-export's anneal_meta.json and the trainer's export share one schema (started_from),
+    so a soup of the run's export and an anneal-export of its last checkpoint is accepted."""
+    from anneal.checkpoints.export import export_training_checkpoint
+
+    exported = export_training_checkpoint(sweep / "0", tmp_path / "exported", dtype="float32")
+    metas = [json.loads((d / "anneal_meta.json").read_text()) for d in (sweep / "0" / "hf", exported)]
+    assert metas[0]["started_from"] == metas[1]["started_from"] == "tiny-stable"
+    assert all(metas[0][k] == v for k, v in metas[1].items())      # the same keys mean the same
+    assert make_soup([sweep / "0" / "hf", exported], tmp_path / "soup").folder.is_dir()
+
+
+def test_differs_column_folds_instead_of_cutting(tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from anneal.compare import Row, comparison_table
+
+    differs = "data.mixture=/a/long/path/to/a/users/own/mixture_file.yaml schedule.stages.1.lr_end=1e-05 seed=7"
+    rows = [Row("sweep/0", "run", 2048, 4.5, {"wiki": 4.0, "gsm8k": 5.0}, differs),
+            Row("sweep/1", "run", 2048, 4.6, {"wiki": 4.1, "gsm8k": 5.1}, "seed=8")]
+    for width in (80, 120):
+        buf = StringIO()
+        Console(file=buf, width=width).print(comparison_table(rows))
+        text = buf.getvalue()
+        assert "…" not in text and max(map(len, text.splitlines())) <= width
+        cells = "".join(line.split("│")[-2].strip() for line in text.splitlines() if line.count("│") > 2)
+        assert differs.replace(" ", "") in cells.replace(" ", "")   # every character, in order

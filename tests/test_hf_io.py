@@ -401,9 +401,12 @@ def test_export_refuses_non_empty_folder_unless_overwrite(base_folder, tmp_path)
     target = tmp_path / "t"
     target.mkdir()
     (target / "keep.txt").write_text("x")
-    with pytest.raises(AnnealError, match="not empty.*overwrite=True"):
+    with pytest.raises(AnnealError, match="not empty.*--overwrite"):
         export_hf_checkpoint(model, target)
+    with pytest.raises(AnnealError, match="not an earlier export"):   # overwrite replaces only an export
+        export_hf_checkpoint(model, target, overwrite=True)
     assert (target / "keep.txt").exists()
+    (target / "anneal_meta.json").write_text("{}")                     # now it is one
     export_hf_checkpoint(model, target, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no temp or backup folder left
@@ -454,10 +457,11 @@ def test_failed_overwrite_keeps_old_folder(base_folder, tmp_path, monkeypatch):
     target = tmp_path / "t"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    (target / "anneal_meta.json").write_text("{}")   # an earlier export
     fail_on_second_shard(monkeypatch)
     with pytest.raises(Boom):
         export_hf_checkpoint(model, target, max_shard_size="8KB", overwrite=True)
-    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["anneal_meta.json", "old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
 
 
@@ -497,3 +501,54 @@ def test_lazy_loader_reads_one_tensor_at_a_time(base_folder, monkeypatch):
     monkeypatch.setattr(safetensors, "safe_open", Spy)
     model, cfg = load_hf_checkpoint(base_folder)
     assert sorted(reads) == sorted(hf_weight_plan(cfg))
+
+
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "anneal" / "assets" / "tiny-stable"
+TEXT = "Question: 12 lobsters + 7? Answer: 19. def f(x): return x"
+
+
+def test_exported_tokenizer_config_names_a_class_transformers_4_and_5_have(base_folder, tmp_path):
+    """transformers 5 saves `TokenizersBackend`, which 4.x lacks; the export names
+    `PreTrainedTokenizerFast` (the same tokenizer.json in both) and 5.x encodes exactly as before."""
+    source = json.loads((TINY_TOKENIZER / "tokenizer_config.json").read_text())
+    assert source["tokenizer_class"] == "TokenizersBackend"
+    model, _ = load_hf_checkpoint(base_folder)
+    out = export_hf_checkpoint(model, tmp_path / "e", tokenizer_dir=TINY_TOKENIZER)
+    exported = json.loads((out / "tokenizer_config.json").read_text())
+    assert exported["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert {k: v for k, v in exported.items() if k != "tokenizer_class"} == \
+        {k: v for k, v in source.items() if k not in ("tokenizer_class", "is_local", "local_files_only")}
+    ref, got = (transformers.AutoTokenizer.from_pretrained(d) for d in (TINY_TOKENIZER, out))
+    assert got(TEXT)["input_ids"] == ref(TEXT)["input_ids"] and got.eos_token_id == ref.eos_token_id
+    # the config fields SGLang's dots1 model reads without a default (README "Serving the export")
+    config = json.loads((out / "config.json").read_text())
+    assert config["scoring_func"] == "noaux_tc" and config["architectures"] == ["Dots1ForCausalLM"]
+    for key in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts", "routed_scaling_factor",
+                "norm_topk_prob", "first_k_dense_replace", "moe_layer_freq", "head_dim", "rope_theta",
+                "attention_bias", "rms_norm_eps", "hidden_act", "moe_intermediate_size"):
+        assert key in config, key
+
+
+@pytest.mark.slow
+def test_export_loads_in_transformers_4(base_folder, tmp_path):
+    """The export's tokenizer and config in the last transformers 4.x (a separate venv: CI has none,
+    so this skips there). Set ANNEAL_TRANSFORMERS4_PYTHON to its python, e.g. after
+    `python -m venv /tmp/tf4 && /tmp/tf4/bin/pip install 'transformers==4.57.*'`."""
+    import os
+    import subprocess
+
+    python = os.environ.get("ANNEAL_TRANSFORMERS4_PYTHON")
+    if not python:
+        pytest.skip("ANNEAL_TRANSFORMERS4_PYTHON (a python with transformers 4.x) is not set")
+    model, cfg = load_hf_checkpoint(base_folder)
+    out = export_hf_checkpoint(model, tmp_path / "e", tokenizer_dir=TINY_TOKENIZER)
+    script = ("import json, sys, transformers as t; d = sys.argv[1]; tok = t.AutoTokenizer.from_pretrained(d); "
+              "c = t.AutoConfig.from_pretrained(d); print(json.dumps([t.__version__, tok(sys.argv[2])['input_ids'], "
+              "tok.eos_token_id, c.model_type, c.n_routed_experts, c.num_experts_per_tok]))")
+    r = subprocess.run([python, "-c", script, str(out), TEXT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    version, ids, eos, model_type, experts, top_k = json.loads(r.stdout.strip().splitlines()[-1])
+    assert version.startswith("4.")
+    ref = transformers.AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    assert ids == ref(TEXT)["input_ids"] and eos == ref.eos_token_id
+    assert (model_type, experts, top_k) == ("dots1", cfg.n_routed_experts, cfg.num_experts_per_tok)

@@ -610,3 +610,53 @@ def test_bundled_template_offline():
         pytest.skip("would go to the hub")
     with pytest.raises(MixtureError, match=r"source 'web_edu'.*HuggingFaceFW/fineweb-edu.*internet or the HF cache"):
         load_sources(spec)
+
+
+def test_plan_tables_keep_columns_apart_at_any_size():
+    """1T-token stages over a small source: 7-digit epoch counts. The plain table sizes its columns
+    to their cells and the rich table fits 80 columns; no two numbers run together."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from anneal.planning import plan_table
+    from mixtures import format_plan
+
+    rows = [{"stage": "stage1", "source": "wiki", "docs": 56, "source_tokens": 294_280, "estimated": False,
+             "share": 0.5, "tokens": 500 * 10**9, "sequences": None, "epochs": 1421039.92, "cum_epochs": 1421039.92,
+             "warning": "1421039.9 passes over this source by the end of stage1 (> 4)"}] * 2
+    text = format_plan(rows)
+    assert text.splitlines()[2].split() == ["stage1", "wiki", "56", "294.28k", "50.0%", "500.00B",
+                                            "1421039.92", "1421039.92", "!"]
+    buf = StringIO()
+    Console(file=buf, width=80).print(plan_table(rows))
+    table = buf.getvalue().splitlines()
+    assert max(map(len, table)) <= 80 and table[1].split() == text.splitlines()[2].split()
+
+
+def test_short_stage_shares_are_reported_per_stage_and_warned(demo, tok):
+    """A 20/60/20 stage of a few thousand tokens after a long one: the accounting has each stage's shares next to their targets and warns where whole
+    documents made them miss; the plan warns beforehand that the stage is shorter than a document."""
+    from mixtures import plan_mixture
+
+    st = PackedMixtureStream(demo, tok, seq_len=64, seed=0, stage="stage1")
+    st.next_batch(64)
+    st.set_stage("stage2")
+    st.next_batch(16)
+    acc = st.accounting()
+    assert {s: a["stage_tokens"]["stage1"] for s, a in acc.items()} != {s: a["tokens"] for s, a in acc.items()}
+    for a in acc.values():
+        assert sum(a["stage_tokens"].values()) == a["tokens"]
+    table = st.format_accounting()
+    assert "stage1" in table.splitlines()[0] and "stage2" in table.splitlines()[0] and "(50%)" in table
+    stage2 = {s: a["stage_tokens"]["stage2"] / sum(b["stage_tokens"]["stage2"] for b in acc.values())
+              for s, a in acc.items()}
+    if max(abs(stage2[s] - w) for s, w in zip(demo.source_names, demo.normalized_weights("stage2"))) > 0.05:
+        assert "WARNING stage2/" in table
+    resumed = PackedMixtureStream(demo, tok, seq_len=64, seed=0)
+    resumed.load_state_dict(st.state_dict())
+    assert resumed.accounting() == acc
+
+    rows = plan_mixture(demo, tok, {"stage1": 32_768, "stage2": 16_384})
+    wiki2 = next(r for r in rows if (r["stage"], r["source"]) == ("stage2", "wiki"))
+    assert "less than one of its average documents" in wiki2["warning"]

@@ -170,3 +170,68 @@ def test_rank_with_a_share_of_the_experts_loads_its_slice_of_a_checkpoint(tmp_pa
     torch.testing.assert_close(part.model.layers[2].mlp.experts.w_gate_up,
                                full.model.layers[2].mlp.experts.w_gate_up[8:16])
     torch.testing.assert_close(part.lm_head.weight, full.lm_head.weight)
+
+
+def test_tracker_job_log_and_wandb_token_axis(tmp_path, capsys, monkeypatch):
+    """Without a terminal the tracker prints one step line when asked and one eval line per eval
+    row (per-source losses); W&B charts every metric against tokens (define_metric, spied on the
+    real offline run); the train-loss summary is a mean over a window, not one step."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    from anneal.train.tracking import Tracker, smoothed_losses
+
+    defined = []
+    real = wandb.sdk.wandb_run.Run._metric_callback
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "_metric_callback",
+                        lambda self, rec: (defined.append((rec.name or rec.glob_name, rec.step_metric)), real(self, rec)))
+    cfg = OmegaConf.create({"wandb": True, "mode": "offline", "project": "t", "entity": None, "progress": True})
+    tracker = Tracker(tmp_path, cfg, {}, total_tokens=2048, start_tokens=0)
+    row = {"tokens": 1024, "lr": 3e-4, "stage": "stage1", "loss": 5.25, "grad_norm": 0.5, "tokens_per_s": 900.0,
+           "host_mem_gb": 0.5}
+    tracker.update_progress(1, row, log_line=True)
+    tracker.update_progress(2, {**row, "tokens": 2048, "loss": 4.0}, log_line=False)
+    tracker.log({**row, "eval_loss": 4.5, "eval_loss/wiki": 4.0, "eval_loss/gsm8k": 5.0}, step=1)
+    tracker.log({**row, "loss": 3.0}, step=2)
+    tracker.close()
+    out = capsys.readouterr().out.splitlines()
+    out[0], eta = out[0].rsplit(" | eta ", 1)    # the ETA: wall time since the tracker started
+    assert eta.count(":") == 2
+    assert out == ["step 1 | tokens 1.024K/2.048K | stage1 | loss 5.2500 | lr 3.000e-04 | grad_norm 0.500 | "
+                   "900 tok/s | host mem 0.50 GiB",
+                   "eval step 1 | tokens 1.024K | eval_loss 4.5000 | wiki 4.0000 | gsm8k 5.0000"]
+    assert ("tokens", "") in defined and ("*", "tokens") in defined
+    assert smoothed_losses([{"loss": v} for v in range(20)]) == (2.0, 17.0, 5)
+
+
+def test_peak_host_memory_is_per_job():
+    """Under --multirun the jobs share a process: the peak restarts per job (VmHWM reset)."""
+    from anneal.train.devices import host_memory_gb, peak_host_memory_gb, reset_peak_host_memory
+
+    block = bytearray(400 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])   # touch every page
+    high = peak_host_memory_gb()
+    del block
+    if not reset_peak_host_memory():
+        pytest.skip("no /proc/self/clear_refs here")
+    assert peak_host_memory_gb() < high - 0.3 and peak_host_memory_gb() >= host_memory_gb() - 0.05
+
+
+def test_progress_bar_shows_the_whole_token_counter_at_80_columns(tmp_path, monkeypatch):
+    """On a terminal the live bar's token counter is short (12.29K/491.5K) and never cut off."""
+    from io import StringIO
+
+    from omegaconf import OmegaConf
+    from rich.console import Console
+
+    from anneal.train import tracking
+
+    buf = StringIO()
+    monkeypatch.setattr(tracking, "console", Console(file=buf, width=80, force_terminal=True, soft_wrap=True))
+    cfg = OmegaConf.create({"wandb": False, "mode": "disabled", "project": "t", "entity": None, "progress": True})
+    tracker = tracking.Tracker(tmp_path, cfg, {}, total_tokens=491_520, start_tokens=0)
+    tracker.update_progress(3, {"tokens": 12_288, "stage": "stage1", "loss": 5.123, "lr": 2.9e-4,
+                                "tokens_per_s": 5900.0}, log_line=True)
+    tracker.close()
+    last = [line for line in buf.getvalue().splitlines() if "stage1" in line][-1]
+    assert "12.29K/491.5K tok" in last and "loss 5.123" in last and "5.9K tok/s" in last

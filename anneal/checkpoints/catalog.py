@@ -22,13 +22,17 @@ catalog (`user_catalog_path()`: $XDG_CONFIG_HOME/anneal/catalog.yaml, by default
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, Optional, Union
 
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
+
+from anneal.checkpoints.atomic import atomic_write
 from anneal.errors import AnnealError
 from anneal.paths import conf_dir, package_root
 
@@ -90,68 +94,85 @@ class ResolvedCheckpoint:
 # ---------------------------------------------------------------------------------------------
 # Reading catalog files
 # ---------------------------------------------------------------------------------------------
+class _Entry(BaseModel):
+    """One catalog entry as written in the YAML: pydantic checks the types and the constraints; the
+    first failure becomes one line naming the file, the entry and the field (`_parse_entry`)."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    stage: Literal[STAGES]
+    repo_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    path: Optional[str] = Field(None, pattern=r"\S")
+    revision: Optional[Union[StrictStr, StrictInt]] = None
+    tokens_seen: Optional[Union[StrictInt, StrictStr]] = None
+    lr: Optional[float] = Field(None, ge=0, allow_inf_nan=False)   # "3e-4" (YAML 1.1: a string) is accepted
+    verified: StrictBool = False
+    notes: Optional[StrictStr] = None
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _no_bool(cls, v):
+        if isinstance(v, bool):
+            raise ValueError("a bool")
+        return v
+
+    @model_validator(mode="after")
+    def _one_location(self):
+        if self.repo_id is not None and self.path is not None:
+            raise PydanticCustomError("both_locations", "and 'repo_id' are both set; give one of them")
+        return self
+
+
+# what each field must be, in the one-line error (pydantic's own wording names types, not intent)
+_MUST = {
+    "name": "is required (a non-empty string)",
+    "stage": f"must be one of {', '.join(STAGES)}",
+    "repo_id": "must be a hub repo id like 'owner/name'",
+    "path": "must be a folder path string",
+    "revision": "must be a branch, tag or commit string",
+    "tokens_seen": "must be a token count like 10T or 1.2e12",
+    "lr": "must be a non-negative number like 3.0e-4, or null",
+    "verified": "must be true or false",
+    "notes": "must be a string",
+}
+
+
 def _parse_entry(raw: Any, index: int, file: Path, base_dir: Path) -> CatalogEntry:
     where = f"{file}: entry {index}"
     if not isinstance(raw, dict):
         raise AnnealError(f"{where}: must be a mapping with name, stage and repo_id or path; got {raw!r}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise AnnealError(f"{where}: field 'name' is required (a non-empty string)")
-    where = f"{file}: entry '{name}'"
-
-    def bad(fld: str, why: str) -> AnnealError:
-        return AnnealError(f"{where}: field '{fld}' {why}")
-
-    unknown = sorted(set(raw) - set(FIELDS))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise bad(unknown[0], f"is not a catalog field{hint}; fields: {', '.join(FIELDS)}")
-    stage = raw.get("stage")
-    if stage not in STAGES:
-        raise bad("stage", f"must be one of {', '.join(STAGES)}; got {stage!r}")
-    repo_id, path = raw.get("repo_id"), raw.get("path")
-    if repo_id is not None and path is not None:
-        raise bad("path", "and 'repo_id' are both set; give one of them")
-    if repo_id is not None and (not isinstance(repo_id, str) or not _HUB_ID.match(repo_id) or "@" in repo_id):
-        raise bad("repo_id", f"must be a hub repo id like 'owner/name'; got {repo_id!r}")
-    if path is not None:
-        if not isinstance(path, str) or not path.strip():
-            raise bad("path", f"must be a folder path string; got {path!r}")
-        p = Path(os.path.expandvars(os.path.expanduser(path)))
+    if isinstance(raw.get("name"), str) and raw["name"].strip():
+        where = f"{file}: entry '{raw['name']}'"
+    try:
+        e = _Entry.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        fld = str(first["loc"][0]) if first["loc"] else "path"
+        if first["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(fld, FIELDS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            why = f"is not a catalog field{hint}; fields: {', '.join(FIELDS)}"
+        elif first["type"] == "both_locations":
+            why = first["msg"]
+        elif first["type"] == "missing":
+            why = _MUST[fld] if fld == "name" else f"is required: {_MUST[fld]}"
+        else:
+            why = f"{_MUST[fld]}; got {raw.get(fld)!r}"
+        raise AnnealError(f"{where}: field '{fld}' {why}") from None
+    path = None
+    if e.path is not None:
+        p = Path(os.path.expandvars(os.path.expanduser(e.path)))
         path = p if p.is_absolute() else (base_dir / p)
-    revision = raw.get("revision")
-    if revision is not None:
-        if isinstance(revision, bool) or not isinstance(revision, (str, int)):
-            raise bad("revision", f"must be a branch, tag or commit string; got {revision!r}")
-        revision = str(revision)
-    tokens = raw.get("tokens_seen")
-    if tokens is not None:
+    tokens = None
+    if e.tokens_seen is not None:
         from anneal.train.schedule import parse_tokens
 
-        try:
-            tokens = parse_tokens(tokens, what=f"{where}: field 'tokens_seen'")
-        except AnnealError as e:
-            raise AnnealError(str(e)) from None
+        tokens = parse_tokens(e.tokens_seen, what=f"{where}: field 'tokens_seen'")
         if tokens < 0:
-            raise bad("tokens_seen", f"must be >= 0; got {tokens}")
-    lr = raw.get("lr")
-    if lr is not None:
-        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-            lr = float(lr) if not isinstance(lr, bool) else None
-        except (TypeError, ValueError):
-            lr = None
-        if lr is None or not math.isfinite(lr) or lr < 0:
-            raise bad("lr", f"must be a non-negative number like 3.0e-4, or null; got {raw.get('lr')!r}")
-    verified = raw.get("verified", False)
-    if not isinstance(verified, bool):
-        raise bad("verified", f"must be true or false; got {verified!r}")
-    notes = raw.get("notes") or ""
-    if not isinstance(notes, str):
-        raise bad("notes", f"must be a string; got {notes!r}")
-    return CatalogEntry(name=name.strip(), stage=stage, repo_id=repo_id, path=path, revision=revision,
-                        tokens_seen=tokens, lr=lr, verified=verified, notes=" ".join(notes.split()),
-                        source=str(file))
+            raise AnnealError(f"{where}: field 'tokens_seen' must be >= 0; got {tokens}")
+    return CatalogEntry(name=e.name.strip(), stage=e.stage, repo_id=e.repo_id, path=path,
+                        revision=None if e.revision is None else str(e.revision), tokens_seen=tokens, lr=e.lr,
+                        verified=e.verified, notes=" ".join((e.notes or "").split()), source=str(file))
 
 
 def read_catalog_file(file: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> list[CatalogEntry]:
@@ -295,12 +316,13 @@ def format_catalog_table(catalog: Catalog | None = None, *, plain: bool = False)
                  "  ".join("-" * widths[c] for c in _COLUMNS)]
         lines += ["  ".join(r[c].ljust(widths[c]) for c in _COLUMNS).rstrip() for r in rows]
         return "\n".join(lines)
-    table = Table(title="dots1 checkpoints", caption="verified = repo id/revision checked against the hub")
-    for c in _COLUMNS:
+    table = Table(title="dots1 checkpoints", caption="verified = repo id/revision checked against the hub; "
+                  "locations in full below")
+    for c in _COLUMNS[:-2] + _COLUMNS[-1:]:   # no location: a path folded mid-word cannot be copied
         table.add_column(c, justify="right" if c in ("tokens", "lr") else "left", no_wrap=c == "name",
                          overflow="fold")
     for r in rows:
-        table.add_row(*(r[c] for c in _COLUMNS))
+        table.add_row(*(r[c] for c in _COLUMNS if c != "location"))
     return table
 
 
@@ -410,9 +432,12 @@ def refresh_catalog(repo_id: str = DOTS1_BASE_REPO, out: str | os.PathLike | Non
     names = {e["name"] for e in found}
     merged = [e for e in kept if e.get("name") not in names] + found
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"# Written by anneal-catalog --refresh from the refs of {repo_id}; edit freely.\n"
-                   + yaml.safe_dump({"checkpoints": merged}, sort_keys=False, width=100))
-    read_catalog_file(tmp)        # what we write must load
-    os.replace(tmp, path)
+    text = (f"# Written by anneal-catalog --refresh from the refs of {repo_id}; edit freely.\n"
+            + yaml.safe_dump({"checkpoints": merged}, sort_keys=False, width=100))
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text)
+        read_catalog_file(tmp)    # what we write must load
+
+    atomic_write(path, write)
     return path, found

@@ -7,14 +7,13 @@ pickle can). Anything else in the tree (an arbitrary object) is refused when it 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from anneal.checkpoints.atomic import atomic_write
 from anneal.errors import AnnealError
 
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"  # markers in the JSON tree
@@ -76,22 +75,11 @@ def save_state(tree, stem: Path) -> list[Path]:
     skeleton = _encode(tree, tensors, set(), "")
     written = []
     if tensors:
-        written.append(_atomic(stem.with_name(stem.name + ".safetensors"),
+        written.append(atomic_write(stem.with_name(stem.name + ".safetensors"),
                                lambda p: save_file(tensors, str(p), metadata={"format": "anneal-state"})))
     text = json.dumps(skeleton)
-    written.append(_atomic(stem.with_name(stem.name + ".json"), lambda p: p.write_text(text)))
+    written.append(atomic_write(stem.with_name(stem.name + ".json"), lambda p: p.write_text(text)))
     return written
-
-
-def _atomic(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load_state(stem: Path):

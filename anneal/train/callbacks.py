@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from anneal.checkpoints import training_state
-from anneal.checkpoints.export import META_FILE
+from anneal.checkpoints.export import META_FILE, anneal_meta
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.build import Prepared
+from anneal.train.devices import host_memory_gb
 from anneal.train.step import to_device, token_losses
 
 
@@ -156,7 +157,7 @@ class Eval(Callback):
 
 class Metrics(Callback):
     """The metrics row to the tracker every `log_every` steps and with every eval; the progress bar
-    every step."""
+    every step, or without a terminal a job-log line every `log_every` steps, the first and the last."""
 
     def __init__(self, run: Run, log_every: int):
         super().__init__(run)
@@ -164,9 +165,13 @@ class Metrics(Callback):
 
     def on_step_end(self, info: StepInfo, row: dict) -> None:
         tracker = self.run.tracker
-        if info.step % self.log_every == 0 or "eval_loss" in row:
+        if "gpu_mem_peak_gb" not in row:
+            row["host_mem_gb"] = host_memory_gb()
+        periodic = info.step % self.log_every == 0
+        last = info.tokens >= self.run.p.schedule.total_tokens or info.stop_now
+        tracker.update_progress(info.step, row, log_line=periodic or info.step == 1 or last)
+        if periodic or "eval_loss" in row:
             tracker.log(row, step=info.step)
-        tracker.update_progress(info.tokens, info.stage, row["loss"], info.lr, row["tokens_per_s"])
 
 
 class Checkpoint(Callback):
@@ -184,8 +189,9 @@ class Checkpoint(Callback):
 
     def save(self, info: StepInfo) -> Path:
         run, p = self.run, self.run.p
-        meta = {"step": info.step, "tokens": info.tokens, "stage": info.stage, "lr": p.schedule.lr_at(info.tokens),
-                "checkpoint": p.checkpoint_name, "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + info.tokens}
+        meta = anneal_meta(started_from=p.checkpoint_name, stage=info.stage, lr=p.schedule.lr_at(info.tokens),
+                           tokens_seen_total=p.meta.get("tokens_seen_total", 0) + info.tokens,
+                           step=info.step, tokens=info.tokens)
         callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None}
         state = {"step": info.step, "tokens": info.tokens, "data": global_data_state(run),
                  "rng": training_state.rng_state(), "history": list(run.tracker.history), "callbacks": callbacks}
@@ -220,9 +226,10 @@ class Export(Callback):
         if not cfg.export.enabled:
             return
         export_dir = Path(cfg.export.dir) if cfg.export.dir else run.run_dir / "hf"
-        meta = {"stage": p.schedule.stage_names[-1], "lr": p.schedule.lr_at(tokens),
-                "tokens_seen_total": p.meta.get("tokens_seen_total", 0) + tokens,
-                "started_from": p.checkpoint_name, "schedule": p.schedule.to_config()}
+        step = run.tracker.history[-1]["step"] if run.tracker.history else None
+        meta = anneal_meta(started_from=p.checkpoint_name, stage=p.schedule.stage_names[-1],
+                           lr=p.schedule.lr_at(tokens), tokens_seen_total=p.meta.get("tokens_seen_total", 0) + tokens,
+                           step=step, tokens=tokens, schedule=p.schedule.to_config())
         kwargs = dict(tokenizer_dir=p.tokenizer_dir, dtype=getattr(torch, cfg.export.dtype),
                       max_shard_size=cfg.export.max_shard_size, overwrite=cfg.export.overwrite,
                       extra_files={META_FILE: json.dumps(meta, indent=2)})

@@ -3,6 +3,7 @@ defaults per device, the dense bf16 peak for MFU, peak host memory."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -57,8 +58,33 @@ def data_workers(setting: int | None, device: torch.device) -> int:
     return (1 if device.type == "cuda" else 0) if setting is None else setting
 
 
+def host_memory_gb() -> float:
+    """Resident memory of this process now (psutil)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
 def peak_host_memory_gb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux)."""
+    """Peak resident memory of this process since it started or since `reset_peak_host_memory`
+    (Linux VmHWM; elsewhere ru_maxrss, which is never reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20   # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak_host_memory() -> bool:
+    """Restart the peak at the current resident size (Linux: `5` to /proc/self/clear_refs), so each
+    job of `anneal --multirun`, which Hydra runs one after another in one process, reports its own
+    peak (psutil has no peak RSS on Linux; ru_maxrss is the process's). False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
