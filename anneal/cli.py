@@ -418,7 +418,8 @@ def compare_main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
-    console = Console()
+    # a terminal folds the table to its width; a log file gets it whole, one row per line
+    console = Console() if sys.stdout.isatty() else Console(width=1000)
     console.print(comparison_table(rows))
     console.print(f"wrote {plot_rows(rows, args.out)}", soft_wrap=True, highlight=False)
 

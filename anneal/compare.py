@@ -231,9 +231,10 @@ def comparison_table(rows: list[Row]):
     bench = bench_of(rows)
     table = Table(title="held-out eval loss (final)")
     for col in ("name", "kind", "tokens", "eval_loss", *sources, *bench, "differs"):
-        # name and differs fold (at spaces, else mid-word) instead of being cut with an ellipsis
+        # names and numbers are never broken (a name is copied whole); headers and differs fold (at
+        # spaces, else mid-word) rather than being cut with an ellipsis
         table.add_column(col, justify="left" if col in ("name", "kind", "differs") else "right",
-                         overflow="fold", no_wrap=col in ("kind", "tokens"), ratio=2 if col == "differs" else None)
+                         overflow="fold", no_wrap=col != "differs", ratio=2 if col == "differs" else None)
 
     def cell(v, best):
         if v is None:
