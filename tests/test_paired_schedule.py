@@ -34,10 +34,11 @@ def _batches(step: int, n: int, rank: int = 0) -> list[dict]:
     return out
 
 
-def _model(ckpt: bool, backend: str, skew: bool = False):
+def _model(ckpt: bool | str, backend: str, skew: bool = False):
+    """`ckpt`: a `model.recompute` mode, or a bool (full / none)."""
     model = tiny_model()
     model.set_aux_loss_coef(0.01)
-    model.gradient_checkpointing = ckpt
+    model.recompute = ckpt if isinstance(ckpt, str) else ("full" if ckpt else "none")
     model.set_experts_backend(backend)
     if skew:  # every token picks experts 0..2, all on EP rank 0: EP rank 1 receives no rows
         for router in model.routers().values():

@@ -64,7 +64,7 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
                               "use model=tiny or give model.arch fields")
         arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
         mcfg = Dots1Config.from_hf_dict(arch, source="model.arch")
-        model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, cfg.model.gradient_checkpointing,
+        model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, cfg.model.recompute,
                                  document_mask=cfg.model.document_mask)
         model.init_weights(seed=cfg.model.init_seed)
         tokenizer = _tokenizer_for_random_init(cfg, tokenizer_dir)
@@ -81,7 +81,7 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
     model, mcfg = load_hf_checkpoint(resolved.path, dtype=torch.float32, experts_backend=backend,
                                      device=str(device), expert_range=expert_range)
     model.set_aux_loss_coef(cfg.model.aux_loss_coef)
-    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.recompute = cfg.model.recompute
     model.document_mask = cfg.model.document_mask
     folder_meta_path = Path(resolved.path) / META_FILE
     folder_meta = json.loads(folder_meta_path.read_text()) if folder_meta_path.exists() else {}
