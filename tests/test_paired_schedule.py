@@ -2,8 +2,8 @@
 schedule's numbers exactly: losses, aux losses, gradient norms, weights and router biases after
 3 steps of 2, 3 and 4 micro-batches (a batch ramp), one process (EP 1, the native engine) and
 under DeepSpeed with gloo: 2 processes (EP 2) and 4 (DP 2 x EP 2), ZeRO 1 and 2, with and without
-activation recompute (full in one process, selective under EP 2: the layer pieces' own checkpoints), with a rank that receives no rows. Bitwise: every op runs on the same
-values in the same order, and every parameter's gradient sums the micro-batches in the same order."""
+activation recompute (full in one process; selective under EP 2, the layer pieces' own
+checkpoints), with a rank that receives no rows. Bitwise: every op runs on the same values in the same order, and every parameter's gradient sums the micro-batches in the same order."""
 from __future__ import annotations
 
 from types import SimpleNamespace
