@@ -4,6 +4,7 @@ mixture stream, and the engine class."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,12 +163,48 @@ def data_shards(cfg: DictConfig, layout: ParallelLayout) -> range:
     return rank_shards(n, layout.rank, world)
 
 
+def host_memory_gb() -> float:
+    """This machine's physical memory (GiB), from /proc/meminfo."""
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    return kib / 2**20
+
+
+def check_layout_fits(cfg: DictConfig, layout: ParallelLayout, device: torch.device,
+                      gpu_mem_gb: float | None = None, host_mem_gb: float | None = None) -> None:
+    """Refuse, with the planner's one-line reason (anneal-plan memory), a layout whose GPU memory
+    (CUDA) or, with parallel.offload=optimizer, host memory does not fit this machine. Memory
+    defaults to the device's and /proc/meminfo's."""
+    from anneal.host_plan import HostRates, plan_host, why_not
+    from anneal.memory_plan import layout_from_config, model_config_for_plan, plan_memory
+
+    if cfg.parallel.offload_moments == "bf16":
+        raise AnnealError("parallel.offload_moments=bf16 is planned (anneal-plan memory) but the DeepSpeed engine "
+                          "keeps AdamW's moments in fp32: use fp32, with hosts large enough or more nodes")
+    offload = cfg.parallel.offload == "optimizer"
+    if gpu_mem_gb is None and device.type == "cuda":
+        gpu_mem_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if host_mem_gb is None and offload:
+        host_mem_gb = host_memory_gb()
+    if gpu_mem_gb is None and host_mem_gb is None:
+        return
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(layout.world, 8)))
+    lay = layout_from_config(cfg, layout.world, per_node, gpu_mem_gb or float("inf"), 6.0,
+                             host_mem_gb if offload else None)
+    mcfg, source = model_config_for_plan(cfg)
+    reason = why_not(plan := plan_memory(mcfg, lay), plan_host(mcfg, plan, HostRates()))
+    if reason:
+        raise AnnealError(f"this layout does not fit ({source}, {layout.world} rank(s)): {reason} "
+                          f"(anneal-plan memory ... --gpus {layout.world} shows the whole plan)")
+
+
 def prepare(cfg: DictConfig, run_dir: Path, device: torch.device, layout: ParallelLayout) -> Prepared:
     from mixtures import ShardedStream, load_mixture
 
-    # the batch shape first: a bad one is reported before a large checkpoint is read
+    # the batch shape and the memory plan first: a bad one is reported before a large checkpoint is read
     check_batch_shape(build_ramp(cfg), cfg.data.seq_len, cfg.trainer.micro_batch_size, layout.world,
                       cfg.parallel.a2a_overlap)
+    check_layout_fits(cfg, layout, device)
     model, mcfg, tokenizer, tok_dir, ckpt_name, entry_lr, folder_meta = \
         build_model_and_tokenizer(cfg, run_dir, device, layout)
     if len(tokenizer) > mcfg.vocab_size:
