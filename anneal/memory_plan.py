@@ -248,12 +248,16 @@ def model_config_for_plan(cfg) -> tuple[Dots1Config, str]:
 def layout_from_config(cfg, gpus: int, gpus_per_node: int, gpu_mem_gb: float, reserve_gb: float,
                        host_mem_gb: float | None = None) -> Layout:
     """The recipe's parallel/trainer/model settings as a `Layout` (compile: null = on, as on CUDA)."""
-    from anneal.train.build import build_ramp
+    from omegaconf import OmegaConf
 
+    from anneal.train.batch_ramp import BatchRamp
+
+    bt = cfg.schedule.batch_tokens
+    ramp = BatchRamp.from_config(OmegaConf.to_container(bt, resolve=True) if OmegaConf.is_config(bt) else bt)
     return Layout(gpus=gpus, ep_size=cfg.parallel.ep_size, zero_stage=cfg.parallel.zero_stage,
                   engine=cfg.trainer.engine, gpus_per_node=gpus_per_node, gpu_mem_gb=gpu_mem_gb,
                   reserve_gb=reserve_gb, micro_batch=cfg.trainer.micro_batch_size, seq=cfg.data.seq_len,
                   recompute=cfg.model.recompute, compile=cfg.model.compile is not False,
                   grad_accum=cfg.trainer.grad_accum_dtype, offload=cfg.parallel.offload,
                   offload_moments=cfg.parallel.offload_moments, host_mem_gb=host_mem_gb,
-                  batch_tokens=max(b for _, b in build_ramp(cfg).points))
+                  batch_tokens=max(b for _, b in ramp.points))
