@@ -12,7 +12,7 @@
   Recomputed although a matmul: the routed experts' down projection (an `mm`/`_grouped_mm` whose
   inner dimension is `moe_intermediate_size`). Its output, top_k x hidden per token, is the layer's
   largest tensor and the cheapest matmul to redo per byte (2 x moe_intermediate_size FLOPs per
-  element against 2 x hidden for the others): on dots1 it is 48% of what the kept set would be,
+  element against 2 x hidden for the others): on dots1 a third of what the kept set would be,
   for ~5% more step FLOPs.
 
 The checkpoint sits inside each decoder layer's methods (`DecoderLayer._selective`), so under
