@@ -28,6 +28,7 @@ from rich.markup import escape
 from anneal.errors import AnnealError
 from anneal.paths import conf_dir
 from anneal.train.preemption import PREEMPTED_EXIT_CODE
+from anneal.train.resume import RECIPE_FILES, replay_saved_overrides
 from mixtures.errors import MixtureError
 from moe.errors import UnknownBackendError
 
@@ -56,6 +57,7 @@ def _recipe_file_overrides(args: list[str]) -> list[str]:
                 (link_root / "recipe" / path.name).symlink_to(path.resolve())
                 extra_dirs.append(link_root)
                 names.append(path.stem)
+                RECIPE_FILES[path.stem] = str(path.resolve())  # what the run's overrides record keeps
             out.append(f"{key}={','.join(names)}")
         else:
             out.append(arg)
@@ -121,11 +123,15 @@ def main() -> None:
 
     register_schema()
     try:
+        sys.argv[1:], replayed = replay_saved_overrides(sys.argv[1:])
+        if replayed and _is_rank0():
+            Console(soft_wrap=True).print(replayed, markup=False, highlight=False)
         check_config_keys(sys.argv[1:])
         sys.argv[1:] = _recipe_file_overrides(sys.argv[1:])
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)
+    started = []
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg: DictConfig) -> None:
@@ -134,6 +140,7 @@ def main() -> None:
         from anneal.train.loop import train
         from moe.experts import get_backend
 
+        started.append(True)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         run_dir = HydraConfig.get().runtime.output_dir
         try:
@@ -142,15 +149,34 @@ def main() -> None:
             get_backend(cfg.model.experts_backend)
             result = train(cfg, run_dir)
         except USER_ERRORS as e:
-            _report_error(e)
+            message = str(e)
+            if "resume with run.resume=true" in message:  # say which run, as a command that works as printed
+                message += f" (the command: {_resume_command_for(cfg, run_dir)})"
+            _report_error(AnnealError(message))
             sys.exit(getattr(e, "exit_code", 2))  # 2: bad input; 3: a guard stopped the run (README)
+        except KeyboardInterrupt:
+            _report_error(AnnealError("interrupted (a second Ctrl-C): the run stopped mid-step; its newest complete "
+                                      "checkpoint is kept; continue with: "
+                                      + _resume_command_for(cfg, run_dir)))
+            sys.exit(130)
         if _is_rank0():
             _print_summary(result)
         _close_process_group()
         if result.get("preempted"):
             sys.exit(PREEMPTED_EXIT_CODE)
 
-    _run()
+    try:
+        _run()
+    except SystemExit as e:
+        if e.code == 1 and not started:  # Hydra's own error (a bad override, a missing group): bad input
+            sys.exit(2)
+        raise
+
+
+def _resume_command_for(cfg, run_dir) -> str:
+    from anneal.train.run_dir import resume_command
+
+    return resume_command(cfg, run_dir)
 
 
 def _close_process_group() -> None:
@@ -180,7 +206,8 @@ def _print_summary(result: dict) -> None:
     elif result.get("preempted"):
         console.print(f"preempted: a checkpoint of step {result['step']} was written (exit status {PREEMPTED_EXIT_CODE})")
     elif result.get("stopped_early"):
-        console.print("stopped early (trainer.stop_after_steps); continue with run.resume=true")
+        console.print("stopped early (trainer.stop_after_steps); continue with:")
+        console.print(result["resume_command"], markup=False, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- compose

@@ -82,10 +82,15 @@ def run_row(label: str, run_dir: Path) -> Row:
 
 def differences(configs: dict[str, dict]) -> dict[str, str]:
     """label -> 'key=value ...' for the config keys whose values differ between the runs."""
-    flat = {label: _flat(c) for label, c in configs.items()}
+    flat = {label: _flat({k: v for k, v in c.items() if k != "resumes"}) for label, c in configs.items()}
     keys = sorted({k for f in flat.values() for k in f if not k.startswith(_NOT_A_DIFFERENCE)})
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
-    return {label: " ".join(f"{k}={f.get(k)}" for k in differ) for label, f in flat.items()}
+    out = {label: [f"{k}={f.get(k)}" for k in differ] for label, f in flat.items()}
+    for label, c in configs.items():  # settings changed when the run was resumed (anneal.train.resume)
+        out[label] += [f"resumed at step {r['step']}: " + ", ".join(f"{ch['key']} {ch['from']}->{ch['to']}"
+                                                                      for ch in r.get("changed", []))
+                       for r in c.get("resumes") or []]
+    return {label: " ".join(parts) for label, parts in out.items()}
 
 
 class HeldOut:

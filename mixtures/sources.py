@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import warnings
 import weakref
@@ -125,6 +126,8 @@ class SourceData:
             kwargs["delimiter"] = d.csv_delimiter
         elif d.format == "csv" and f.endswith(".tsv"):
             kwargs["delimiter"] = "\t"
+        if d.format != "json":   # an empty JSON-lines file is reported as an empty source below
+            _refuse_empty(f, self.where)
         try:
             return datasets.load_dataset(d.format, data_files=[f], split="train", **kwargs)
         except Exception as e:  # noqa: BLE001 - diagnosed below
@@ -231,6 +234,7 @@ class SourceData:
         docs: list[str] = []
         pat = re.compile(d.split_on) if d.split_on else None
         for f in d.files:
+            _refuse_empty(f, self.where)
             try:
                 ds = datasets.load_dataset("text", data_files=[f], split="train", sample_by=d.sample_by)
             except Exception as e:  # noqa: BLE001
@@ -264,3 +268,9 @@ def load_sources(spec: MixtureSpec) -> list:
                for s in spec.sources]
         _CACHE[spec] = got
     return got
+
+
+def _refuse_empty(f: str, where: str) -> None:
+    """An empty file: one line, instead of `datasets`' message about features."""
+    if os.path.isfile(f) and os.path.getsize(f) == 0:
+        raise MixtureError(f"{where}: {f} is empty; put documents in it, or remove the file from the source")

@@ -35,3 +35,20 @@ def run_distributed(fn, world: int, *args, env: dict | None = None) -> None:
     """Spawn `world` processes running fn(rank, world, *args) under a gloo group; re-raises a
     failure of any of them. `fn` must be importable (a module-level function)."""
     mp.spawn(_entry, args=(world, free_port(), fn, args, env or {}), nprocs=world, join=True)
+
+
+def run_on_one_gpu(fn, *args) -> None:
+    """fn(0, 1, *args) in one spawned process that a launcher's environment makes rank 0 of 1, so
+    that `ds_engine.init_distributed("cuda")` joins an NCCL group of one (DeepSpeed on one GPU)."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        mp.spawn(fn, args=(1, *args), nprocs=1, join=True)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from anneal.checkpoints import state_io, training_state
+from anneal.checkpoints import discovery, state_io, training_state
 from anneal.train.engine import Engine
 from test_ep import TINY, _loss, tiny_model
 from test_resilience import _Payload  # a pickle that writes a file when loaded
@@ -130,9 +130,12 @@ def test_a_step_folder_without_the_marker_is_not_a_checkpoint(tmp_path):
     first = training_state.save_checkpoint(tmp_path, 1, model, model.config.to_hf_dict(), {"step": 1}, {})
     second = training_state.save_checkpoint(tmp_path, 2, model, model.config.to_hf_dict(), {"step": 2}, {})
     (second / training_state.MARKER).unlink()      # as if killed before the commit point
-    assert training_state.latest_checkpoint(tmp_path) is None
+    # `latest` names the torn folder: the newest complete one is taken, and the note says why
+    newest, note = discovery.newest_checkpoint(tmp_path)
+    assert newest == first and training_state.latest_checkpoint(tmp_path) == first
+    assert "ckpt/latest names step_00000002" in note and "step_00000002 (no checkpoint.json)" in note
     (tmp_path / "latest").write_text(first.name)
-    assert training_state.latest_checkpoint(tmp_path) == first
+    assert discovery.newest_checkpoint(tmp_path) == (first, None)
 
 
 def test_missing_rank_file_and_full_disk_mid_write_are_one_clear_error(tmp_path, monkeypatch):

@@ -401,9 +401,12 @@ def test_export_refuses_non_empty_folder_unless_overwrite(base_folder, tmp_path)
     target = tmp_path / "t"
     target.mkdir()
     (target / "keep.txt").write_text("x")
-    with pytest.raises(AnnealError, match="not empty.*overwrite=True"):
+    with pytest.raises(AnnealError, match="not empty.*--overwrite"):
         export_hf_checkpoint(model, target)
+    with pytest.raises(AnnealError, match="not an earlier export"):   # overwrite replaces only an export
+        export_hf_checkpoint(model, target, overwrite=True)
     assert (target / "keep.txt").exists()
+    (target / "anneal_meta.json").write_text("{}")                     # now it is one
     export_hf_checkpoint(model, target, overwrite=True)
     assert not (target / "keep.txt").exists() and (target / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no temp or backup folder left
@@ -454,10 +457,11 @@ def test_failed_overwrite_keeps_old_folder(base_folder, tmp_path, monkeypatch):
     target = tmp_path / "t"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    (target / "anneal_meta.json").write_text("{}")   # an earlier export
     fail_on_second_shard(monkeypatch)
     with pytest.raises(Boom):
         export_hf_checkpoint(model, target, max_shard_size="8KB", overwrite=True)
-    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["anneal_meta.json", "old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from _dist import run_distributed
+from _dist import run_distributed, run_on_one_gpu
 from anneal.errors import AnnealError
 from anneal.train.engine import Engine
 from anneal.train.paired_schedule import PairedSchedule
@@ -174,7 +174,12 @@ def _worker(rank, world, ep_size, zero_stage, ckpt, skew, compiled=False):
     (plain, rows_plain), (paired, rows_paired) = results
     _assert_same(plain, paired, rows_plain, rows_paired, exact=not compiled)
     if compiled:
-        assert rows_plain[0] == rows_paired[0]
+        # Step 1 starts from the same weights, so only the order of fp32 sums inside the traced graphs
+        # differs: a few ulps (one ulp, 7.6e-8 relative, seen on a CI machine; bitwise on another), not
+        # the 1e-5 that AdamW's amplification needs over 3 steps. Which order AOTAutograd and the CPU's
+        # kernels pick is not ours to fix, so bitwise here would hold only by luck of the machine.
+        flat = [[[*l, *c, a, g] for l, c, a, g in rows[:1]] for rows in (rows_plain, rows_paired)]
+        torch.testing.assert_close(*(torch.tensor(f, dtype=torch.float64) for f in flat), rtol=1e-6, atol=0)
     if skew:  # the case is what it says: every row goes to EP rank 0's experts [0, 4)
         router = next(iter(paired.routers().values()))
         assert int(router(torch.randn(64, TINY["hidden_size"]))[0].max()) < 4
@@ -317,21 +322,4 @@ def _worker_ds_cuda(rank, world, zero_stage):
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_deepspeed_bf16_paired_matches_plain_on_cuda(zero_stage):
     pytest.importorskip("deepspeed")
-    import os
-
-    from _dist import free_port
-
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import torch.multiprocessing as mp
-
-        mp.spawn(_worker_ds_cuda, args=(1, zero_stage), nprocs=1, join=True)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    run_on_one_gpu(_worker_ds_cuda, zero_stage)

@@ -373,3 +373,32 @@ def test_plot_losses_writes_png(tmp_path):
     out = plot_losses(history, tmp_path / "loss.png", schedule=Schedule.dots1_anneal("30M", "20M"))
     assert _is_png(out)
     assert _is_png(plot_losses([], tmp_path / "empty.png"))  # never fails at end of a run
+
+
+# --------------------------------------------------------------------------- whole steps (issue 21)
+def test_stages_are_rounded_to_whole_steps_so_each_ends_at_its_lr_end():
+    from anneal.train.batch_ramp import BatchRamp
+    from anneal.train.schedule import round_stages_to_steps
+
+    sched = Schedule([Stage("stage1", 1000, 3e-5), Stage("stage2", 100, 1e-5), Stage("stage3", 1024, 5e-6)],
+                     start_lr=3e-4)
+    rounded = round_stages_to_steps(sched, BatchRamp.constant(512), seq_len=64)
+    assert [st.tokens for st in rounded.stages] == [1024, 512, 1024]
+    assert len(rounded.notes) == 2
+    assert "stage stage1 (1K tokens) is not a whole number of 512-token batches" in rounded.notes[0]
+    assert "stage stage2 (100 tokens) is shorter than one batch (512 tokens)" in rounded.notes[1]
+    assert all("still ends at its lr_end" in n for n in rounded.notes)
+    # the loop's steps start on the stage boundaries: the first step after each stage trains at its lr_end
+    starts, t = [], 0
+    while t < rounded.total_tokens:
+        starts.append(t)
+        t += 512
+    for name in ("stage1", "stage2"):
+        end = rounded.stage_end(name)
+        assert end in starts and rounded.lr_at(end) == pytest.approx(rounded.stage(name).lr_end)
+    # a batch ramp: whole steps of whatever batch applies where each step starts
+    ramped = round_stages_to_steps(Schedule([Stage("s", 3000, 1e-5)], start_lr=1e-4),
+                                   BatchRamp([(0, 512), (1024, 1024)]), seq_len=64)
+    assert ramped.stages[0].tokens == 3072 and ramped.notes
+    exact = round_stages_to_steps(Schedule([Stage("s", 2048, 1e-5)], start_lr=1e-4), BatchRamp.constant(512), 64)
+    assert exact.stages[0].tokens == 2048 and exact.notes == ()

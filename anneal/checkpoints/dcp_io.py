@@ -19,8 +19,10 @@ which it reads with `torch.load(weights_only=False)`) and refuse to read one.
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -247,13 +249,30 @@ def load(folder: Path, tensors: dict[str, torch.Tensor], chunks: dict[str, tuple
 
 
 def _unwrap(e, what: str) -> Exception:
-    """DCP gathers every rank's exception into one CheckpointException: ours come back as they were."""
-    failures = {rank: getattr(exc, "exception", exc) for rank, exc in (getattr(e, "failures", {}) or {}).items()}
+    """DCP gathers every rank's exception into one CheckpointException (each a bare exception or an
+    (exception, traceback) pair): ours come back as they were, a full disk as ENOSPC (the callers
+    turn it into DiskFullError), anything else as one AnnealError line naming the folder."""
+    failures = {}
+    for rank, exc in (getattr(e, "failures", {}) or {}).items():
+        exc = exc[0] if isinstance(exc, tuple) and exc else exc
+        failures[rank] = getattr(exc, "exception", exc)
     for rank, exc in sorted(failures.items()):
         if isinstance(exc, AnnealError):
             return exc
     for rank, exc in sorted(failures.items()):
         if isinstance(exc, OSError):
             return exc
-    first = next(iter(sorted(failures.items())), (None, e))
-    return AnnealError(f"{what}: rank {first[0]}: {first[1]}")
+    rank, first = next(iter(sorted(failures.items())), (None, e))
+    text = " ".join(str(first).split())
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*", "", text)[:300]
+    if what.startswith("writing"):
+        if "No space left" in text or "file write failed" in text:
+            return OSError(errno.ENOSPC, f"No space left on device ({text})")
+        return AnnealError(f"{what}: rank {rank}: {text}. Nothing was committed: the previous checkpoint is intact; "
+                           "check the disk (full, read-only, quota?) and resume with run.resume=true")
+    if "weights_only" in text or not text:   # torch.load's advice to unpickle is not ours to give
+        text = ""
+    files = ", ".join(sorted(p.name for p in Path(what.rpartition(" ")[2]).glob("*.distcp"))[:4])
+    return AnnealError(f"{what}: rank {rank}: {files or 'a rank file'} is truncated or not a checkpoint file "
+                       f"({type(first).__name__}{': ' + text[:160] if text else ''}). Move this step folder aside and "
+                       "resume (the newest other complete checkpoint is used), or copy the folder again")

@@ -8,6 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from anneal.checkpoints import dcp_io, training_state
+# META_FILE, written into every export: what an anneal needs to continue from it (stage, LR, tokens
+# seen); `anneal checkpoint=<folder>` starts its schedule at this LR when schedule.start_lr is null
+from anneal.checkpoints.hf_export import META_FILE
 from anneal.errors import AnnealError
 from anneal.model.dots1 import Dots1ForCausalLM
 from anneal.model.config import Dots1Config
@@ -27,11 +30,6 @@ def find_step_folder(path: Path) -> Path:
     raise AnnealError(f"{path}: not a training checkpoint (no {training_state.MARKER} or model.safetensors + "
                       "config.json) and no ckpt/latest inside. "
                       "Pass runs/<id>/ckpt/step_N or runs/<id>")
-
-
-# Written into every export: what an anneal needs to continue from it (stage, LR, tokens seen);
-# `anneal checkpoint=<folder>` starts its schedule at this LR when schedule.start_lr is null.
-META_FILE = "anneal_meta.json"
 
 
 class _LazyTensor:

@@ -128,6 +128,27 @@ def write_shards(folder: Path, shards: dict[str, list[str]], sharded: bool, make
                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
+# written into every export anneal makes (anneal.checkpoints.export): what marks a folder as one
+META_FILE = "anneal_meta.json"
+
+
+def check_export_target(folder: Path, overwrite: bool) -> None:
+    """An export goes into a new or empty folder; `overwrite` replaces only an earlier export (a
+    folder holding META_FILE), never another folder of the user's."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise AnnealError(f"{folder}: exists and is not a folder; choose another export path")
+    if not any(folder.iterdir()):
+        return
+    if not overwrite:
+        raise AnnealError(f"{folder}: already exists and is not empty; choose another path, or replace an earlier "
+                          "export with --overwrite (anneal-export) / export.overwrite=true (anneal)")
+    if not (folder / META_FILE).is_file():
+        raise AnnealError(f"{folder}: not an earlier export (no {META_FILE}); --overwrite / export.overwrite "
+                          "replaces only an export, never another folder: choose another export path")
+
+
 def publish_export(tmp: Path, folder: Path, tokenizer_dir, extra_files: Mapping[str, str | bytes] | None) -> None:
     """Finish an export written into `tmp`: the tokenizer and extra files in, every file readable by
     others (some writers create 0600 files), then `tmp` takes the place of `folder` by rename (an
@@ -164,12 +185,7 @@ def export_hf_checkpoint(model, folder: str | os.PathLike, *, tokenizer_dir: str
     Returns the folder's path.
     """
     folder = Path(folder).absolute()
-    if folder.exists():
-        if not folder.is_dir():
-            raise AnnealError(f"{folder}: exists and is not a folder; choose another export path")
-        if any(folder.iterdir()) and not overwrite:
-            raise AnnealError(f"{folder}: already exists and is not empty; choose another path or pass "
-                              "overwrite=True to replace it")
+    check_export_target(folder, overwrite)
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise AnnealError(f"{tokenizer_dir}: tokenizer folder does not exist")
     for name in extra_files or {}:

@@ -8,6 +8,7 @@ is the plan of `anneal.checkpoints.hf_layout`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,23 @@ def _materialize(cfg: Dots1Config, *, dtype: torch.dtype, device: str | torch.de
     return model
 
 
+REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code")
+
+
+def note_remote_code_keys(config_file: Path) -> list[str]:
+    """config.json keys that point transformers at code shipped with the checkpoint: never run here
+    (our own dots1 model is built) and not carried into exports; said once, not dropped silently."""
+    try:
+        keys = [k for k in REMOTE_CODE_KEYS if k in json.loads(Path(config_file).read_text())]
+    except (OSError, ValueError):
+        return []
+    if keys:
+        logging.getLogger("anneal").warning(
+            f"{config_file}: {', '.join(keys)} ignored: anneal builds its own dots1 model and never runs code from "
+            "a checkpoint; exports load with transformers' built-in dots1 (no trust_remote_code)")
+    return keys
+
+
 def load_hf_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                        experts_backend: str = "torch", device: str | torch.device = "cpu",
                        expert_range: tuple[int, int] | None = None):
@@ -130,6 +148,7 @@ def load_hf_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
         raise AnnealError(f"{folder}: checkpoint folder does not exist (or is not a folder). Pass a folder "
                           "holding config.json and *.safetensors, or a catalog name.")
     cfg = Dots1Config.from_json(folder / "config.json")
+    note_remote_code_keys(folder / "config.json")
     rng = expert_range_or_all(cfg, expert_range)
     plan = hf_weight_plan(cfg, rng)
     tensors = scan_tensors(folder)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from anneal.checkpoints import training_state
 from anneal.checkpoints.export import StreamedCheckpoint, find_step_folder
-from anneal.checkpoints.hf_export import (_generation_config, export_config_dict, publish_export, save_shard,
+from anneal.checkpoints.hf_export import (_generation_config, check_export_target, export_config_dict, publish_export, save_shard,
                                           split_into_shards, write_json)
 from anneal.checkpoints.hf_layout import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, export_dtype, export_tensor,
                                           hf_producers, hf_weight_plan, is_ignorable)
@@ -89,9 +89,7 @@ def export_checkpoint(path: Path, folder: Path, *, tokenizer_dir: Path | None = 
 
     def check():
         if rank == 0:
-            if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not overwrite)):
-                raise AnnealError(f"{folder}: already exists and is not empty; choose another path or pass "
-                                  "overwrite=True (--overwrite) to replace it")
+            check_export_target(folder, overwrite)
             if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
                 raise AnnealError(f"{tokenizer_dir}: tokenizer folder does not exist")
         folder.parent.mkdir(parents=True, exist_ok=True)

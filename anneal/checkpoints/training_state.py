@@ -34,12 +34,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from anneal.checkpoints import dcp_io, state_io, write_guards
+from anneal.checkpoints import dcp_io, discovery, state_io, write_guards
+from anneal.checkpoints.discovery import LATEST, MARKER, STATE
 from anneal.checkpoints.state_io import UnsafeStateError
 from anneal.errors import AnnealError
-
-LATEST = "latest"
-STATE = "trainer_state"  # <step>/trainer_state.json + .safetensors (anneal.checkpoints.state_io)
 
 
 def rng_state() -> dict:
@@ -62,14 +60,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------ sharded format
-MARKER = "checkpoint.json"   # written last: a step folder without it is not a checkpoint
 FORMAT = "anneal-dcp/1"
 MODEL, EXP_AVG, EXP_AVG_SQ = "model/", "exp_avg/", "exp_avg_sq/"   # DCP key prefixes
 _EXPERT_SUFFIXES = ("mlp.experts.w_gate_up", "mlp.experts.w_down")
@@ -200,12 +191,14 @@ def save_checkpoint(ckpt_root: Path, step: int, model, hf_config: dict, trainer_
             marker = {"format": FORMAT, "step": step, "layout": layout or {"world_size": 1},
                       "optimizer": any(p.exp_avg is not None for p in pieces),
                       "tensors": {p.name: list(p.shape) for p in pieces}}
-            _atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1))   # the commit point of the folder
+            discovery.atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1))  # the folder's commit point
+            discovery.fsync_tree(tmp)  # every rank's files and the marker on the disk before the rename
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        _atomic_write_text(ckpt_root / LATEST, name)
-        _prune(ckpt_root, keep)
+            discovery.fsync_path(ckpt_root)
+            discovery.atomic_write_text(ckpt_root / LATEST, name)
+        discovery.prune(ckpt_root, keep, just_written=final)
 
     error = agree_on_errors(write) or agree_on_errors(commit)
     if error is not None:
@@ -215,29 +208,9 @@ def save_checkpoint(ckpt_root: Path, step: int, model, hf_config: dict, trainer_
     return final
 
 
-def _complete(step_dir: Path) -> bool:
-    return (step_dir / MARKER).exists() or ((step_dir / "model.safetensors").exists()
-                                            and ((step_dir / f"{STATE}.json").exists()
-                                                 or (step_dir / f"{STATE}.pt").exists()))
-
-
-def _prune(ckpt_root: Path, keep: int) -> None:
-    """Keep the newest `keep` (at least one) complete step folders."""
-    keep = max(keep, 1)
-    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and _complete(p))
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_root.glob(".tmp-step_*"):  # left by a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
-    shutil.rmtree(ckpt_root / "zero", ignore_errors=True)  # per-rank states of the older format
-
-
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    pointer = ckpt_root / LATEST
-    if not pointer.exists():
-        return None
-    path = ckpt_root / pointer.read_text().strip()
-    return path if _complete(path) else None
+    """The newest complete checkpoint by step number, whatever `latest` says (`discovery`)."""
+    return discovery.newest_checkpoint(ckpt_root)[0]
 
 
 def read_marker(path: Path) -> dict:
@@ -264,15 +237,17 @@ def expert_chunk(name: str, shape: tuple, expert_range: tuple[int, int] | None) 
     return 0, total
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, check_state=None) -> dict:
     """Load weights into `model` and return the trainer state (read first: a foreign pickle is
-    refused before anything else). A model that holds only its rank's experts
+    refused before anything else; `check_state(state)` may refuse it before any weight is read). A model that holds only its rank's experts
     (`model.expert_range`, expert parallelism) reads only its experts' range. Collective under a
     process group (every rank loads its model)."""
     path = Path(path)
     if (path / "model.safetensors").exists() and not (path / MARKER).exists():
-        return _load_safetensors_checkpoint(path, model)
+        return _load_safetensors_checkpoint(path, model, check_state)
     state = state_io.load_state(path / STATE)
+    if check_state is not None:
+        check_state(state)
     marker = read_marker(path)
     saved = {k: tuple(v) for k, v in marker["tensors"].items()}
     sd = model.state_dict()
@@ -288,6 +263,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
         target = t.view(-1) if t.is_contiguous() else torch.empty(numel, dtype=t.dtype)
         tensors[MODEL + name], chunks[MODEL + name] = target, (offset, math.prod(saved[name]))
     dcp_io.load(path, tensors, chunks, collective=_distributed())
+    check_finite(path, tensors)
     with torch.no_grad():
         for name, t in sd.items():
             if not t.is_contiguous():
@@ -307,6 +283,18 @@ def load_pieces(path: Path, pieces: list[Piece], moments: bool = True) -> None:
     params = [p for p in pieces if p.exp_avg is not None]
     tensors, chunks, _ = _dcp_entries(params, moments=moments)
     dcp_io.load(path, tensors, chunks, collective=_distributed())
+    check_finite(path, tensors)
+
+
+def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A checkpoint never holds NaN/inf (writing refuses them): one that does was damaged on the
+    disk, and training from it would blame the LR. Names the first bad tensor."""
+    bad = write_guards.first_nonfinite(tensors)
+    if bad is not None:
+        raise write_guards.CorruptCheckpointError(
+            f"{path}: tensor {bad} holds NaN or inf values, which a checkpoint never holds (they are refused "
+            "when written): the files were damaged on the disk. Move this step folder aside and resume (the "
+            "newest other complete checkpoint is used), or copy the folder again")
 
 
 def read_full_tensor(path: Path, name: str, shape: tuple | None = None, rows: tuple[int, int] | None = None
@@ -331,7 +319,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return {n: read_full_tensor(path, n, tuple(s)) for n, s in read_marker(path)["tensors"].items()}
 
 
-def _load_safetensors_checkpoint(path: Path, model: torch.nn.Module) -> dict:
+def _load_safetensors_checkpoint(path: Path, model: torch.nn.Module, check_state=None) -> dict:
     """The older format (one gathered model.safetensors)."""
     tensors = load_file(str(path / "model.safetensors"))
     start, stop = model.expert_range
@@ -340,6 +328,9 @@ def _load_safetensors_checkpoint(path: Path, model: torch.nn.Module) -> dict:
             if name.endswith(_EXPERT_SUFFIXES):
                 tensors[name] = tensors[name][start:stop]
     state = state_io.load_state(path / STATE)  # first: refuse a foreign pickle before touching the model
+    if check_state is not None:
+        check_state(state)
+    check_finite(path, tensors)
     model.load_state_dict(tensors, strict=True)
     return state
 

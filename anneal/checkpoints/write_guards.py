@@ -24,6 +24,10 @@ class NonFiniteWeightsError(AnnealError):
     """Weights with NaN/inf are never written as a checkpoint or an export."""
 
 
+class CorruptCheckpointError(AnnealError):
+    """A checkpoint file that is damaged (truncated, foreign bytes, NaN/inf where none was written)."""
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -47,12 +51,15 @@ def ensure_free_space(folder: Path, need_bytes: int, what: str) -> None:
 
 @contextmanager
 def reporting_full_disk(what: str, folder: Path, need_bytes: int):
-    """An ENOSPC/EDQUOT while writing becomes DiskFullError (the caller removes its partial files)."""
+    """An ENOSPC/EDQUOT/EFBIG while writing becomes DiskFullError, any other OSError one AnnealError
+    line naming the file (the caller removes its partial files)."""
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise AnnealError(f"{what}: writing {e.filename or folder} failed ({e.strerror or e}). Nothing was lost: "
+                              "the partial files were removed and the previous checkpoint is intact. Fix the disk "
+                              "(permissions, mount) and resume with run.resume=true") from None
         raise DiskFullError(f"{what}: the disk filled up while writing to {folder} (about {_gb(need_bytes)} "
                             f"needed; {e.strerror}). Nothing was lost: the partial files were removed and the "
                             "previous checkpoint is intact. Free some space and resume with run.resume=true") from None

@@ -94,6 +94,8 @@ def adopt_moe_layers(model: torch.nn.Module, groups: ep.EPGroups) -> int:
 # Keys the trainer's (Hydra) config decides. A user's extra DeepSpeed keys may add anything else,
 # and may repeat one of these only with the same value.
 OPTIMIZER_OWNED = ("optimizer", "scheduler")
+# Sections that would change how gradients are computed or summed behind the precision policy
+PRECISION_OWNED = ("fp16", "amp", "torch_autocast")
 
 
 def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = None,
@@ -112,11 +114,20 @@ def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = 
         "gradient_clipping": float(tcfg.grad_clip),
         "zero_optimization": {"stage": int(zero_stage), "contiguous_gradients": True, "reduce_scatter": True},
         # check_grad_overflow: a non-finite gradient drops the step's update (DeepSpeed's overflow
-        # path, the one fp16 uses) instead of writing NaN into the masters (anneal.train.guards)
-        "bf16": {"enabled": bool(bf16), **({"check_grad_overflow": True} if bf16 else {})},
+        # path, the one fp16 uses) instead of writing NaN into the masters (anneal.train.guards).
+        # immediate_grad_update: ZeRO 1's bf16 optimizer folds each parameter's bf16 gradient into
+        # its fp32 one from a post-accumulate-grad hook, then frees it. Without it the fold runs after
+        # every engine.backward and the bf16 gradient is only zeroed by a prologue that
+        # DeepSpeedEngine.forward's output hooks run -- our step calls the model, not the engine, so
+        # micro-batch k of n was counted n-k+1 times (docs/deepspeed.md, "Hooks").
+        "bf16": {"enabled": bool(bf16), **({"check_grad_overflow": True, "immediate_grad_update": True} if bf16 else {})},
         # the mixed-precision policy (anneal.model.precision): bf16 compute weights, fp32 masters and
         # optimizer state, gradients accumulated over the micro-batches in fp32
         **({"data_types": {"grad_accum_dtype": grad_accum_dtype}} if bf16 else {}),
+        # and reduced over the data-parallel ranks in that dtype: DeepSpeed's bf16 default casts the
+        # fp32 sums to bf16 for the all-reduce / reduce-scatter, which rounds every step's gradient
+        # to 8 significant bits and undoes the fp32 accumulation (Megatron reduces in fp32 too)
+        **({"communication_data_type": grad_accum_dtype} if bf16 else {}),
         "zero_allow_untested_optimizer": True,   # our client torch AdamW
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -130,6 +141,10 @@ def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = 
         if key in extra:
             raise AnnealError(f"trainer.deepspeed.{key}: the batch size comes from schedule.batch_tokens and "
                               "trainer.micro_batch_size; remove this DeepSpeed key")
+    for key in PRECISION_OWNED:
+        if key in extra:
+            raise AnnealError(f"trainer.deepspeed.{key}: the mixed-precision policy comes from trainer.bf16 and "
+                              "trainer.grad_accum_dtype (anneal.model.precision); remove this DeepSpeed key")
     return _merge(base, extra, "trainer.deepspeed")
 
 
@@ -141,6 +156,10 @@ _SOURCE = {
     "data_types.grad_accum_dtype": "the mixed-precision policy (anneal.model.precision: fp32 accumulation)",
     "gradient_accumulation_steps": "the schedule's batch ramp (set per step by the trainer)",
     "managed_gradient_accumulation": "the trainer (it drives accumulation boundaries)",
+    "communication_data_type": "the mixed-precision policy (gradients reduced in the accumulation dtype)",
+    "bf16.immediate_grad_update": "the trainer's step, which calls the model and not DeepSpeedEngine.forward "
+                                  "(docs/deepspeed.md, \"Hooks\")",
+    "bf16.check_grad_overflow": "the non-finite guard (trainer.on_nonfinite)",
 }
 
 
@@ -213,10 +232,9 @@ class DeepSpeedEngine(PostStepHooks):
             if not isinstance(layers[0].experts.backend, ep.EPBackend):
                 ep.shard_experts(model, self.groups)
             adopt_moe_layers(model, self.groups)
-        device = next(model.parameters()).device
         policy = policy or PrecisionPolicy()
-        if policy.mixed and device.type != "cuda":
-            raise AnnealError("trainer.bf16 with the DeepSpeed engine needs CUDA; on CPU use trainer.bf16=false")
+        # a bf16 policy reaches here on CUDA only (PrecisionPolicy.for_device computes in fp32 on CPU);
+        # the engine-agreement tests build one on CPU, where DeepSpeed's bf16 optimizers run too
         self.config = deepspeed_config(tcfg, zero_stage=zero_stage, bf16=policy.mixed, extra=extra_config,
                                        grad_accum_dtype="fp32" if policy.grad_accum_dtype == torch.float32 else "bf16")
 
@@ -228,7 +246,7 @@ class DeepSpeedEngine(PostStepHooks):
 
         param_groups = [g for g in split_params_into_different_moe_groups_for_optimizer(param_groups) if g["params"]]
         optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
-                                      fused=(device.type == "cuda") or None)
+                                      fused=(next(model.parameters()).is_cuda) or None)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=copy.deepcopy(self.config), dist_init_required=False)
         self.model = model

@@ -18,7 +18,7 @@ from anneal.model.dots1 import Dots1ForCausalLM
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.batch_ramp import BatchRamp
 from anneal.train.devices import data_workers
-from anneal.train.schedule import Schedule
+from anneal.train.schedule import Schedule, round_stages_to_steps
 from anneal.train.start_lr import resolve_start_lr
 
 WSD_PHASES = ("warmup", "stable", "stage1", "stage2")
@@ -122,7 +122,8 @@ def build_schedule(cfg: DictConfig, start_lr: float) -> tuple[Schedule, BatchRam
     for stage in sched_cfg["stages"]:
         if stage.get("lr_start") is None:
             stage.pop("lr_start", None)
-    return Schedule.from_config(sched_cfg), build_ramp(cfg)
+    ramp = build_ramp(cfg)
+    return round_stages_to_steps(Schedule.from_config(sched_cfg), ramp, cfg.data.seq_len), ramp
 
 
 def build_ramp(cfg: DictConfig) -> BatchRamp:

@@ -32,28 +32,48 @@ from anneal.train.devices import (compile_enabled, device_peak_tflops, peak_host
 from anneal.train.guards import StepGuard
 from anneal.train.paired_schedule import PairedSchedule
 from anneal.train.preemption import PreemptionRequest
-from anneal.train.run_dir import claim_run_dir, resume_command, resume_point, wandb_group
+from anneal.checkpoints.discovery import step_number
+from anneal.train.resume import validate_trainer_state
+from anneal.train.run_dir import claim_run_dir, resume_command, wandb_group
 from anneal.train.schedule import format_tokens, parse_tokens
 from anneal.train.step import train_step
 from anneal.train.tracking import NullTracker, Tracker
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    validate_config(cfg)
-    torch.manual_seed(cfg.seed)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    engine_cls = engine_class(cfg.trainer.engine)
-    device = pick_device(cfg.trainer.device)
-    set_deterministic(cfg.trainer.deterministic, device)
-    device, layout = engine_cls.launch(cfg, device)
-    run_dir = Path(layout.broadcast(str(run_dir)))  # Hydra's timestamped folder may differ between ranks
-    resume_from = layout.rank0_first(lambda: claim_run_dir(cfg, run_dir), lambda: resume_point(cfg, run_dir))
+    # from the start a SIGTERM/SIGUSR1/SIGINT asks for a stop after the next step, with a checkpoint
+    with PreemptionRequest() as preemption:
+        validate_config(cfg)
+        torch.manual_seed(cfg.seed)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        engine_cls = engine_class(cfg.trainer.engine)
+        device = pick_device(cfg.trainer.device)
+        set_deterministic(cfg.trainer.deterministic, device)
+        device, layout = engine_cls.launch(cfg, device)
+        run_dir = Path(layout.broadcast(str(run_dir)))  # Hydra's timestamped folder may differ between ranks
+        claim = layout.rank0_first(lambda: claim_run_dir(cfg, run_dir), lambda: None)
+        try:
+            return _train_claimed(cfg, run_dir, device, layout, engine_cls, claim, preemption)
+        finally:
+            if claim is not None:
+                claim.lock.release()
+
+
+def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemption) -> dict:
+    resume_from = layout.broadcast(str(claim.resume_from) if claim and claim.resume_from else None)
+    resume_from = Path(resume_from) if resume_from else None
     p = layout.rank0_first(lambda: prepare(cfg, run_dir, device, layout))
     load_peak_gb = layout.all_gather(peak_host_memory_gb())  # what sharded loading saves
-    state = training_state.load_checkpoint(resume_from, p.model) if resume_from is not None else None
+    state = None
+    if resume_from is not None:
+        def check(st):
+            validate_trainer_state(st, resume_from, cfg.data.seq_len, [b for _, b in p.ramp.points],
+                                   step_number(resume_from), p.schedule.total_tokens)
+        state = training_state.load_checkpoint(resume_from, p.model, check_state=check)
 
-    notes: list[str] = []
+    notes: list[str] = list(claim.notes) if claim is not None else []
+    notes += list(p.schedule.notes)
     policy = PrecisionPolicy.for_device(cfg.trainer.bf16, device, note=notes.append,
                                         grad_accum=cfg.trainer.grad_accum_dtype)
     engine = engine_cls.from_config(p.model, cfg, policy, layout)  # casts the model to the compute dtype
@@ -76,19 +96,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     else:
         tracker = NullTracker(history)
     for note in notes:
-        tracker.print(note)
+        tracker.print(note, markup=False, highlight=False, soft_wrap=True)
     if resume_from is not None:
-        tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)")
+        tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)", markup=False,
+                      soft_wrap=True)
     tracker.print(f"model ready: peak host memory per rank {', '.join(f'{g:.2f}' for g in load_peak_gb)} GB")
     run = Run(cfg, p, engine, tracker, layout, device, run_dir, last_checkpoint=resume_from)
     try:
-        with PreemptionRequest() as preemption:
-            result = fit(run, step, tokens, callback_states=state.get("callbacks", {}) if state else {},
-                         stop_requested=lambda: bool(preemption))
+        result = fit(run, step, tokens, callback_states=state.get("callbacks", {}) if state else {},
+                     stop_requested=lambda: bool(preemption))
         tracker.print(p.stream.format_accounting(global_accounting(run)), markup=False, highlight=False)
+        result["resume_command"] = resume_command(cfg, run_dir)
         if result["preempted"]:
-            tracker.print(f"{preemption.received}: stopped after step {result['step']} with a checkpoint; resume with\n  "
-                          + resume_command(cfg, run_dir), markup=False, highlight=False)
+            tracker.print(f"{preemption.received}: stopped after step {result['step']} with a checkpoint; resume with:",
+                          markup=False, highlight=False)
+            tracker.print(result["resume_command"], markup=False, highlight=False, soft_wrap=True)
     finally:
         tracker.close()
         p.stream.close()

@@ -1,6 +1,6 @@
-"""Preemption: SIGTERM (a scheduler's kill, which torchrun forwards to its workers) or SIGUSR1
-(what SLURM sends `--signal=USR1@<seconds>` before the kill) asks the run to stop at the end of the
-current step. The loop then writes a checkpoint, prints the resume command and the process exits
+"""Preemption: SIGTERM (a scheduler's kill, which torchrun forwards to its workers), SIGUSR1
+(what SLURM sends `--signal=USR1@<seconds>` before the kill) or a first Ctrl-C (SIGINT) asks the
+run to stop at the end of the current step (a second Ctrl-C interrupts at once). The loop then writes a checkpoint, prints the resume command and the process exits
 with PREEMPTED_EXIT_CODE. Ranks agree on the request through the step's statistics all-reduce, so
 every rank stops after the same step.
 """
@@ -10,7 +10,7 @@ import signal
 import threading
 
 PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL: "try again later"; a checkpoint of the last step exists
-SIGNALS = ("SIGTERM", "SIGUSR1")
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 
 class PreemptionRequest:
@@ -25,6 +25,8 @@ class PreemptionRequest:
         return self.received is not None
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
         self.received = self.received or signal.Signals(signum).name
 
     def __enter__(self) -> PreemptionRequest:

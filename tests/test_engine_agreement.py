@@ -1,0 +1,289 @@
+"""Engine agreement: what each engine hands its optimizer equals an fp64 reference.
+
+For every configuration (native / DeepSpeed ZeRO 1 and 2; fp32 and the bf16 policy; EP 1, EP 2 and
+DP 2 x EP 2 under gloo; plain and paired schedule; gradient checkpointing) a few steps run with a
+micro-batch count that changes from step to step (1, 3, 8: a batch ramp). At every step:
+
+- the fp32 gradient the inner torch optimizer receives (read in its step pre-hook, so after
+  DeepSpeed's fold, reduction and partitioning) equals the reference gradient: an fp64 copy of the
+  model at the engine's compute weights, the loss of `anneal.train.step.accumulate` (token mean +
+  aux per micro-batch, / n) over every rank's micro-batches, averaged over the ranks;
+- the grad norm the engine reports equals the reference norm;
+- the update of the fp32 masters equals the one fp64 AdamW makes from the reference gradients.
+
+Tolerances, norm-relative per tensor (||g - ref|| / ||ref||):
+- fp32 compute: 1e-5. The "fp64" reference keeps the model's fp32 islands (router logits, the
+  loss's log-softmax), so it is exact to ~1e-7, far below the bound; the rest is fp32 rounding.
+- bf16 compute: the reference runs the model in bf16 at the engine's weights, one backward per
+  micro-batch, and sums those bf16 gradients in fp64: what is checked is the engines' fp32
+  accumulation, reduction and partitioning, not bf16 arithmetic (against an fp64 forward, bf16
+  activations flip top-k choices in this 3-layer model: up to 38% on a router weight, 3% in norm).
+  One process: 1e-5 (measured 8e-10). Under EP the engine's own per-micro-batch bf16 expert
+  gradients sum rows in another order than the one-process reference, so they differ by bf16
+  rounding: 1e-2 per tensor and 5e-3 whole (measured 2.6e-3 on an expert tensor, nothing elsewhere).
+  Grad norms within 1e-5 (fp32) and 1% (bf16, as the issue asks).
+The bugs these tests exist for: DeepSpeed's bf16 optimizer counting micro-batch k of n n-k+1 times
+(a 126% error on step 2 here), and its gradient reduction in bf16 by default, which rounds the fp32
+sums to bf16 (0.13%, 130x the bound). Both are fixed in `ds_engine.deepspeed_config`.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from _dist import run_distributed, run_on_one_gpu
+from test_ep import tiny_model
+from test_paired_schedule import SOURCES, _batches
+
+LR, BETAS, EPS, WD = 1e-3, (0.9, 0.95), 1e-8, 0.1
+RAMP = [1, 3, 8]            # micro-batches per rank at steps 1, 2, 3
+TOL = {(False, False): (1e-5, 1e-5), (True, False): (1e-5, 1e-5), (True, True): (5e-3, 1e-2)}  # (bf16, EP>1): (whole, per tensor)
+# the update after the step, (whole model, per tensor): AdamW's first step is lr * sign(g), so an element
+# whose gradient is near zero flips the sign of its update at a rounding-level gradient difference;
+# under EP with bf16 (the 2.6e-3 above) that moved 3.5% of an expert tensor's update norm
+UPDATE_TOL = {(False, False): (1e-3, 1e-2), (True, False): (1e-3, 1e-2), (True, True): (5e-2, 1e-1)}
+
+
+def _tcfg():
+    return SimpleNamespace(micro_batch_size=2, betas=list(BETAS), eps=EPS, weight_decay=WD, grad_clip=0.0, bf16=False)
+
+
+# ------------------------------------------------------------------------------------ reference
+class Reference:
+    """The step's gradient summed in fp64, and AdamW's moments over those gradients in fp64."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.m, self.v, self.t = {}, {}, 0
+
+    def gradients(self, weights: dict[str, torch.Tensor], step: int, n: int, world: int,
+                  dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """At `weights` (the engine's whole model at its compute weights), in `dtype`: the gradient
+        of `accumulate`'s loss, each micro-batch of every rank in its own backward, summed in fp64
+        and averaged over the ranks."""
+        from anneal.train.step import to_device, token_losses
+
+        if dtype == torch.float64:
+            self.model.double()
+        else:
+            self.model.to_dtype(dtype)
+        self.model.load_state_dict(weights)
+        total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in self.model.named_parameters()}
+        for rank in range(world):
+            for batch in _batches(step, n, rank):
+                self.model.zero_grad(set_to_none=True)
+                loss = token_losses(self.model, to_device(batch, device)).mean() + self.model.aux_loss()
+                (loss / (n * world)).backward()
+                for name, p in self.model.named_parameters():
+                    total[name] += p.grad.double()
+        return total
+
+    def updates(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """AdamW's step direction per parameter (lr * m_hat / (sqrt(v_hat) + eps)); the decoupled
+        weight decay (lr * wd * w) is added where the engine's own masters are known."""
+        self.t += 1
+        out = {}
+        for name, g in grads.items():
+            m = self.m[name] = BETAS[0] * self.m.get(name, 0) + (1 - BETAS[0]) * g
+            v = self.v[name] = BETAS[1] * self.v.get(name, 0) + (1 - BETAS[1]) * g * g
+            m_hat, v_hat = m / (1 - BETAS[0] ** self.t), v / (1 - BETAS[1] ** self.t)
+            out[name] = LR * m_hat / (v_hat.sqrt() + EPS)
+        return out
+
+
+def _norm(grads: dict) -> float:
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+
+
+# ----------------------------------------------------------------- what the engine hands its optimizer
+def _capture(inner: torch.optim.Optimizer) -> dict:
+    """Clones of the inner optimizer's gradients at each step, keyed by parameter object id
+    (DeepSpeed's ZeRO optimizer steps its param groups one call at a time)."""
+    seen = {}
+
+    def hook(opt, args, kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                seen[id(p)] = p.grad.detach().clone() if p.grad is not None else None
+    inner.register_step_pre_hook(hook)
+    return seen
+
+
+def _ds_fragments(model, engine, tensors: dict) -> dict[str, tuple[int, torch.Tensor]]:
+    """name -> (offset in the flattened full parameter, this rank's fragment) of the flat fp32
+    partition tensors in `tensors` (by id), placed as DeepSpeed's fragment maps say."""
+    from moe import ep
+
+    inner = engine.engine.optimizer.optimizer
+    start, _ = model.expert_range
+    out = {}
+    for name, p in model.named_parameters():
+        hp = getattr(p, "_hp_mapping", None)
+        if hp is None:
+            continue
+        flat = inner.param_groups[hp.param_group_index]["params"][0]
+        at = hp.hp_fragment_address
+        base = start * p[0].numel() if ep.is_expert_param(p) else 0
+        out[name] = (base + hp.lp_fragment_address.start, tensors[id(flat)].narrow(0, at.start, at.numel))
+    return out
+
+
+def _native_fragments(engine, tensors: dict) -> dict[str, tuple[int, torch.Tensor]]:
+    names = engine.masters.names if engine.masters else [n for n, p in engine.model.named_parameters()]
+    return {n: (0, tensors[id(p)].reshape(-1)) for n, p in zip(names, engine.params)}
+
+
+def _params_now(engine) -> dict:
+    if hasattr(engine, "engine"):
+        return {id(p): p.detach().clone() for g in engine.engine.optimizer.optimizer.param_groups for p in g["params"]}
+    return {id(p): p.detach().clone() for p in engine.params}
+
+
+def _compare(got: dict, want: dict, tol: float, tensor_tol: float, what: str) -> None:
+    """Norm-relative error of this rank's fragments against the reference, whole and per tensor."""
+    err2 = ref2 = 0.0
+    for name, (offset, frag) in got.items():
+        ref = want[name].reshape(-1).narrow(0, offset, frag.numel())
+        e, r = float((frag.double() - ref).pow(2).sum()), float(ref.pow(2).sum())
+        err2, ref2 = err2 + e, ref2 + r
+        assert math.sqrt(e) <= tensor_tol * math.sqrt(r) + 1e-12, \
+            f"{what} {name}: relative error {math.sqrt(e / r) if r else math.sqrt(e):.3g} > {tensor_tol}"
+    assert math.sqrt(err2) <= tol * math.sqrt(ref2), f"{what}: relative error {math.sqrt(err2 / ref2):.3g} > {tol}"
+
+
+# --------------------------------------------------------------------------------------- one run
+def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, ep_size: int,
+         paired: bool = False, ckpt: bool = False, ramp=RAMP, device: str = "cpu") -> None:
+    from anneal.model.precision import PrecisionPolicy
+    from anneal.train.engine import Engine
+    from anneal.train.paired_schedule import PairedSchedule
+    from anneal.train.step import accumulate
+
+    policy = PrecisionPolicy(torch.bfloat16) if bf16 else PrecisionPolicy()
+    device = torch.device(device)
+    ref = Reference(tiny_model().to(device))
+    ref_dtype = torch.bfloat16 if bf16 else torch.float64
+    ref.model.set_aux_loss_coef(0.01)
+    model = tiny_model().to(device)
+    model.set_aux_loss_coef(0.01)
+    model.gradient_checkpointing = ckpt
+    decays = {n: p.ndim >= 2 for n, p in model.named_parameters()}
+    if engine_name == "native":
+        engine = Engine(model, _tcfg(), policy)
+        inner, whole = engine.optimizer, model.state_dict
+        frags = lambda tensors: _native_fragments(engine, tensors)  # noqa: E731
+    else:
+        from anneal.parallel import ds_engine
+        from moe import ep
+
+        if bf16:
+            model.to_dtype(torch.bfloat16)
+        engine = ds_engine.DeepSpeedEngine(model, _tcfg(), ep_size=ep_size, zero_stage=zero_stage, policy=policy)
+        inner, whole = engine.engine.optimizer.optimizer, lambda: ep.full_state_dict(model, engine.groups)
+        frags = lambda tensors: _ds_fragments(model, engine, tensors)  # noqa: E731
+    seen = _capture(inner)
+    tol, tensor_tol = TOL.get((bf16, ep_size > 1), TOL[False, False])
+    sched = PairedSchedule(model, engine) if paired else None
+    label = f"{engine_name} zero{zero_stage} {'bf16' if bf16 else 'fp32'} ep{ep_size} world{world}" + \
+        (" paired" if paired else "") + (" ckpt" if ckpt else "")
+    for step, n in enumerate(ramp):
+        want = ref.gradients(whole(), step, n, world, ref_dtype, device)
+        masters_before = frags(_params_now(engine))
+        batches = iter(_batches(step, n, rank))
+        if sched is not None:
+            sched.accumulate(batches, n, SOURCES, device)
+        else:
+            accumulate(model, engine, batches, n, SOURCES, device)
+        norm = engine.step(LR)
+        where = f"{label}, step {step + 1} ({n} micro-batches)"
+        _compare(frags(seen), want, tol, tensor_tol, f"{where}: gradient")
+        assert abs(norm - _norm(want)) <= (1e-2 if bf16 else 1e-5) * _norm(want), \
+            f"{where}: grad norm {norm} vs reference {_norm(want)}"
+        # the update (masters after - before) against AdamW's in fp64, norm-relative like the
+        # gradients: an element whose gradient is near AdamW's eps turns a rounding-level gradient
+        # difference into a large relative one, so no per-element bound
+        direction = ref.updates(want)
+        moved, expected = {}, {}
+        for name, (offset, after) in frags(_params_now(engine)).items():
+            w = masters_before[name][1].double()
+            moved[name] = (offset, after.double() - w)
+            expected[name] = torch.zeros(want[name].numel(), dtype=torch.float64, device=device)
+            expected[name][offset:offset + w.numel()] = \
+                -direction[name].reshape(-1)[offset:offset + w.numel()] - LR * WD * decays[name] * w
+        _compare(moved, expected, *UPDATE_TOL.get((bf16, ep_size > 1), UPDATE_TOL[False, False]), f"{where}: update")
+
+
+def _ds_worker(rank, world, ep_size, configs, device="cpu"):
+    """Each (zero_stage, bf16, paired, ckpt, ramp) in turn, in one set of processes (DeepSpeed's
+    start-up is most of the cost)."""
+    pytest.importorskip("deepspeed")
+    from anneal.parallel import ds_engine
+
+    ds_engine.init_distributed(device)
+    for zero_stage, bf16, paired, ckpt, ramp in configs:
+        _run(rank, world, "deepspeed", zero_stage, bf16, ep_size, paired, ckpt, ramp, device)
+
+
+# ------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_native_engine_matches_fp64_reference(bf16):
+    _run(0, 1, "native", 0, bf16, 1)
+
+
+@pytest.mark.slow
+def test_deepspeed_one_process_matches_fp64_reference():
+    """ZeRO 1 and 2, fp32 and bf16 (ZeRO 1 + bf16 is DeepSpeed's BF16_Optimizer, which runs on CPU)."""
+    pytest.importorskip("deepspeed")
+    run_distributed(_ds_worker, 1, 1, [(z, bf16, False, False, RAMP) for z in (1, 2) for bf16 in (False, True)])
+
+
+@pytest.mark.slow
+def test_deepspeed_ep2_matches_fp64_reference():
+    """bf16 ZeRO 1 plain; bf16 ZeRO 2 with the paired schedule (2+ micro-batches per rank) and
+    gradient checkpointing; fp32 ZeRO 1 paired."""
+    pytest.importorskip("deepspeed")
+    run_distributed(_ds_worker, 2, 2, [(1, True, False, False, RAMP), (2, True, True, True, [2, 3, 8]),
+                                       (1, False, True, False, [2, 8])])
+
+
+@pytest.mark.slow
+def test_deepspeed_dp2_x_ep2_matches_fp64_reference():
+    pytest.importorskip("deepspeed")
+    run_distributed(_ds_worker, 4, 2, [(1, True, False, False, [1, 3])])
+
+
+def test_deepspeed_config_refuses_keys_that_change_accumulation():
+    pytest.importorskip("deepspeed")
+    from anneal.errors import AnnealError
+    from anneal.parallel.ds_engine import deepspeed_config
+
+    tcfg = _tcfg()
+    with pytest.raises(AnnealError, match=r"trainer\.deepspeed\.bf16\.immediate_grad_update=False contradicts"):
+        deepspeed_config(tcfg, zero_stage=1, bf16=True, extra={"bf16": {"immediate_grad_update": False}})
+    with pytest.raises(AnnealError, match=r"trainer\.deepspeed\.gradient_accumulation_steps=4 contradicts"):
+        deepspeed_config(tcfg, zero_stage=1, bf16=False, extra={"gradient_accumulation_steps": 4})
+    with pytest.raises(AnnealError, match=r"trainer\.deepspeed\.fp16: the mixed-precision policy"):
+        deepspeed_config(tcfg, zero_stage=2, bf16=False, extra={"fp16": {"enabled": True}})
+    assert deepspeed_config(tcfg, zero_stage=1, bf16=True)["bf16"]["immediate_grad_update"] is True
+
+
+# --------------------------------------------------------------------------------------------- GPU
+def _cuda_worker(rank, world):
+    """On one GPU (NCCL), deterministic algorithms so that the reference's bf16 backward repeats the
+    engine's: the native bf16 policy, DeepSpeed bf16 ZeRO 1 (BF16_Optimizer) and ZeRO 2, plain and
+    paired with checkpointing."""
+    from anneal.train.devices import set_deterministic
+
+    set_deterministic(True, torch.device("cuda"))
+    _run(rank, world, "native", 0, True, 1, device="cuda")
+    _ds_worker(rank, world, 1, [(1, True, False, False, RAMP), (2, True, False, False, RAMP),
+                                (1, True, True, True, [2, 3, 8])], device="cuda")
+
+
+@pytest.mark.gpu
+def test_engines_match_reference_on_cuda():
+    pytest.importorskip("deepspeed")
+    run_on_one_gpu(_cuda_worker)
