@@ -203,6 +203,49 @@ def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
         assert abs(lw - lg) < 1e-5 and abs(gw - gg) < 1e-4, (s, lw, lg, gw, gg)
 
 
+def test_anneal_with_optimizer_offload_resumes_without_it_and_back(tmp_path):
+    """`parallel.offload=optimizer` under torchrun, EP 2, ZeRO 2 (DeepSpeed's CPU Adam on CPU with
+    gloo): the one-process run's losses and grad norms; a run saved with offload resumes without it,
+    and one saved without resumes with it, continuing with the same numbers (the same DCP
+    checkpoint: fp32 masters and AdamW moments, whichever optimizer held them)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from _dist import free_port
+
+    common = ["trainer.device=cpu", "trainer.micro_batch_size=4", "trainer.ckpt_every=8192", "logging.wandb=false",
+              "logging.progress=false", "logging.plots=false", f"run.root={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def anneal(*args, world=2):
+        launcher = [sys.executable, "-m", "anneal"] if world == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+             "--master-port", str(free_port()), "-m", "anneal"]
+        r = subprocess.run(launcher + common + list(args), env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+    ds = ["trainer.engine=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=2"]
+    anneal("trainer.stop_after_steps=4", "run.name=native", "data.shards=2", world=1)
+    for name, first, then in (("off_on", "optimizer", "none"), ("on_off", "none", "optimizer")):
+        for r, offload in ((anneal("trainer.stop_after_steps=2", f"run.name={name}", *ds, f"parallel.offload={first}"),
+                            first),
+                           (anneal("trainer.stop_after_steps=4", f"run.name={name}", "run.resume=true",
+                                   f"parallel.offload={then}"), then)):
+            cpu_adam = "DeepSpeedCPUAdam on fp32 masters in host memory (parallel.offload=optimizer)"
+            assert (cpu_adam in r.stdout) == (offload == "optimizer"), (name, offload, r.stdout[-2000:])
+        want, got = losses("native"), losses(name)
+        assert [s for s, _, _ in got] == [1, 2, 3, 4], name
+        for (s, lw, gw), (_, lg, gg) in zip(want, got):
+            assert abs(lw - lg) < 1e-5 and abs(gw - gg) < 1e-4, (name, s, lw, lg, gw, gg)
+
+
 def test_anneal_under_torchrun_runs_to_the_end_and_exports_the_whole_model(tmp_path):
     """Both anneal stages under DeepSpeed with EP=2, then the streamed export (each rank its own
     experts' shards): the same weights as the one-process run's export, loadable by transformers

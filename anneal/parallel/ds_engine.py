@@ -310,6 +310,14 @@ class DeepSpeedEngine(PostStepHooks):
                    offload=cfg.parallel.offload)
 
     # -- the Engine interface -------------------------------------------------------------------
+    def describe(self) -> str:
+        """One line for the run's log: which optimizer steps which state where."""
+        inner = self.engine.optimizer.optimizer
+        where = "host memory (parallel.offload=optimizer)" if self.offload == "optimizer" else \
+            next(p for g in inner.param_groups for p in g["params"]).device.type
+        return (f"optimizer: DeepSpeed {type(self.engine.optimizer).__name__} (ZeRO-{self.config['zero_optimization']['stage']}), "
+                f"{type(inner).__name__} on fp32 masters in {where}")
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 

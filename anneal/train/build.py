@@ -193,7 +193,10 @@ def check_layout_fits(cfg: DictConfig, layout: ParallelLayout, device: torch.dev
     lay = layout_from_config(cfg, layout.world, per_node, gpu_mem_gb or float("inf"), 6.0,
                              host_mem_gb if offload else None)
     mcfg, source = model_config_for_plan(cfg)
-    reason = why_not(plan := plan_memory(mcfg, lay), plan_host(mcfg, plan, HostRates()))
+    # the per-rank process, data pipeline and node reserve figures are a GPU node's (CUDA host side,
+    # launcher, page cache); on a CPU run (tests, debugging) only the offloaded optimizer state is checked
+    rates = HostRates() if device.type == "cuda" else HostRates(process_gb=0.0, data_gb=0.0, node_reserve_gb=0.0)
+    reason = why_not(plan := plan_memory(mcfg, lay), plan_host(mcfg, plan, rates))
     if reason:
         raise AnnealError(f"this layout does not fit ({source}, {layout.world} rank(s)): {reason} "
                           f"(anneal-plan memory ... --gpus {layout.world} shows the whole plan)")
