@@ -427,8 +427,6 @@ def _plan_memory_main(argv: list[str]) -> None:
     parser.add_argument("--pcie-gb-s", type=float, default=defaults.pcie_gb_s, help="host<->GPU GB/s per GPU")
     parser.add_argument("--cpu-adam-params-per-s", type=float, default=defaults.cpu_adam_params_per_s,
                         help="CPU Adam throughput of one node (parameters/s)")
-    parser.add_argument("--flush-every", type=int, default=defaults.flush_every,
-                        help="micro-batches summed on the GPU between gradient flushes to the host (offload)")
     args = parser.parse_intermixed_args(argv)
     try:
         from anneal.host_plan import fit_summary, format_host_plan, plan_host
@@ -439,8 +437,7 @@ def _plan_memory_main(argv: list[str]) -> None:
         mcfg, source = model_config_for_plan(cfg)
         lay = layout_from_config(cfg, args.gpus or cfg.parallel.ep_size, args.gpus_per_node, args.gpu_mem_gb,
                                  args.reserve_gb, args.host_mem_gb)
-        rates = HostRates(pcie_gb_s=args.pcie_gb_s, cpu_adam_params_per_s=args.cpu_adam_params_per_s,
-                          flush_every=args.flush_every)
+        rates = HostRates(pcie_gb_s=args.pcie_gb_s, cpu_adam_params_per_s=args.cpu_adam_params_per_s)
         plan = plan_memory(mcfg, lay)
         host = plan_host(mcfg, plan, rates)
         tokens = sum(parse_tokens(s.tokens, f"schedule stage {s.name!r} tokens") for s in cfg.schedule.stages)

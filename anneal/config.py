@@ -90,7 +90,7 @@ class ParallelCfg:
     ep_size: int = 1                       # expert-parallel size; divides the expert count and the world size
     zero_stage: int = 1                    # ZeRO stage of the DeepSpeed engine: 1 or 2
     offload: str = "none"                  # none | optimizer: fp32 masters + AdamW state in host memory (DeepSpeed CPU Adam)
-    offload_moments: str = "fp32"          # fp32 | bf16: dtype of AdamW's m and v on the host (planned; bf16 not built yet)
+    offload_moments: str = "fp32"          # dtype of AdamW's m and v on the host: fp32 (bf16 is refused with the reason: CPU Adam would need bf16 masters)
     a2a_overlap: bool = False              # paired 1F1B schedule: one micro-batch's all-to-all hides behind
                                            # another's compute (docs/overlap.md); needs >= 2 micro-batches per rank
 

@@ -2,35 +2,34 @@
 PCIe traffic per step, and a step-time estimate from measured rates.
 
 Host memory per rank (GiB, as the GPU plan):
-* with `parallel.offload=optimizer` (DeepSpeed ZeRO-Offload, CPU Adam), the optimizer of the
-  rank's ZeRO partition (`MemoryPlan.params_partition`) in pinned host memory: fp32 masters (4 B),
-  AdamW m and v (8 B), and the fp32 gradient sum (4 B) that the GPU's bf16 gradient accumulator is
-  flushed into every `flush_every` micro-batches (anneal.memory_plan: on the GPU a bf16 sum of the
-  local gradients); pinned staging for those copies (two DeepSpeed reduce buckets, bf16). 16 B per
-  parameter: ZeRO-Offload's 12 B of optimizer state is not all of it (12 B with bf16 moments,
-  `parallel.offload_moments=bf16`);
+* with `parallel.offload=optimizer` (DeepSpeed 0.19.8 ZeRO-Offload, `DeepSpeedCPUAdam`), for the
+  rank's ZeRO partition (`MemoryPlan.params_partition`), pinned: fp32 masters (4 B), AdamW m and v
+  (8 B, fp32: CPU Adam keeps the masters' dtype, `memory_plan.BF16_MOMENTS`), the fp32 gradient
+  CPU Adam reads (4 B; the step's sum arrives in one copy from the GPU's fp32 partition sum,
+  anneal.memory_plan) and the bf16 copy of the updated partition that goes back up (2 B): 18 B per
+  parameter, not ZeRO-Offload's advertised 12 B; plus a staging copy of the largest parameter;
 * always: the rank's process (torch, the CUDA host side, the model code) and its data pipeline
   (tokenizer worker, packing buffers);
 per node: the node's ranks, plus `node_reserve_gb` (OS, page cache, launcher).
 
-PCIe per step and GPU: each flush sends the rank's partition of the gradients down in bf16 (after
-the reduce-scatter), the step end sends the updated bf16 weights of the partition up (then
-all-gathered over NVLink).
+PCIe per step and GPU (offload): the fp32 gradient sum of the rank's partition goes down once per
+step, whatever the micro-batch count (4 B per parameter of the partition), and the updated bf16
+partition comes back up (2 B; then all-gathered over NVLink). No per-micro-batch copy: DeepSpeed sums
+in fp32 on the GPU (tests/test_engine_agreement.py: 512 micro-batches within the fp32 bound).
 
-Step time: compute + flushes + CPU Adam + upload, not overlapped (an upper bound: DeepSpeed overlaps
-part of the copies with the backward). Compute: the dots1 slice's MFU measured by
-bench/bench_step.py (H100, compiled, grouped_mm, bare step, bench/RESULTS.md: 52.5% without
-recompute, 40.3% full; selective: the issue's 49% target until measured) x the GPU's dense bf16
-peak / model FLOPs per token. The expert all-to-all is not in that figure (EP 2 on H200s: +4.4%,
-RESULTS). PCIe bandwidth and CPU Adam throughput are parameters whose defaults are to be measured on
-the device (README, "Hardware").
+Step time: compute + gradients down + CPU Adam + weights up, not overlapped (an upper bound). Compute:
+the dots1 slice's MFU measured by bench/bench_step.py (H100, compiled, grouped_mm, bare step,
+bench/RESULTS.md: 52.5% without recompute, 40.3% full; selective: the issue's 49% target until
+measured) x the GPU's dense bf16 peak / model FLOPs per token. The expert all-to-all is not in that
+figure (EP 2 on H200s: +4.4%, RESULTS). PCIe bandwidth and CPU Adam throughput are parameters whose
+defaults are to be measured on the device (README, "Hardware").
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from anneal.memory_plan import BF16, DS_REDUCE_BUCKET, FP32, GIB, MemoryPlan
+from anneal.memory_plan import BF16, FP32, GIB, MemoryPlan, largest_param
 from anneal.model.config import Dots1Config
 
 # measured on the slice (bench/RESULTS.md, H100); selective: the target until bench_step measures it
@@ -44,7 +43,6 @@ class HostRates:
     pcie_gb_s: float = 25.0               # pinned host<->GPU copies per GPU, GB/s (10^9); Gen5 x16 peaks at 64
     cpu_adam_params_per_s: float = 2e9    # DeepSpeedCPUAdam over a node's cores (~34 B moved per parameter)
     gpu_adam_bytes_per_s: float = 2e12    # fused AdamW on the GPU, ~36 B per parameter of HBM traffic
-    flush_every: int = 16                 # micro-batches summed in bf16 on the GPU between flushes to the host
     process_gb: float = 8.0               # host memory of one rank's process (torch, CUDA, the model code)
     data_gb: float = 4.0                  # one rank's data pipeline (tokenizer worker, packing)
     node_reserve_gb: float = 64.0         # OS, page cache, the launcher
@@ -81,10 +79,8 @@ def plan_host(cfg: Dots1Config, plan: MemoryPlan, rates: HostRates = HostRates()
     offload = lay.offload == "optimizer"
     rows = {}
     if offload:
-        moment = FP32 if lay.offload_moments == "fp32" else BF16
-        rows = {"fp32 masters": FP32 * part, f"AdamW m + v ({lay.offload_moments})": 2 * moment * part,
-                "fp32 grad accumulator": FP32 * part,
-                "pinned staging (bf16)": BF16 * min(plan.params_local, 2 * DS_REDUCE_BUCKET)}
+        rows = {"fp32 masters": FP32 * part, "AdamW m + v (fp32)": 2 * FP32 * part, "fp32 gradient": FP32 * part,
+                "bf16 partition (upload)": BF16 * part, "staging (largest param)": BF16 * largest_param(cfg, lay)}
         rows = {k: v / GIB for k, v in rows.items()}
     rows |= {"process": rates.process_gb, "data pipeline": rates.data_gb}
     ranks = min(lay.gpus, lay.gpus_per_node)
@@ -97,11 +93,10 @@ def plan_host(cfg: Dots1Config, plan: MemoryPlan, rates: HostRates = HostRates()
     times = {"compute": step_tokens / lay.gpus / gpu_tokens_s}
     pcie = {}
     if offload:
-        flushes = math.ceil(micro / rates.flush_every)
-        pcie = {"gradients down": flushes * BF16 * part / 1e9, "weights up": BF16 * part / 1e9}
-        times["gradient flushes (PCIe)"] = pcie["gradients down"] / rates.pcie_gb_s
+        pcie = {"gradients down (fp32, once)": FP32 * part / 1e9, "weights up (bf16)": BF16 * part / 1e9}
+        times["gradients down (PCIe)"] = pcie["gradients down (fp32, once)"] / rates.pcie_gb_s
         times["CPU Adam"] = ranks * part / rates.cpu_adam_params_per_s
-        times["weights up (PCIe)"] = pcie["weights up"] / rates.pcie_gb_s
+        times["weights up (PCIe)"] = pcie["weights up (bf16)"] / rates.pcie_gb_s
     else:
         times["AdamW (GPU)"] = 36 * part / rates.gpu_adam_bytes_per_s
     return HostPlan(rows, ranks, node_total, lay.host_mem_gb, times, pcie, micro,
@@ -116,8 +111,8 @@ def format_host_plan(hp: HostPlan, rates: HostRates, total_tokens: int | None = 
               f"{rates.node_reserve_gb:g} GiB reserve)",
               f"host fits: {'yes' if hp.fits else 'NO'}", "",
               f"step: {hp.micro_batches} micro-batch(es) per GPU; estimate (rates: {rates.peak_tflops:g} TFLOP/s peak, "
-              f"PCIe {rates.pcie_gb_s:g} GB/s, CPU Adam {rates.cpu_adam_params_per_s / 1e9:g}B params/s per node, "
-              f"flush every {rates.flush_every} micro-batches; to be measured)"]
+              f"PCIe {rates.pcie_gb_s:g} GB/s, CPU Adam {rates.cpu_adam_params_per_s / 1e9:g}B params/s per node; "
+              f"to be measured)"]
     lines += [f"  {k:<26}{v:>9.1f} s" for k, v in hp.times.items()]
     lines.append(f"  {'step':<26}{hp.step_s:>9.1f} s   optimizer share {hp.optimizer_share:.1%}, "
                  f"{hp.tokens_per_s:,.0f} tokens/s")

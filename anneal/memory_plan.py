@@ -23,8 +23,10 @@ exactly the ones nobody has at hand. The model is counted from the code, not fit
 * all-to-all buffers (EP > 1): the dispatch and combine send buffers of one MoE layer (bf16, the
   receive sides are the experts' saved inputs/outputs), at balanced routing.
 
-With optimizer offload (`parallel.offload=optimizer`) the host plan (anneal.host_plan) adds what
-lives in host memory and the PCIe traffic and time of a step.
+With optimizer offload (`parallel.offload=optimizer`, DeepSpeed ZeRO-Offload) the GPU keeps the bf16
+weights and DeepSpeed's fp32 sum of the micro-batches' gradients (ZeRO 2: of the rank's partition;
+ZeRO 1: of every local parameter), copied to the host once per step; the host plan
+(anneal.host_plan) adds what lives in host memory and the PCIe traffic and time of a step.
 
 Validated against the measured peak GPU memory of bench/bench_step.py's dots1-width slice
 (tests/test_memory_plan.py: every recorded row within 10%). Figures are GiB (2^30 bytes), the
@@ -40,6 +42,14 @@ from anneal.model.config import Dots1Config
 GIB = 2 ** 30
 BF16, FP32 = 2, 4
 DS_REDUCE_BUCKET = 5e8          # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+
+
+# DeepSpeedCPUAdam's kernel steps fp32 parameters with fp32 state only ((param, state) dtypes:
+# fp32/fp32, bf16/fp32, bf16/bf16, fp16/...); bf16 moments need bf16 masters (DeepSpeed's
+# bf16_optimizer_states requires bf16_master_weights_and_grads), which the precision policy refuses
+BF16_MOMENTS = ("parallel.offload_moments=bf16: DeepSpeed's CPU Adam keeps AdamW's moments in the masters' dtype, "
+                "and the masters stay fp32 (anneal.model.precision); use parallel.offload_moments=fp32, with hosts "
+                "large enough or more nodes (anneal-plan memory)")
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class Layout:
     compile: bool = True
     grad_accum: str = "fp32"
     offload: str = "none"              # none | optimizer (parallel.offload)
-    offload_moments: str = "fp32"      # fp32 | bf16: AdamW m and v on the host (parallel.offload_moments)
+    offload_moments: str = "fp32"      # AdamW m and v on the host (parallel.offload_moments; bf16 refused)
     host_mem_gb: float | None = None   # host memory of one node (GiB); None: not checked
     batch_tokens: int = 0              # tokens per optimizer step (the recipe's largest), for the step plan
 
@@ -76,6 +86,8 @@ class Layout:
             raise AnnealError(f"model.recompute={self.recompute!r}: must be one of none, selective, full")
         if self.offload == "optimizer" and self.engine != "deepspeed":
             raise AnnealError("parallel.offload=optimizer runs under DeepSpeed: use trainer.engine=deepspeed")
+        if self.offload_moments != "fp32":
+            raise AnnealError(BF16_MOMENTS)
 
     @property
     def dp_size(self) -> int:
@@ -174,10 +186,17 @@ def plan_memory(cfg: Dots1Config, lay: Layout) -> MemoryPlan:
     acts = activation_bytes(cfg, lay)
     a2a = 2 * lay.micro_batch * lay.seq * cfg.num_experts_per_tok * cfg.hidden_size * BF16 if lay.ep_size > 1 else 0.0
     if lay.offload == "optimizer":
-        # masters, AdamW and the fp32 accumulator on the host (anneal.host_plan); on the GPU a bf16
-        # accumulator of the local gradients, flushed into the host's fp32 sum, and DeepSpeed's buckets
-        rows = {"bf16 weights": BF16 * local, "bf16 grad accumulator": BF16 * local,
-                "reduce buckets (bf16)": BF16 * min(local, 2 * DS_REDUCE_BUCKET)}
+        # masters and AdamW on the host (anneal.host_plan). DeepSpeed 0.19.8's ZeRO-Offload with bf16
+        # weights and fp32 accumulation sums every micro-batch's reduced gradients in fp32 on the GPU
+        # and copies the sum to the host once per step: ZeRO 2 an fp32 buffer of the rank's partition
+        # (`averaged_gradients`), ZeRO 1 an fp32 `grad_accum` of every local parameter. Buckets in
+        # the weights' dtype (ZeRO 2) or fp32 (ZeRO 1); a staging copy of the largest parameter.
+        grad_rows = {"fp32 grad partition sum": FP32 * part} if lay.zero_stage == 2 else \
+            {"fp32 grad accumulators": FP32 * local}
+        bucket = BF16 if lay.zero_stage == 2 else FP32
+        rows = {"bf16 weights": BF16 * local, **grad_rows,
+                f"reduce buckets ({'bf16' if bucket == BF16 else 'fp32'})": bucket * min(local, 2 * DS_REDUCE_BUCKET),
+                "offload staging (largest param)": BF16 * largest_param(cfg, lay)}
     else:
         rows = {"bf16 weights": BF16 * local, "fp32 masters": FP32 * part, "fp32 grad accumulators": FP32 * accum,
                 "bf16 gradients": BF16 * bf16_grads, "AdamW m + v (fp32)": 2 * FP32 * part}
@@ -185,6 +204,13 @@ def plan_memory(cfg: Dots1Config, lay: Layout) -> MemoryPlan:
     rows = {k: v / GIB for k, v in rows.items()}
     return MemoryPlan(rows, {k: v / GIB for k, v in acts.items()}, sum(rows.values()),
                       lay.gpu_mem_gb - lay.reserve_gb, lay, local, part)
+
+
+def largest_param(cfg: Dots1Config, lay: Layout) -> int:
+    """Elements of the largest local parameter (ZeRO-Offload stages one on each side of PCIe): the
+    embedding or LM head, or an MoE layer's stacked gate/up experts."""
+    experts = cfg.n_routed_experts // lay.ep_size * cfg.hidden_size * 2 * cfg.moe_intermediate_size
+    return max(cfg.vocab_size * cfg.hidden_size, experts)
 
 
 def activation_bytes(cfg: Dots1Config, lay: Layout) -> dict[str, float]:

@@ -80,27 +80,38 @@ def test_bundled_dots1_layouts_compose_and_fit(name, gpus):
 
 
 def test_offload_layouts_and_the_issues_arithmetic():
-    """One node of 8 x 141 GB: the GPU side fits (EP 8: 24.6B parameters per GPU); the host holds
-    16 B per parameter (masters, m, v, the fp32 gradient sum: 2302 GiB per node with overheads),
-    more than 2 TiB, so it fits only with bf16 moments. 16 x 80 GB fits with fp32 moments and full
-    recompute, not with selective."""
+    """What DeepSpeed 0.19.8's ZeRO-Offload keeps (anneal.host_plan, anneal.memory_plan): on the host
+    18 B per parameter of the partition (fp32 masters, fp32 m and v, the fp32 gradient, the bf16
+    upload copy), on the GPU an fp32 sum of the partition's gradients. One node of 8 x 141 GB (EP 8:
+    24.6B parameters per GPU) fits the GPU with full recompute but not selective, and its host needs
+    2563 GiB: not 2 TiB, yes 3 TiB. bf16 moments are refused (CPU Adam would need bf16 masters).
+    16 x 80 GB fits with full recompute on 2 TiB hosts, not with selective."""
     from anneal.cli import compose
     from anneal.host_plan import HostRates, plan_host, why_not
     from anneal.memory_plan import layout_from_config, model_config_for_plan
 
-    def plans(overrides, gpus, gpu_gb):
+    def plans(overrides, gpus, gpu_gb, host_gb=2048.0):
         cfg = compose(["recipe=dots1_anneal", *overrides])
         mcfg = model_config_for_plan(cfg)[0]
-        plan = plan_memory(mcfg, layout_from_config(cfg, gpus, 8, gpu_gb, 6.0, 2048.0))
+        plan = plan_memory(mcfg, layout_from_config(cfg, gpus, 8, gpu_gb, 6.0, host_gb))
         return plan, plan_host(mcfg, plan, HostRates())
 
-    plan, host = plans(["parallel=dots1_8gpu_offload"], 8, 141.0)
-    assert plan.params_local / 1e9 == pytest.approx(24.57, abs=0.01) and plan.fits and host.fits
-    plan, host = plans(["parallel=dots1_8gpu_offload", "parallel.offload_moments=fp32"], 8, 141.0)
     p_ne, p_e = param_split(Dots1Config())
-    states = sum(v for k, v in host.rows.items() if k.startswith(("fp32", "AdamW"))) * host.ranks_per_node
-    assert states * 2**30 == pytest.approx(16 * (p_ne + p_e))
-    assert not host.fits and "host memory" in why_not(plan, host)
+    plan, host = plans(["parallel=dots1_8gpu_offload"], 8, 141.0)
+    assert plan.params_local / 1e9 == pytest.approx(24.57, abs=0.01) and plan.fits
+    states = sum(v for k, v in host.rows.items() if k.startswith(("fp32", "AdamW", "bf16"))) * host.ranks_per_node
+    assert states * 2**30 == pytest.approx(18 * (p_ne + p_e))
+    assert plan.rows["fp32 grad partition sum"] * 2**30 == pytest.approx(4 * plan.params_partition)
+    # one fp32 copy of the partition down per step, whatever the micro-batch count; bf16 weights up
+    assert host.pcie_gb == pytest.approx({"gradients down (fp32, once)": 4 * plan.params_partition / 1e9,
+                                          "weights up (bf16)": 2 * plan.params_partition / 1e9})
+    assert host.node_total == pytest.approx(2563, abs=1) and not host.fits and "host memory" in why_not(plan, host)
+    assert plans(["parallel=dots1_8gpu_offload"], 8, 141.0, 3072.0)[1].fits
+    plan, host = plans(["parallel=dots1_8gpu_offload", "model.recompute=selective"], 8, 141.0, 3072.0)
+    assert not plan.fits and "per GPU" in why_not(plan, host)
+    with pytest.raises(AnnealError, match="offload_moments=bf16: DeepSpeed's CPU Adam keeps AdamW's moments in the "
+                                          "masters' dtype"):
+        plans(["parallel=dots1_8gpu_offload", "parallel.offload_moments=bf16"], 8, 141.0)
     plan, host = plans(["parallel=dots1_16gpu_offload"], 16, 80.0)
     assert plan.fits and host.fits
     plan, host = plans(["parallel=dots1_16gpu_offload", "model.recompute=selective"], 16, 80.0)
@@ -108,7 +119,7 @@ def test_offload_layouts_and_the_issues_arithmetic():
 
 
 def test_short_recipe_prints_its_wall_clock(capsys):
-    plan_main(["memory", "recipe=dots1_anneal_short", "--gpus", "8", "--gpu-mem-gb", "141", "--host-mem-gb", "2048"])
+    plan_main(["memory", "recipe=dots1_anneal_short", "--gpus", "8", "--gpu-mem-gb", "141", "--host-mem-gb", "3072"])
     out = capsys.readouterr().out
     assert "wall clock for the recipe's 20B tokens" in out and "fits: yes" in out and "optimizer share" in out
 

@@ -179,9 +179,10 @@ def check_layout_fits(cfg: DictConfig, layout: ParallelLayout, device: torch.dev
     from anneal.host_plan import HostRates, plan_host, why_not
     from anneal.memory_plan import layout_from_config, model_config_for_plan, plan_memory
 
-    if cfg.parallel.offload_moments == "bf16":
-        raise AnnealError("parallel.offload_moments=bf16 is planned (anneal-plan memory) but the DeepSpeed engine "
-                          "keeps AdamW's moments in fp32: use fp32, with hosts large enough or more nodes")
+    from anneal.memory_plan import BF16_MOMENTS
+
+    if cfg.parallel.offload_moments != "fp32":
+        raise AnnealError(BF16_MOMENTS)
     offload = cfg.parallel.offload == "optimizer"
     if gpu_mem_gb is None and device.type == "cuda":
         gpu_mem_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
