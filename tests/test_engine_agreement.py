@@ -335,13 +335,15 @@ def test_deepspeed_config_offload_keys():
 def _cuda_worker(rank, world):
     """On one GPU (NCCL), deterministic algorithms so that the reference's bf16 backward repeats the
     engine's: the native bf16 policy, DeepSpeed bf16 ZeRO 1 (BF16_Optimizer) and ZeRO 2, plain and
-    paired with checkpointing."""
+    paired with checkpointing, and ZeRO 2 with optimizer offload (pinned host memory, the fp32
+    partition sum on the GPU), with its NaN and vetoed steps."""
     from anneal.train.devices import set_deterministic
 
     set_deterministic(True, torch.device("cuda"))
     _run(rank, world, "native", 0, True, 1, device="cuda")
     _ds_worker(rank, world, 1, [(1, True, False, False, RAMP), (2, True, False, False, RAMP),
-                                (1, True, True, True, [2, 3, 8])], device="cuda")
+                                (1, True, True, True, [2, 3, 8]), (2, True, False, False, RAMP, "optimizer")],
+               device="cuda")
 
 
 @pytest.mark.gpu
