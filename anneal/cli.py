@@ -425,27 +425,43 @@ def compare_main(argv: list[str] | None = None) -> None:
 
 
 def _plan_memory_main(argv: list[str]) -> None:
+    from anneal.host_plan import HostRates
+
+    defaults = HostRates()
     parser = argparse.ArgumentParser(
         prog="anneal-plan memory",
-        description="GPU memory per rank of a recipe under a parallel layout (anneal/memory_plan.py): weights, "
-                    "masters, gradients, optimizer state, activations, all-to-all buffers, and whether it fits.")
+        description="GPU and host memory per rank of a recipe under a parallel layout (anneal/memory_plan.py, "
+                    "anneal/host_plan.py): weights, masters, gradients, optimizer state (on the host with "
+                    "parallel.offload=optimizer), activations, all-to-all buffers, whether it fits, PCIe traffic "
+                    "and a step-time estimate.")
     parser.add_argument("overrides", nargs="*", help="recipe=... and key=value overrides, as for `anneal` "
-                        "(parallel.ep_size, parallel.zero_stage, trainer.micro_batch_size, data.seq_len, "
-                        "model.gradient_checkpointing, ...)")
+                        "(parallel.ep_size, parallel.zero_stage, parallel.offload, trainer.micro_batch_size, "
+                        "data.seq_len, model.recompute, ...)")
     parser.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: parallel.ep_size)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU (GiB)")
     parser.add_argument("--reserve-gb", type=float, default=6.0,
                         help="kept free for the CUDA context, NCCL and allocator fragmentation")
+    parser.add_argument("--host-mem-gb", type=float, default=None, help="host memory of one node (GiB)")
+    parser.add_argument("--pcie-gb-s", type=float, default=defaults.pcie_gb_s, help="host<->GPU GB/s per GPU")
+    parser.add_argument("--cpu-adam-params-per-s", type=float, default=defaults.cpu_adam_params_per_s,
+                        help="CPU Adam throughput of one node (parameters/s)")
     args = parser.parse_intermixed_args(argv)
     try:
+        from anneal.host_plan import fit_summary, format_host_plan, plan_host
         from anneal.memory_plan import format_memory_plan, layout_from_config, model_config_for_plan, plan_memory
+        from anneal.train.schedule import parse_tokens
 
         cfg = compose(args.overrides)
         mcfg, source = model_config_for_plan(cfg)
         lay = layout_from_config(cfg, args.gpus or cfg.parallel.ep_size, args.gpus_per_node, args.gpu_mem_gb,
-                                 args.reserve_gb)
-        out = format_memory_plan(mcfg, plan_memory(mcfg, lay), source)
+                                 args.reserve_gb, args.host_mem_gb)
+        rates = HostRates(pcie_gb_s=args.pcie_gb_s, cpu_adam_params_per_s=args.cpu_adam_params_per_s)
+        plan = plan_memory(mcfg, lay)
+        host = plan_host(mcfg, plan, rates)
+        tokens = sum(parse_tokens(s.tokens, f"schedule stage {s.name!r} tokens") for s in cfg.schedule.stages)
+        out = "\n".join([format_memory_plan(mcfg, plan, source), format_host_plan(host, rates, tokens), "",
+                         fit_summary(plan, host)])
     except USER_ERRORS as e:
         _report_error(e)
         sys.exit(2)

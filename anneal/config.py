@@ -17,7 +17,8 @@ class ModelCfg:
     experts_backend: str = "torch"         # torch | grouped_mm | triton (moe.experts)
     aux_loss_coef: float = 0.0             # sequence-wise balance loss; 0 = aux-loss-free only
     bias_update_rate: float = 1e-3         # aux-loss-free bias step per optimizer step (DeepSeek-V3)
-    gradient_checkpointing: bool = False
+    recompute: str = "none"                # none | selective | full: activations recomputed in the backward (anneal.model.recompute)
+    gradient_checkpointing: Optional[bool] = None  # replaced by model.recompute (a set value is refused with the new spelling)
     document_mask: bool = False            # attention inside each packed document (README: intra-document attention)
     compile: Optional[bool] = None         # torch.compile each decoder layer + the loss head; null = on for CUDA
     arch: Optional[dict] = None            # HF config.json fields; only used when checkpoint is null
@@ -88,6 +89,8 @@ class TrainerCfg:
 class ParallelCfg:
     ep_size: int = 1                       # expert-parallel size; divides the expert count and the world size
     zero_stage: int = 1                    # ZeRO stage of the DeepSpeed engine: 1 or 2
+    offload: str = "none"                  # none | optimizer: fp32 masters + AdamW state in host memory (DeepSpeed CPU Adam)
+    offload_moments: str = "fp32"          # dtype of AdamW's m and v on the host: fp32 (bf16 is refused with the reason: CPU Adam would need bf16 masters)
     a2a_overlap: bool = False              # paired 1F1B schedule: one micro-batch's all-to-all hides behind
                                            # another's compute (docs/overlap.md); needs >= 2 micro-batches per rank
 
@@ -188,6 +191,9 @@ _RANGES = {  # key: (lowest allowed, lowest is exclusive, what it means)
     "eval.harness_limit": (1, False, "items per task"),
 }
 _CHOICES = {
+    "model.recompute": ("none", "selective", "full"),
+    "parallel.offload": ("none", "optimizer"),
+    "parallel.offload_moments": ("fp32", "bf16"),
     "trainer.engine": ("native", "deepspeed"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.grad_accum_dtype": ("fp32", "bf16"),
@@ -224,6 +230,10 @@ def validate_config(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise AnnealError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
+    old = OmegaConf.select(cfg, "model.gradient_checkpointing")
+    if old is not None:
+        raise AnnealError(f"model.gradient_checkpointing={old} is replaced by model.recompute: use "
+                          f"model.recompute={'full' if old else 'none'} (or selective: README, 'Activation recompute')")
     betas = list(cfg.trainer.betas)
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise AnnealError(f"trainer.betas={betas}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")

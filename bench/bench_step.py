@@ -11,9 +11,10 @@ Cases (each in its own process, so compile caches and memory do not leak between
   no data pipeline, no logging;
 - `trainer`: `python -m anneal` end to end on the bundled demo mixture (data, logging, bias
   update and eval included; tokens/s as the trainer logs it).
-Both for engine native|deepspeed x backend x compile on/off x gradient checkpointing on/off x
-document mask on/off (`model.document_mask`: attention inside each packed document) x plain or
-paired 1F1B schedule (`--a2a-overlap`, parallel.a2a_overlap). The bare
+Both for engine native|deepspeed x backend x compile on/off x activation recompute
+none|selective|full (`--recompute`, model.recompute) x document mask on/off (`model.document_mask`:
+attention inside each packed document) x plain or paired 1F1B schedule (`--a2a-overlap`,
+parallel.a2a_overlap). The bare
 case's rows are packed documents of random lengths (exponential, mean `--doc-len`, 0 = one
 document per row); without the mask they only move RoPE, so they cost what plain rows cost.
 Reported: median tokens/s over the measured steps (after warm-up), model TFLOP/s (6 x active
@@ -25,6 +26,8 @@ activations' peak.
     python bench/bench_step.py --json bench/results/bench_step.json            # the default grid
     python bench/bench_step.py --cases bare --backends triton --compile on     # one row
     python bench/bench_step.py --engines native --backends grouped_mm --compile on --document-mask on off
+    python bench/bench_step.py --cases bare --engines native --backends grouped_mm --compile on \
+        --recompute none selective full                 # MFU and activation peak of each recompute mode
 """
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ def run_bare(case: dict, args) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda")
     cfg = Dots1Config.from_hf_dict(slice_arch(args), source="bench slice")
-    model = Dots1ForCausalLM(cfg, case["backend"], gradient_checkpointing=case["grad_ckpt"],
+    model = Dots1ForCausalLM(cfg, case["backend"], recompute=case["recompute"],
                              document_mask=case["document_mask"])
     model.init_weights(seed=0)
     model.to(device).train()
@@ -190,7 +193,7 @@ def run_trainer(case: dict, args) -> dict:
     recipe = {
         "checkpoint": None,
         "model": {"experts_backend": case["backend"], "compile": case["compile"], "document_mask": case["document_mask"],
-                  "gradient_checkpointing": case["grad_ckpt"], "arch": slice_arch(args)},
+                  "recompute": case["recompute"], "arch": slice_arch(args)},
         "data": {"mixture": "demo", "seq_len": args.seq, "tokenizer": str(tokenizer), "eval_seqs": 1},
         "schedule": {"start_lr": 3e-4, "batch_tokens": args.batch_tokens,
                      "stages": [{"name": "stage1", "tokens": n_steps * args.batch_tokens, "lr_end": 3e-5}]},
@@ -252,14 +255,15 @@ def grid(args) -> list[dict]:
         for engine in args.engines:
             for backend in args.backends:
                 for comp in args.compile:
-                    for ckpt in args.grad_ckpt:
+                    for recompute in args.recompute:
                         for accum in args.grad_accum:
                             for det in args.deterministic if mode == "trainer" else ["off"]:
                                 for mask in args.document_mask:
                                     for overlap in args.a2a_overlap:
                                         cases.append({"mode": mode, "engine": engine, "backend": backend,
                                                       "accum": accum, "compile": comp == "on",
-                                                      "grad_ckpt": ckpt == "on", "document_mask": mask == "on",
+                                                      "recompute": recompute, "grad_ckpt": recompute == "full",
+                                                      "document_mask": mask == "on",
                                                       "a2a_overlap": overlap == "on",
                                                       **({"deterministic": True} if det == "on" else {})})
     return cases
@@ -271,7 +275,8 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["native", "deepspeed"], choices=["native", "deepspeed"])
     ap.add_argument("--backends", nargs="+", default=["grouped_mm", "triton"])
     ap.add_argument("--compile", nargs="+", default=["on", "off"], choices=["on", "off"])
-    ap.add_argument("--grad-ckpt", nargs="+", default=["off"], choices=["on", "off"])
+    ap.add_argument("--recompute", nargs="+", default=["none"], choices=["none", "selective", "full"],
+                    help="model.recompute: activations recomputed in the backward (full = the old gradient checkpointing)")
     ap.add_argument("--grad-accum", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                     help="dtype gradients are summed in over the micro-batches (trainer.grad_accum_dtype)")
     ap.add_argument("--deterministic", nargs="+", default=["off"], choices=["on", "off"],
@@ -318,7 +323,7 @@ def main() -> None:
     print(f"{name}: dense bf16 peak {peak} TFLOP/s, 8192^3 bf16 matmul {mm:.0f} TFLOP/s; "
           f"{flops_per_token / 1e9:.2f} GFLOP per token; torch {torch.__version__}", flush=True)
     rows = []
-    hdr = (f"{'mode':<8}{'engine':<10}{'backend':<11}{'compile':>8}{'ckpt':>6}{'accum':>6}{'docmask':>8}{'paired':>7}"
+    hdr = (f"{'mode':<8}{'engine':<10}{'backend':<11}{'compile':>8}{'recomp':>10}{'accum':>6}{'docmask':>8}{'paired':>7}"
            f"{'tok/s':>10}{'step ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'vs mm':>7}{'mem GB':>8}{'act GB':>8}")
     print(hdr, flush=True)
     for case in grid(args):
@@ -332,14 +337,14 @@ def main() -> None:
         if line is None:
             row["error"] = (proc.stdout + proc.stderr)[-2000:]
             print(f"{case['mode']:<8}{case['engine']:<10}{case['backend']:<11}{str(case['compile']):>8}"
-                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}{str(case['document_mask']):>8}"
+                  f"{case['recompute']:>10}{case['accum']:>6}{str(case['document_mask']):>8}"
                   f"{str(case['a2a_overlap']):>7}  FAILED: {row['error'][-300:]}", flush=True)
         else:
             res = json.loads(line[len("RESULT "):])
             tflops = res["tokens_per_s"] * flops_per_token / 1e12
             row.update(res, model_tflops=tflops, mfu=tflops / peak if peak else None, mfu_vs_matmul=tflops / mm)
             print(f"{case['mode']:<8}{case['engine']:<10}{case['backend']:<11}{str(case['compile']):>8}"
-                  f"{str(case['grad_ckpt']):>6}{case['accum']:>6}{str(case['document_mask']):>8}"
+                  f"{case['recompute']:>10}{case['accum']:>6}{str(case['document_mask']):>8}"
                   f"{str(case['a2a_overlap']):>7}{res['tokens_per_s']:>10.0f}{res['step_ms']:>9.1f}{tflops:>9.1f}"
                   f"{(row['mfu'] or 0):>7.1%}{row['mfu_vs_matmul']:>7.1%}{res['peak_mem_gb']:>8.1f}"
                   f"{res.get('activation_peak_gb', float('nan')):>8.1f}", flush=True)

@@ -40,7 +40,7 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weight = topk_weight * self.routed_scaling_factor
-        if self.training:
+        if self.training and not _recomputing():
             with torch.no_grad():
                 self.expert_load += expert_counts(topk_idx, self.n_experts).float()
         return topk_idx, topk_weight, scores
@@ -54,6 +54,13 @@ class Router(nn.Module):
         if rate > 0:  # no step without load (no host read: the condition stays on the device)
             self.e_score_correction_bias += rate * torch.sign(load.mean() - load) * (load.sum() > 0)
         self.expert_load.zero_()
+
+
+def _recomputing() -> bool:
+    """Whether this forward is activation checkpointing's replay inside the backward (eager): its
+    tokens were counted in the first pass. Compiled layers do not replay the count (see
+    Dots1ForCausalLM.compile_layers)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int, top_k: int) -> torch.Tensor:

@@ -39,9 +39,9 @@ def _grads(model):
     return grads
 
 
-@pytest.mark.parametrize("grad_ckpt", [False, True], ids=["plain", "grad_ckpt"])
-def test_packed_row_matches_documents_run_one_by_one(grad_ckpt):
-    model = _model(document_mask=True, gradient_checkpointing=grad_ckpt).train()
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_packed_row_matches_documents_run_one_by_one(recompute):
+    model = _model(document_mask=True, recompute=recompute).train()
     ids, pos, targets, parts = _packed()
 
     packed_logits = model(ids, pos)

@@ -83,7 +83,7 @@ def _dropped_steps_leave_no_trace(engine, model, rank):
     assert all(float(r.expert_load.sum()) == 0 for r in model.routers().values())
 
 
-def _worker(rank, world, ep_size, zero_stage):
+def _worker(rank, world, ep_size, zero_stage, offload="none"):
     import io
 
     from anneal.parallel import ds_engine
@@ -91,8 +91,9 @@ def _worker(rank, world, ep_size, zero_stage):
     ds_engine.init_distributed("cpu")
     ref_model, ref = _reference(world)
     model = tiny_model()
-    engine = ds_engine.DeepSpeedEngine(model, TCFG, ep_size=ep_size, zero_stage=zero_stage)
+    engine = ds_engine.DeepSpeedEngine(model, TCFG, ep_size=ep_size, zero_stage=zero_stage, offload=offload)
     assert engine.engine.has_moe_layers
+    assert (type(engine.engine.optimizer.optimizer).__name__ == "DeepSpeedCPUAdam") == (offload == "optimizer")
     assert any(g.get("moe") for g in engine.engine.optimizer.param_groups)
     _train_steps(engine, model, rank, world, range(STEPS - 1), ref)
     _dropped_steps_leave_no_trace(engine, model, rank)
@@ -115,7 +116,7 @@ def _worker(rank, world, ep_size, zero_stage):
     buf.seek(0)
     saved = torch.load(buf, weights_only=False)
     model2 = tiny_model(seed=7)
-    engine2 = ds_engine.DeepSpeedEngine(model2, TCFG, ep_size=ep_size, zero_stage=zero_stage)
+    engine2 = ds_engine.DeepSpeedEngine(model2, TCFG, ep_size=ep_size, zero_stage=zero_stage, offload=offload)
     model2.load_state_dict(saved["model"])
     engine2.load_state_dict(saved["engine"])
     _train_steps(engine2, model2, rank, world, [STEPS - 1], ref)
@@ -132,6 +133,12 @@ def _worker(rank, world, ep_size, zero_stage):
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_ep2_zero_matches_single_process_engine(zero_stage):
     run_distributed(_worker, 2, 2, zero_stage)
+
+
+def test_ep2_zero2_offload_matches_single_process_engine():
+    """parallel.offload=optimizer (DeepSpeed's CPU Adam): the same steps, the NaN and vetoed steps
+    dropped with the router-bias hook forgetting their load, and the in-memory resume."""
+    run_distributed(_worker, 2, 2, 2, "optimizer")
 
 
 def test_config_from_trainer_config_and_extra_keys():
@@ -201,6 +208,49 @@ def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
     assert [s for s, _, _ in got] == [1, 2, 3, 4]
     for (s, lw, gw), (_, lg, gg) in zip(want, got):
         assert abs(lw - lg) < 1e-5 and abs(gw - gg) < 1e-4, (s, lw, lg, gw, gg)
+
+
+def test_anneal_with_optimizer_offload_resumes_without_it_and_back(tmp_path):
+    """`parallel.offload=optimizer` under torchrun, EP 2, ZeRO 2 (DeepSpeed's CPU Adam on CPU with
+    gloo): the one-process run's losses and grad norms; a run saved with offload resumes without it,
+    and one saved without resumes with it, continuing with the same numbers (the same DCP
+    checkpoint: fp32 masters and AdamW moments, whichever optimizer held them)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from _dist import free_port
+
+    common = ["trainer.device=cpu", "trainer.micro_batch_size=4", "trainer.ckpt_every=8192", "logging.wandb=false",
+              "logging.progress=false", "logging.plots=false", f"run.root={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def anneal(*args, world=2):
+        launcher = [sys.executable, "-m", "anneal"] if world == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+             "--master-port", str(free_port()), "-m", "anneal"]
+        r = subprocess.run(launcher + common + list(args), env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+    ds = ["trainer.engine=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=2"]
+    anneal("trainer.stop_after_steps=4", "run.name=native", "data.shards=2", world=1)
+    for name, first, then in (("off_on", "optimizer", "none"), ("on_off", "none", "optimizer")):
+        for r, offload in ((anneal("trainer.stop_after_steps=2", f"run.name={name}", *ds, f"parallel.offload={first}"),
+                            first),
+                           (anneal("trainer.stop_after_steps=4", f"run.name={name}", "run.resume=true",
+                                   f"parallel.offload={then}"), then)):
+            cpu_adam = "DeepSpeedCPUAdam on fp32 masters in host memory (parallel.offload=optimizer)"
+            assert (cpu_adam in r.stdout) == (offload == "optimizer"), (name, offload, r.stdout[-2000:])
+        want, got = losses("native"), losses(name)
+        assert [s for s, _, _ in got] == [1, 2, 3, 4], name
+        for (s, lw, gw), (_, lg, gg) in zip(want, got):
+            assert abs(lw - lg) < 1e-5 and abs(gw - gg) < 1e-4, (name, s, lw, lg, gw, gg)
 
 
 def test_anneal_under_torchrun_runs_to_the_end_and_exports_the_whole_model(tmp_path):

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
 from anneal.model.config import Dots1Config
+from anneal.model.recompute import check_mode, selective_context_fn
 from moe.ep import local_experts
 from moe.layer import Dots1MoE, SwiGLUMLP
 from moe.router import Router
@@ -120,6 +121,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: Dots1Config, layer_idx: int, experts_backend: str, aux_loss_coef: float,
                  expert_range: tuple[int, int] | None = None):
         super().__init__()
+        self.selective = False          # `model.recompute=selective` (set by Dots1ForCausalLM.recompute)
+        self.selective_context = selective_context_fn(cfg.moe_intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -131,8 +134,19 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, mask=None):
+        return self._selective(self._forward, x, cos, sin, mask)
+
+    def _forward(self, x, cos, sin, mask=None):
         x = self.attention_block(x, cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _selective(self, fn, *args):
+        """fn(*args), under selective activation checkpointing (anneal.model.recompute) when it is on
+        in training. Inside the layer's methods, so a compiled layer traces the checkpoint too."""
+        if self.selective and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False,
+                                                     context_fn=self.selective_context)
+        return fn(*args)
 
     def attention_block(self, x, cos, sin, mask=None):
         return x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
@@ -142,6 +156,9 @@ class DecoderLayer(nn.Module):
         (`anneal.train.paired_schedule`): the attention block, then the MoE's work before dispatch.
         -> (h, x_sorted, tokens_per_expert, order, topk_weight, shared, aux); the layer's output is
         then `moe_output(h, rows back from the experts, order, topk_weight, shared)`."""
+        return self._selective(self._moe_front, x, cos, sin, mask)
+
+    def _moe_front(self, x, cos, sin, mask=None):
         h = self.attention_block(x, cos, sin, mask)
         return (h, *self.mlp.dispatch_inputs(self.post_attention_layernorm(h)))
 
@@ -154,6 +171,9 @@ class DecoderLayer(nn.Module):
     def moe_experts(self, recv: torch.Tensor, plan, backend) -> torch.Tensor:
         """The experts this rank holds over the rows it received (paired schedule, EP > 1): a method
         so that `compile_layers` compiles it with the rest of the layer."""
+        return self._selective(self._moe_experts, recv, plan, backend)
+
+    def _moe_experts(self, recv: torch.Tensor, plan, backend) -> torch.Tensor:
         experts = self.mlp.experts
         return local_experts(recv, plan, backend, experts.w_gate_up, experts.w_down)
 
@@ -172,10 +192,10 @@ class Dots1ForCausalLM(nn.Module):
     """`expert_range=(start, stop)` builds a model holding only those routed experts of every MoE
     layer (one rank's share under expert parallelism); default: all of them. `document_mask`
     keeps attention inside each packed document (`build_document_mask`); off, attention is causal
-    over the whole packed row."""
+    over the whole packed row. `recompute`: none | selective | full (anneal.model.recompute)."""
 
     def __init__(self, cfg: Dots1Config, experts_backend: str = "torch", aux_loss_coef: float = 0.0,
-                 gradient_checkpointing: bool = False, expert_range: tuple[int, int] | None = None,
+                 recompute: str = "none", expert_range: tuple[int, int] | None = None,
                  document_mask: bool = False):
         super().__init__()
         self.config = cfg
@@ -183,8 +203,27 @@ class Dots1ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = gradient_checkpointing
+        self.recompute = recompute
         self.document_mask = document_mask
+
+    @property
+    def recompute(self) -> str:
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        self._recompute = check_mode(mode)
+        for layer in self.model.layers:
+            layer.selective = mode == "selective"
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Older spelling of `recompute == "full"` (kept for callers that set a bool)."""
+        return self.recompute == "full"
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.recompute = "full" if on else "none"
 
     # -- forward --------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,9 +249,9 @@ class Dots1ForCausalLM(nn.Module):
         return x, cos, sin, mask
 
     def checkpointed(self, fn, *args):
-        """fn(*args), under activation checkpointing when `gradient_checkpointing` is on in training
-        (a decoder layer, or a piece of one in the paired schedule)."""
-        if self.gradient_checkpointing and self.training:
+        """fn(*args), under full activation checkpointing when `recompute` is "full" in training (a
+        decoder layer, or a piece of one in the paired schedule); "selective" lives in the layer."""
+        if self.recompute == "full" and self.training:
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -240,7 +279,12 @@ class Dots1ForCausalLM(nn.Module):
         """Regional compilation (as torchtitan does it): each decoder layer, and the head + loss,
         compiled on their own. Layers of one kind share one graph; parameter names and the state
         dict are unchanged (`nn.Module.compile` works in place). `backend` is torch.compile's
-        (tests use "aot_eager" to check tracing without code generation)."""
+        (tests use "aot_eager" to check tracing without code generation).
+        `recompute=selective` traces its checkpoint inside each layer's graph; the router's load
+        count (an in-place update of a buffer outside the checkpoint) is then done once, in the
+        forward, not again when the backward recomputes the layer (without this flag Dynamo
+        breaks the graph there and runs the layer eagerly)."""
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         for layer in self.model.layers:
             layer.compile(backend=backend)
             if isinstance(layer.mlp, Dots1MoE):  # what the paired schedule calls instead of forward under EP

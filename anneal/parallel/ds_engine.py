@@ -96,30 +96,40 @@ def adopt_moe_layers(model: torch.nn.Module, groups: ep.EPGroups) -> int:
 OPTIMIZER_OWNED = ("optimizer", "scheduler")
 # Sections that would change how gradients are computed or summed behind the precision policy
 PRECISION_OWNED = ("fp16", "amp", "torch_autocast")
+# zero_optimization keys parallel.offload decides (offload needs our CPU Adam client optimizer)
+OFFLOAD_OWNED = ("offload_optimizer", "offload_param")
 
 
 def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = None,
-                     grad_accum_dtype: str = "fp32") -> dict:
+                     grad_accum_dtype: str = "fp32", offload: str = "none", pin_memory: bool = False) -> dict:
     """The DeepSpeed config from the trainer config (one source of truth) + the user's extra keys.
 
     `tcfg` is `Config.trainer` (micro_batch_size, grad_clip); AdamW's hyper-parameters and the LR
-    stay with the trainer (a client optimizer), so `optimizer`/`scheduler` sections are refused."""
+    stay with the trainer (a client optimizer), so `optimizer`/`scheduler` sections are refused.
+    `offload="optimizer"` (parallel.offload) puts ZeRO's fp32 partition and AdamW's state in host
+    memory (ZeRO-Offload; pinned on CUDA), stepped by DeepSpeedCPUAdam."""
     if zero_stage not in (1, 2):
         raise AnnealError(f"parallel.zero_stage={zero_stage}: the DeepSpeed engine supports ZeRO stage 1 and 2 "
                           "(stage 3 partitions the expert weights that expert parallelism already shards)")
+    if offload not in ("none", "optimizer"):
+        raise AnnealError(f"parallel.offload={offload!r}: must be none or optimizer")
     base = {
         "train_micro_batch_size_per_gpu": int(tcfg.micro_batch_size),
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,  # the trainer's step() is the accumulation boundary
         "gradient_clipping": float(tcfg.grad_clip),
-        "zero_optimization": {"stage": int(zero_stage), "contiguous_gradients": True, "reduce_scatter": True},
+        "zero_optimization": {"stage": int(zero_stage), "contiguous_gradients": True, "reduce_scatter": True,
+                              **({"offload_optimizer": {"device": "cpu", "pin_memory": bool(pin_memory)}}
+                                 if offload == "optimizer" else {})},
         # check_grad_overflow: a non-finite gradient drops the step's update (DeepSpeed's overflow
         # path, the one fp16 uses) instead of writing NaN into the masters (anneal.train.guards).
         # immediate_grad_update: ZeRO 1's bf16 optimizer folds each parameter's bf16 gradient into
         # its fp32 one from a post-accumulate-grad hook, then frees it. Without it the fold runs after
         # every engine.backward and the bf16 gradient is only zeroed by a prologue that
         # DeepSpeedEngine.forward's output hooks run -- our step calls the model, not the engine, so
-        # micro-batch k of n was counted n-k+1 times (docs/deepspeed.md, "Hooks").
+        # micro-batch k of n was counted n-k+1 times (docs/deepspeed.md, "Hooks"). With
+        # parallel.offload=optimizer DeepSpeed uses its ZeRO optimizer at stage 1 too (not the bf16
+        # one) and these two keys have no effect: the fp32 sum is ZeRO's GPU-side partition buffer.
         "bf16": {"enabled": bool(bf16), **({"check_grad_overflow": True, "immediate_grad_update": True} if bf16 else {})},
         # the mixed-precision policy (anneal.model.precision): bf16 compute weights, fp32 masters and
         # optimizer state, gradients accumulated over the micro-batches in fp32
@@ -145,6 +155,11 @@ def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = 
         if key in extra:
             raise AnnealError(f"trainer.deepspeed.{key}: the mixed-precision policy comes from trainer.bf16 and "
                               "trainer.grad_accum_dtype (anneal.model.precision); remove this DeepSpeed key")
+    for key in OFFLOAD_OWNED:
+        if key in (extra.get("zero_optimization") or {}):
+            raise AnnealError(f"trainer.deepspeed.zero_optimization.{key}: optimizer offload is parallel.offload "
+                              "(none | optimizer; the engine then builds DeepSpeed's CPU Adam); parameter offload "
+                              "is ZeRO 3 only; remove this DeepSpeed key")
     return _merge(base, extra, "trainer.deepspeed")
 
 
@@ -160,6 +175,8 @@ _SOURCE = {
     "bf16.immediate_grad_update": "the trainer's step, which calls the model and not DeepSpeedEngine.forward "
                                   "(docs/deepspeed.md, \"Hooks\")",
     "bf16.check_grad_overflow": "the non-finite guard (trainer.on_nonfinite)",
+    "zero_optimization.offload_optimizer.device": "parallel.offload",
+    "zero_optimization.offload_optimizer.pin_memory": "the device (pinned host memory on CUDA only)",
 }
 
 
@@ -205,6 +222,22 @@ def ensure_ep_groups(ep_size: int, n_experts: int | None = None) -> ep.EPGroups:
     return ep.build_ep_groups(ep_size, n_experts)
 
 
+def cpu_adam(param_groups: list[dict], tcfg) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU AdamW over `param_groups` (each group keeps its weight decay), the optimizer
+    ZeRO-Offload requires (it refuses a client torch AdamW). Its moments are fp32: the kernel steps
+    fp32 parameters only with fp32 state, and bf16 moments would need bf16 masters
+    (DeepSpeed's bf16_optimizer_states), which the precision policy does not allow."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, lr=0.0, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
+                                adamw_mode=True, fp32_optimizer_states=True)
+    except RuntimeError as e:
+        raise AnnealError(f"parallel.offload=optimizer needs DeepSpeed's cpu_adam op, which did not build or load "
+                          f"({e.__cause__ or e}); it is compiled on first use with the C++ compiler and ninja "
+                          f"(g++, pip install ninja), or set parallel.offload=none") from e
+
+
 # -------------------------------------------------------------------------------------- engine
 class DeepSpeedEngine(PostStepHooks):
     """The engine seam of `anneal.train.engine` under DeepSpeed: backward(loss), step(lr) ->
@@ -217,7 +250,7 @@ class DeepSpeedEngine(PostStepHooks):
 
     def __init__(self, model: torch.nn.Module, tcfg, *, ep_size: int = 1, zero_stage: int = 1,
                  extra_config: dict | None = None, policy: PrecisionPolicy | None = None,
-                 layout: ParallelLayout | None = None):
+                 layout: ParallelLayout | None = None, offload: str = "none"):
         _require_deepspeed()
         if not dist.is_initialized():
             raise AnnealError("DeepSpeedEngine: call anneal.parallel.ds_engine.init_distributed() first")
@@ -235,8 +268,11 @@ class DeepSpeedEngine(PostStepHooks):
         policy = policy or PrecisionPolicy()
         # a bf16 policy reaches here on CUDA only (PrecisionPolicy.for_device computes in fp32 on CPU);
         # the engine-agreement tests build one on CPU, where DeepSpeed's bf16 optimizers run too
+        on_cuda = next(model.parameters()).is_cuda
         self.config = deepspeed_config(tcfg, zero_stage=zero_stage, bf16=policy.mixed, extra=extra_config,
-                                       grad_accum_dtype="fp32" if policy.grad_accum_dtype == torch.float32 else "bf16")
+                                       grad_accum_dtype="fp32" if policy.grad_accum_dtype == torch.float32 else "bf16",
+                                       offload=offload, pin_memory=on_cuda)
+        self.offload = offload
 
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -245,8 +281,11 @@ class DeepSpeedEngine(PostStepHooks):
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         param_groups = [g for g in split_params_into_different_moe_groups_for_optimizer(param_groups) if g["params"]]
-        optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
-                                      fused=(next(model.parameters()).is_cuda) or None)
+        if offload == "optimizer":
+            optimizer = cpu_adam(param_groups, tcfg)
+        else:
+            optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
+                                          fused=on_cuda or None)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=copy.deepcopy(self.config), dist_init_required=False)
         self.model = model
@@ -267,9 +306,18 @@ class DeepSpeedEngine(PostStepHooks):
         from omegaconf import OmegaConf
 
         return cls(model, cfg.trainer, ep_size=layout.ep_size, zero_stage=cfg.parallel.zero_stage, policy=policy,
-                   extra_config=OmegaConf.to_container(cfg.trainer.deepspeed, resolve=True) or None, layout=layout)
+                   extra_config=OmegaConf.to_container(cfg.trainer.deepspeed, resolve=True) or None, layout=layout,
+                   offload=cfg.parallel.offload)
 
     # -- the Engine interface -------------------------------------------------------------------
+    def describe(self) -> str:
+        """One line for the run's log: which optimizer steps which state where."""
+        inner = self.engine.optimizer.optimizer
+        where = "host memory (parallel.offload=optimizer)" if self.offload == "optimizer" else \
+            next(p for g in inner.param_groups for p in g["params"]).device.type
+        return (f"optimizer: DeepSpeed {type(self.engine.optimizer).__name__} (ZeRO-{self.config['zero_optimization']['stage']}), "
+                f"{type(inner).__name__} on fp32 masters in {where}")
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
@@ -294,6 +342,8 @@ class DeepSpeedEngine(PostStepHooks):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         self.step_applied = self.engine.was_step_applied()
+        if not self.step_applied:
+            self._forget_dropped_gradients()
         self._run_post_step_hooks(self.step_applied)
         return float(norm) if norm is not None else float("nan")
 
@@ -322,8 +372,20 @@ class DeepSpeedEngine(PostStepHooks):
                 del opt.step
         if self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed applied a step the trainer dropped: its overflow handling changed")
+        self._forget_dropped_gradients()
         self.step_applied = False
         self._run_post_step_hooks(False)
+
+    def _forget_dropped_gradients(self) -> None:
+        """After a dropped step under ZeRO-Offload: clear ZeRO's fp32 gradient partitions. With bf16
+        weights and fp32 accumulation DeepSpeed sums each micro-batch's reduced gradients into those
+        buffers (`averaged_gradients`, on the GPU) and copies them to the host at the step; its
+        overflow path clears them only without offload, so the dropped step's (non-finite) sums
+        would be added into the next step's (tests/test_engine_agreement.py)."""
+        opt = self.engine.optimizer
+        if getattr(opt, "cpu_offload", False):
+            for k in list(opt.averaged_gradients):
+                opt.averaged_gradients[k] = None
 
     def reduce_expert_load(self, routers) -> None:
         """Global expert load (sum over all ranks) into each router's `expert_load`, before the
@@ -417,7 +479,9 @@ class DeepSpeedEngine(PostStepHooks):
                 st = inner.state[flat]
                 if "exp_avg" not in st:
                     st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(flat), torch.zeros_like(flat)
-                st["step"] = torch.tensor(float(step), dtype=torch.float32, device=flat.device if on_device else "cpu")
+                # torch's AdamW keeps a tensor step; DeepSpeed's CPU Adam an int (its kernel's argument)
+                st["step"] = step if self.offload == "optimizer" else \
+                    torch.tensor(float(step), dtype=torch.float32, device=flat.device if on_device else "cpu")
         if hasattr(opt, "_hp_optimizer_states_linked"):
             opt._hp_optimizer_states_linked = False  # DeepSpeed re-links its fragment views to the new state
         training_state.load_pieces(path, self.checkpoint_pieces())

@@ -4,6 +4,7 @@ mixture stream, and the engine class."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
                               "use model=tiny or give model.arch fields")
         arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
         mcfg = Dots1Config.from_hf_dict(arch, source="model.arch")
-        model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, cfg.model.gradient_checkpointing,
+        model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, cfg.model.recompute,
                                  document_mask=cfg.model.document_mask)
         model.init_weights(seed=cfg.model.init_seed)
         tokenizer = _tokenizer_for_random_init(cfg, tokenizer_dir)
@@ -81,7 +82,7 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
     model, mcfg = load_hf_checkpoint(resolved.path, dtype=torch.float32, experts_backend=backend,
                                      device=str(device), expert_range=expert_range)
     model.set_aux_loss_coef(cfg.model.aux_loss_coef)
-    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.recompute = cfg.model.recompute
     model.document_mask = cfg.model.document_mask
     folder_meta_path = Path(resolved.path) / META_FILE
     folder_meta = json.loads(folder_meta_path.read_text()) if folder_meta_path.exists() else {}
@@ -163,12 +164,52 @@ def data_shards(cfg: DictConfig, layout: ParallelLayout) -> range:
     return rank_shards(n, layout.rank, world)
 
 
+def host_memory_gb() -> float:
+    """This machine's physical memory (GiB), from /proc/meminfo."""
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    return kib / 2**20
+
+
+def check_layout_fits(cfg: DictConfig, layout: ParallelLayout, device: torch.device,
+                      gpu_mem_gb: float | None = None, host_mem_gb: float | None = None) -> None:
+    """Refuse, with the planner's one-line reason (anneal-plan memory), a layout whose GPU memory
+    (CUDA) or, with parallel.offload=optimizer, host memory does not fit this machine. Memory
+    defaults to the device's and /proc/meminfo's."""
+    from anneal.host_plan import HostRates, plan_host, why_not
+    from anneal.memory_plan import layout_from_config, model_config_for_plan, plan_memory
+
+    from anneal.memory_plan import BF16_MOMENTS
+
+    if cfg.parallel.offload_moments != "fp32":
+        raise AnnealError(BF16_MOMENTS)
+    offload = cfg.parallel.offload == "optimizer"
+    if gpu_mem_gb is None and device.type == "cuda":
+        gpu_mem_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if host_mem_gb is None and offload:
+        host_mem_gb = host_memory_gb()
+    if gpu_mem_gb is None and host_mem_gb is None:
+        return
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(layout.world, 8)))
+    lay = layout_from_config(cfg, layout.world, per_node, gpu_mem_gb or float("inf"), 6.0,
+                             host_mem_gb if offload else None)
+    mcfg, source = model_config_for_plan(cfg)
+    # the per-rank process, data pipeline and node reserve figures are a GPU node's (CUDA host side,
+    # launcher, page cache); on a CPU run (tests, debugging) only the offloaded optimizer state is checked
+    rates = HostRates() if device.type == "cuda" else HostRates(process_gb=0.0, data_gb=0.0, node_reserve_gb=0.0)
+    reason = why_not(plan := plan_memory(mcfg, lay), plan_host(mcfg, plan, rates))
+    if reason:
+        raise AnnealError(f"this layout does not fit ({source}, {layout.world} rank(s)): {reason} "
+                          f"(anneal-plan memory ... --gpus {layout.world} shows the whole plan)")
+
+
 def prepare(cfg: DictConfig, run_dir: Path, device: torch.device, layout: ParallelLayout) -> Prepared:
     from mixtures import ShardedStream, load_mixture
 
-    # the batch shape first: a bad one is reported before a large checkpoint is read
+    # the batch shape and the memory plan first: a bad one is reported before a large checkpoint is read
     check_batch_shape(build_ramp(cfg), cfg.data.seq_len, cfg.trainer.micro_batch_size, layout.world,
                       cfg.parallel.a2a_overlap)
+    check_layout_fits(cfg, layout, device)
     model, mcfg, tokenizer, tok_dir, ckpt_name, entry_lr, folder_meta = \
         build_model_and_tokenizer(cfg, run_dir, device, layout)
     if len(tokenizer) > mcfg.vocab_size:

@@ -78,6 +78,10 @@ class Engine(PostStepHooks):
         return cls(model, cfg.trainer, policy)
 
     # -- the step ---------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """One line for the run's log: which optimizer steps which state where."""
+        return f"optimizer: torch AdamW on {self.params[0].device.type}, one process"
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 

@@ -102,6 +102,7 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
         tracker.print(f"resumed from {resume_from} (step {step}, {format_tokens(tokens)} tokens)", markup=False,
                       soft_wrap=True)
     tracker.print(f"model ready: peak host memory per rank {', '.join(f'{g:.2f}' for g in load_peak_gb)} GB")
+    tracker.print(engine.describe(), markup=False, highlight=False, soft_wrap=True)
     run = Run(cfg, p, engine, tracker, layout, device, run_dir, last_checkpoint=resume_from)
     try:
         result = fit(run, step, tokens, callback_states=state.get("callbacks", {}) if state else {},
