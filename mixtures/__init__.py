@@ -26,7 +26,7 @@ _EXPORTS = {
     "bundled_mixtures": "load",
     "build_tokenizer_from_corpus": "tokenizer",
     "PackedMixtureStream": "stream",
-    "TokenFairSampler": "stream",
+    "TokenFairSampler": "sampler",
     "ShardedStream": "shards",
     "rank_shards": "shards",
     "plan_mixture": "plan",
