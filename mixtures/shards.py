@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from .accounting import format_accounting, stage_shares
 from .errors import MixtureError
-from .stream import PackedMixtureStream, format_accounting, stage_shares
+from .stream import PackedMixtureStream
 from .spec import MixtureSpec
 
 

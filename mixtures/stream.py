@@ -1,5 +1,9 @@
 """The packed, weighted, deterministic and resumable mixture stream.
 
+The stream puts the parts together and owns what ties them: each source's cursor and epochs,
+the current stage, the resume state and the held-out rows. Choosing the source, packing rows
+and counting tokens each live in their own module (2-4 below).
+
 How a batch is made
 -------------------
 1. **Document order inside a source**: the training documents of source ``s`` are visited in
@@ -7,26 +11,15 @@ How a batch is made
    A source's cursor is ``(epoch, pos)``. At the end of an epoch, ``on_exhausted: repeat``
    starts epoch+1 with a new permutation (logged); ``stop`` drops the source, and the other
    sources of the stage share its weight in proportion to theirs (logged and warned).
-2. **Which source next** (:class:`TokenFairSampler`): the source with the smallest
-   ``tokens_this_stage / weight`` among the sources with a positive weight that are not
-   dropped (ties: lowest index) gives its next whole document. This is weighted fair queuing
-   on tokens, a deterministic relative of smooth weighted round-robin that balances *tokens*
-   rather than documents: after any number of documents, every source's token count in the
-   stage is within one document (of that source) of ``weight_share * stage_tokens``. The
-   state is one integer per source.
-3. **Packing**: each document's tokens, then the tokenizer's EOS, are appended to one token
-   stream; sequence ``k`` is ``stream[k*L : k*L + L + 1]`` (``L = seq_len``): consecutive
-   sequences share one token, so every token is a label exactly once and nothing is dropped
-   or padded. A document may span two or more sequences.
-4. **Document boundaries** are kept through ``position_ids``: they restart at 0 at every
-   document start (the token after an EOS) and at the start of every sequence. The model
-   (``anneal.model``) uses them for RoPE, and, when its document mask is on, to confine
-   attention to each document (a block mask from the position resets); off (the default), its
-   attention is plain causal over the whole packed row, so a token attends to earlier
-   documents of its row (separated from it by EOS). Positions stay below ``L+1`` (never the
-   untrained absolute positions a long document would reach), and RoPE's relative positions
-   inside a document are exact. ``source_ids`` give the source of every token, for per-source
-   loss.
+2. **Which source next** (:mod:`mixtures.sampler`): the source furthest behind its share of
+   the stage's tokens gives its next whole document, so every source stays within one document
+   of its share. The state is one integer per source.
+3. **Packing** (:mod:`mixtures.packing`): documents, each followed by EOS, are cut into rows of
+   ``seq_len + 1`` tokens that share one token with the next row (nothing dropped or padded);
+   ``position_ids`` restart at every document start and at every row start; ``source_ids``
+   give the source of every token.
+4. **Accounting** (:mod:`mixtures.accounting`): what the returned rows held, per source and
+   stage.
 
 Data shards
 -----------
@@ -54,50 +47,21 @@ to the synchronous path (which stays the reference; tested).
 """
 from __future__ import annotations
 
-import collections
 import logging
 import warnings
-from typing import Sequence
-
-import numpy as np
-import torch
 
 from ._tokenize import make_encoder
+from .accounting import TokenAccounting, format_accounting, stage_shares
 from .errors import MixtureError, MixtureExhausted
 from .fetch import BackgroundFetcher, Fetcher
+from .packing import PackingBuffer, empty_rows, pack_documents, pack_rows
+from .sampler import TokenFairSampler
 from .sources import MixtureWarning, load_sources
 from .spec import MixtureSpec
 
 log = logging.getLogger("mixtures")
 
 STATE_VERSION = 1
-
-
-class TokenFairSampler:
-    """Pick the source whose ``tokens / weight`` is smallest (ties: lowest index).
-
-    Guarantee (tested): among the active sources of a stage, ``t_i / w_i`` stay within one
-    document of each other, so ``|t_i - share_i * T| <= max document length`` at every point.
-    """
-
-    def __init__(self, n: int):
-        self.tokens = [0] * n          # tokens given by each source in the current stage
-
-    def reset(self) -> None:
-        self.tokens = [0] * len(self.tokens)
-
-    def choose(self, weights: Sequence[float], active: Sequence[bool]) -> int:
-        best, best_v = -1, 0.0
-        for i, (w, a) in enumerate(zip(weights, active)):
-            if not a or w <= 0:
-                continue
-            v = self.tokens[i] / w
-            if best < 0 or v < best_v:
-                best, best_v = i, v
-        return best
-
-    def add(self, i: int, n_tokens: int) -> None:
-        self.tokens[i] += n_tokens
 
 
 class PackedMixtureStream:
@@ -147,12 +111,8 @@ class PackedMixtureStream:
         self.sampler = TokenFairSampler(n)
         self._cursor = [[0, 0] for _ in range(n)]     # next document: [epoch, pos]
         self._dropped = [False] * n
-        self._buf: collections.deque = collections.deque()   # [s, epoch, pos, ids, offset]
-        self._buf_tokens = 0
-        self._sequences = 0
-        self._acct_tokens = [0] * n
-        self._acct_docs = [0] * n
-        self._acct_stage_tokens: dict[str, list[int]] = {}   # stage -> tokens per source
+        self._packing = PackingBuffer()
+        self._counts = TokenAccounting(n)
         self._heldout_cache: dict = {}
         self.stage = None
         self.set_stage(stage if stage is not None else self._first_stage())
@@ -192,8 +152,7 @@ class PackedMixtureStream:
             self._end_of_epoch(s, epoch, pos)
             active[s] = not self._dropped[s]
         self.sampler.add(s, len(ids))
-        self._buf.append([s, epoch, pos, ids, 0])
-        self._buf_tokens += len(ids)
+        self._packing.push(s, epoch, pos, ids)
         self._cursor[s][1] += 1
 
     def _end_of_epoch(self, s: int, epoch: int, n: int) -> None:
@@ -223,60 +182,12 @@ class PackedMixtureStream:
         if isinstance(n_seqs, bool) or not isinstance(n_seqs, int) or n_seqs < 0:
             raise MixtureError(f"next_batch: n_seqs must be an integer >= 0, got {n_seqs!r}")
         if n_seqs == 0:
-            empty = torch.zeros((0, L + 1), dtype=torch.long)
-            return {"input_ids": empty, "position_ids": empty.clone(), "source_ids": empty.clone()}
-        need = n_seqs * L + 1
-        while self._buf_tokens < need:
+            return empty_rows(L)
+        while self._packing.tokens < n_seqs * L + 1:
             self._pull_doc()
-        ids = np.empty(need, dtype=np.int64)
-        src = np.empty(need, dtype=np.int64)
-        docstart = np.zeros(need, dtype=bool)
-        at = 0
-        for s, _e, _p, d, off in self._buf:
-            k = min(len(d) - off, need - at)
-            ids[at:at + k] = d[off:off + k]
-            src[at:at + k] = s
-            docstart[at] = off == 0
-            at += k
-            if at == need:
-                break
-        # accounting: every token of the gathered span, except the shared first one after the
-        # first batch (it was counted as the last token of the previous batch)
-        first = 0 if self._sequences == 0 else 1
-        cnt_t = np.bincount(src[first:], minlength=len(self.sources))
-        cnt_d = np.bincount(src[first:][docstart[first:]], minlength=len(self.sources))
-        per_stage = self._acct_stage_tokens.setdefault(self.stage, [0] * len(self.sources))
-        for i in range(len(self.sources)):
-            self._acct_tokens[i] += int(cnt_t[i])
-            self._acct_docs[i] += int(cnt_d[i])
-            per_stage[i] += int(cnt_t[i])
-        # drop the consumed n_seqs*L tokens, keep the shared last token
-        drop = n_seqs * L
-        while drop:
-            seg = self._buf[0]
-            left = len(seg[3]) - seg[4]
-            if left <= drop:
-                self._buf.popleft()
-                drop -= left
-                self._buf_tokens -= left
-            else:
-                seg[4] += drop
-                self._buf_tokens -= drop
-                drop = 0
-        self._sequences += n_seqs
-        # rows, positions restart at every document start and at every row start
-        rows_ids = np.lib.stride_tricks.sliding_window_view(ids, L + 1)[::L]
-        rows_src = np.lib.stride_tricks.sliding_window_view(src, L + 1)[::L]
-        starts = np.lib.stride_tricks.sliding_window_view(docstart, L + 1)[::L].copy()
-        starts[:, 0] = True
-        idx = np.broadcast_to(np.arange(L + 1), starts.shape)
-        last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
-        rows_pos = idx - last_start
-        return {
-            "input_ids": torch.from_numpy(np.array(rows_ids, copy=True)),
-            "position_ids": torch.from_numpy(np.array(rows_pos, copy=True)),
-            "source_ids": torch.from_numpy(np.array(rows_src, copy=True)),
-        }
+        ids, src, docstart = self._packing.take(n_seqs, L)
+        self._counts.count(src, docstart, self.stage, n_seqs)
+        return pack_rows(ids, src, docstart, L)
 
     def __iter__(self):
         return self
@@ -293,12 +204,13 @@ class PackedMixtureStream:
         out = {}
         for i, src in enumerate(self.sources):
             n = self._fetcher.n_train(i)
+            docs = self._counts.documents[i]
             out[src.spec.name] = {
-                "tokens": self._acct_tokens[i],
-                "documents": self._acct_docs[i],
+                "tokens": self._counts.tokens[i],
+                "documents": docs,
                 # streaming sources of unknown size: completed passes so far (an int)
-                "epochs": self._acct_docs[i] / n if n else self._cursor[i][0],
-                "stage_tokens": {st: t[i] for st, t in self._acct_stage_tokens.items()},
+                "epochs": docs / n if n else self._cursor[i][0],
+                "stage_tokens": {st: t[i] for st, t in self._counts.stage_tokens.items()},
             }
             if src.skipped:
                 out[src.spec.name]["skipped_records"] = src.skipped
@@ -324,11 +236,8 @@ class PackedMixtureStream:
             "cursors": [list(c) for c in self._cursor],
             "dropped": list(self._dropped),
             "stage_tokens": list(self.sampler.tokens),
-            "buffer": [[int(s), int(e), int(p), int(off)] for s, e, p, _d, off in self._buf],
-            "sequences": self._sequences,
-            "acct_tokens": list(self._acct_tokens),
-            "acct_docs": list(self._acct_docs),
-            "acct_stage_tokens": {k: list(v) for k, v in self._acct_stage_tokens.items()},
+            "buffer": self._packing.positions(),
+            **self._counts.state_dict(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -352,19 +261,14 @@ class PackedMixtureStream:
         self._cursor = [list(map(int, c)) for c in sd["cursors"]]
         self._dropped = [bool(x) for x in sd["dropped"]]
         self.sampler.tokens = [int(x) for x in sd["stage_tokens"]]
-        self._buf = collections.deque()
-        self._buf_tokens = 0
+        self._packing = PackingBuffer()
         for s, e, p, off in sd["buffer"]:
             d = self._fetcher.get(s, e, p)
             if d is None:
                 raise MixtureError(f"{where}: document {p} of epoch {e} of source "
                                    f"{self.spec.source_names[s]!r} is gone; did its data change?")
-            self._buf.append([s, e, p, d, off])
-            self._buf_tokens += len(d) - off
-        self._sequences = int(sd["sequences"])
-        self._acct_tokens = [int(x) for x in sd["acct_tokens"]]
-        self._acct_docs = [int(x) for x in sd["acct_docs"]]
-        self._acct_stage_tokens = {k: [int(x) for x in v] for k, v in sd.get("acct_stage_tokens", {}).items()}
+            self._packing.push(s, e, p, d, off)
+        self._counts.load_state_dict(sd)
 
     # ------------------------------------------------------------------ held-out
     def heldout_batches(self, source_name: str, n_seqs: int, seq_len: int | None = None) -> dict:
@@ -390,23 +294,8 @@ class PackedMixtureStream:
             warnings.warn(f"{self.spec.path}: source {source_name!r} {why}; raise its heldout_docs "
                           f"for more held-out evaluation", MixtureWarning, stacklevel=2)
         if rows == 0:
-            empty = torch.zeros((0, L + 1), dtype=torch.long)
-            return {"input_ids": empty, "position_ids": empty.clone(), "source_ids": empty.clone()}
-        ids = np.concatenate(docs).astype(np.int64)
-        docstart = np.zeros(len(ids), dtype=bool)
-        docstart[np.cumsum([0] + [len(d) for d in docs[:-1]])] = True
-        need = rows * L + 1
-        w = lambda a: np.lib.stride_tricks.sliding_window_view(a[:need], L + 1)[::L]  # noqa: E731
-        starts = w(docstart).copy()
-        starts[:, 0] = True
-        idx = np.broadcast_to(np.arange(L + 1), starts.shape)
-        pos = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
-        out = {
-            "input_ids": torch.from_numpy(np.array(w(ids), copy=True)),
-            "position_ids": torch.from_numpy(np.array(pos, copy=True)),
-            "source_ids": torch.full((rows, L + 1), i, dtype=torch.long),
-        }
-        self._heldout_cache[key] = out
+            return empty_rows(L)
+        out = self._heldout_cache[key] = pack_documents(docs, i, rows, L)
         return {k: v.clone() for k, v in out.items()}
 
     # ------------------------------------------------------------------ cleanup
@@ -425,34 +314,3 @@ class PackedMixtureStream:
             self.close()
         except Exception:  # noqa: BLE001
             pass
-
-
-def stage_shares(spec: MixtureSpec) -> dict[str, dict[str, float]]:
-    """stage -> source -> the share the mixture asks for (normalized weights)."""
-    return {st: dict(zip(spec.source_names, spec.normalized_weights(st))) for st in spec.stage_names}
-
-
-def format_accounting(acc: dict, targets: dict[str, dict[str, float]] | None = None, off_by: float = 0.05) -> str:
-    """A small table of an accounting dict (:meth:`PackedMixtureStream.accounting`) for the
-    console/log: the whole run, then each stage's share with its target in brackets and ``!``
-    where they differ by more than ``off_by`` (whole documents at a short stage), then a warning."""
-    total = sum(a["tokens"] for a in acc.values()) or 1
-    stages = list(dict.fromkeys(st for a in acc.values() for st in a.get("stage_tokens", {})))
-    stage_total = {st: sum(a.get("stage_tokens", {}).get(st, 0) for a in acc.values()) or 1 for st in stages}
-    lines = [f"{'source':<16}{'tokens':>14}{'share':>8}{'docs':>10}{'epochs':>9}"
-             + "".join(f"{st:>18}" for st in stages)]
-    off = []
-    for name, a in acc.items():
-        cells = ""
-        for st in stages:
-            got = a.get("stage_tokens", {}).get(st, 0) / stage_total[st]
-            want = (targets or {}).get(st, {}).get(name)
-            bad = want is not None and abs(got - want) > off_by
-            off += [(st, name, got, want)] if bad else []
-            cells += f"{got:>10.1%}" + (f" ({want:.0%})" if want is not None else "").rjust(7) + ("!" if bad else " ")
-        lines.append(f"{name:<16}{a['tokens']:>14,}{a['tokens'] / total:>8.1%}"
-                     f"{a['documents']:>10,}{a['epochs']:>9.3f}" + cells)
-    for st, name, got, want in off:
-        lines.append(f"WARNING {st}/{name}: {got:.1%} of the stage's tokens, asked {want:.0%}: the stage is short "
-                     "next to this mixture's documents (whole documents); lengthen it (anneal-plan shows the sizes)")
-    return "\n".join(lines)
