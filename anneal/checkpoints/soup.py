@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from anneal.checkpoints.export import META_FILE
+from anneal.checkpoints.discovery import META_FILE
 from anneal.checkpoints.hf_export import copy_tokenizer_files, split_into_shards, write_json, write_shards
 from anneal.checkpoints.hf_layout import (TOKENIZER_FILES, check_names, check_shape,
                                           hf_weight_plan)
