@@ -278,7 +278,8 @@ def catalog_main(argv: list[str] | None = None) -> None:
                              "i.e. ~/.config/anneal/catalog.yaml; another file is read with catalog_files=[FILE])")
     args = parser.parse_args(argv)
     try:
-        from anneal.checkpoints.catalog import DOTS1_BASE_REPO, Catalog, format_catalog_table, refresh_catalog
+        from anneal.checkpoints.catalog import DOTS1_BASE_REPO, Catalog, format_catalog_table
+        from anneal.checkpoints.catalog_refresh import refresh_catalog
 
         if args.refresh:
             path, found = refresh_catalog(args.repo or DOTS1_BASE_REPO, args.out)
