@@ -106,7 +106,7 @@ def test_checkpoint_of_a_model_reads_back_whole_and_as_an_expert_slice(tmp_path)
 def test_anneal_export_streams_a_dcp_checkpoint_into_shards_transformers_loads(tmp_path, capsys):
     import transformers
 
-    from anneal.cli import export_main
+    from anneal.checkpoint_cli import export_main
 
     model = tiny_model()
     step = training_state.save_checkpoint(tmp_path / "ckpt", 1, model, model.config.to_hf_dict(), {"step": 1}, {})

@@ -11,7 +11,7 @@ format (`Catalog.load(extra_files=[...])`; user entries replace bundled ones by 
 
 Resolving a hub entry calls `huggingface_hub.snapshot_download` (weights, config and tokenizer
 files only) at the entry's `revision` (a branch, tag or commit); with HF_HUB_OFFLINE=1 (or
-`offline=True`) only the local HF cache is used. `anneal-catalog` (anneal.cli) prints the catalog.
+`offline=True`) only the local HF cache is used. `anneal-catalog` (anneal.checkpoint_cli) prints the catalog.
 
 The intermediate dots.llm1 checkpoints are, per the maintainers, branches of the hub repo
 `rednote-hilab/dots.llm1.base`. `anneal-catalog --refresh` (`refresh_catalog`) lists that repo's
