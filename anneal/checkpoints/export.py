@@ -1,14 +1,12 @@
 """Turn a resumable training checkpoint into an HF folder (per-expert layout, bf16 by default)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from anneal.checkpoints import dcp_io, discovery, training_state
-from anneal.checkpoints.discovery import META_FILE
-from anneal.checkpoints.run_checkpoints import meta_of_step
+from anneal.checkpoints.run_checkpoints import export_meta_files, meta_of_step
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
 
@@ -94,5 +92,5 @@ def export_training_checkpoint(path: Path, out: Path, dtype: str = "bfloat16", m
     meta = meta_of_step(step_dir)
     export_hf_checkpoint(model, out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
                          dtype=getattr(torch, dtype), max_shard_size=max_shard_size, overwrite=overwrite,
-                         extra_files={META_FILE: json.dumps(meta, indent=2)})
+                         extra_files=export_meta_files(meta))
     return out

@@ -150,12 +150,7 @@ class RunCheckpoints:
     def _restore(self, resumed: Resumed) -> None:
         state = resumed.state
         self.engine.restore_state(resumed.step_dir, int(state.get("optimizer_step", 0)))
-        saved = len(state["data"])
-        if saved != self.data.n_shards:
-            raise AnnealError(f"the checkpoint's data cursor has {saved} data shard(s) but this run reads "
-                              f"{self.data.n_shards}: resume with data.shards={saved} and a number of ranks "
-                              "that divides it")
-        self.data.load_state_dict(state["data"])
+        restore_data(self.data, state["data"])
         training_state.set_rng_state(state["rng"])
         for key, sd in state.get("callbacks", {}).items():
             if key in self.callbacks:
@@ -172,6 +167,16 @@ class RunCheckpoints:
         except AnnealError:   # an unreadable meta.json: write the model in memory instead
             return None
         return self.last if saved_tokens == tokens else None
+
+
+def restore_data(stream: DataState, data: list[dict]) -> None:
+    """The data cursor of every shard; a run resumes on any number of ranks that divides the saved
+    number of data shards."""
+    if len(data) != stream.n_shards:
+        raise AnnealError(f"the checkpoint's data cursor has {len(data)} data shard(s) but this run reads "
+                          f"{stream.n_shards}: resume with data.shards={len(data)} and a number of ranks "
+                          "that divides it")
+    stream.load_state_dict(data)
 
 
 def anneal_meta(*, started_from: str | None, stage: str, lr: float, tokens_seen_total: int,
@@ -197,6 +202,11 @@ def _read_json(path: Path) -> dict:
 def meta_of_step(step_dir: Path) -> dict:
     """A step folder's meta.json (the `anneal_meta` schema); {} when it has none."""
     return _read_json(Path(step_dir) / STEP_META)
+
+
+def export_meta_files(meta: dict) -> dict[str, str]:
+    """The extra files every export carries (`export_hf_checkpoint(extra_files=...)`): its meta."""
+    return {META_FILE: json.dumps(meta, indent=2)}
 
 
 def export_meta(folder: Path) -> dict:

@@ -13,13 +13,12 @@ Every callback sees the same `Run` (config, prepared pieces, engine, tracker, la
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from anneal.checkpoints.run_checkpoints import META_FILE, RunCheckpoints, anneal_meta
+from anneal.checkpoints.run_checkpoints import RunCheckpoints, anneal_meta, export_meta_files
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.build import Prepared
 from anneal.train.devices import host_memory_gb
@@ -224,7 +223,7 @@ class Export(Callback):
                            step=step, tokens=tokens, schedule=p.schedule.to_config())
         kwargs = dict(tokenizer_dir=p.tokenizer_dir, dtype=getattr(torch, cfg.export.dtype),
                       max_shard_size=cfg.export.max_shard_size, overwrite=cfg.export.overwrite,
-                      extra_files={META_FILE: json.dumps(meta, indent=2)})
+                      extra_files=export_meta_files(meta))
         source = run.checkpoints.export_source(tokens, run.layout.world)
         if source is not None:
             from anneal.checkpoints.sharded_export import export_checkpoint
