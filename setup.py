@@ -47,12 +47,12 @@ setup(
     entry_points={
         "console_scripts": [
             "anneal=anneal.cli:main",
-            "anneal-export=anneal.cli:export_main",
-            "anneal-catalog=anneal.cli:catalog_main",
+            "anneal-export=anneal.checkpoint_cli:export_main",
+            "anneal-catalog=anneal.checkpoint_cli:catalog_main",
             "anneal-plot-schedule=anneal.cli:plot_schedule_main",
             "anneal-plan=anneal.cli:plan_main",
-            "anneal-soup=anneal.cli:soup_main",
-            "anneal-compare=anneal.cli:compare_main",
+            "anneal-soup=anneal.checkpoint_cli:soup_main",
+            "anneal-compare=anneal.checkpoint_cli:compare_main",
             "anneal-eval=anneal.cli:eval_main",
         ]
     },

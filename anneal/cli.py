@@ -1,15 +1,10 @@
-"""Console entry points.
+"""Console entry points (the commands on checkpoints and exports are in `anneal.checkpoint_cli`).
 
 - `anneal [overrides...]`: the Hydra app that runs an anneal (the embedded default with no args).
-- `anneal-export CKPT OUT`: a resumable checkpoint folder -> an HF folder transformers loads.
-- `anneal-catalog`: list the checkpoint catalog.
 - `anneal-plot-schedule [overrides...]`: PNG of LR and batch size against tokens for a recipe.
 - `anneal-plan [overrides...]`: per-source documents, tokens, shares and epochs a recipe implies.
 - `anneal-plan mixture FILE --stage-tokens stage1=20B stage2=5B [--seq-len N] [--tokenizer DIR|train]`:
   the same for a mixture file alone, with the stages' token budgets and the tokenizer given by hand.
-- `anneal-soup A B [C ...] --out SOUP [--weights ...]`: the weighted mean of HF exports (a "soup").
-- `anneal-compare RUN_OR_SWEEP ... [--eval EXPORT ...]`: final and per-source held-out eval loss of
-  runs, and of exports evaluated on the same held-out documents.
 
 `recipe=NAME` picks a bundled recipe from recipes/; `recipe=path/to/file.yaml` uses your own file
 (registered in Hydra's ConfigStore as an option of the `recipe` group).
@@ -105,7 +100,7 @@ def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _report_error(e: Exception) -> None:
+def report_error(e: Exception) -> None:
     if _is_rank0():  # the message as is: no rich markup read in it, no wrapping
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
 
@@ -127,7 +122,7 @@ def main() -> None:
             Console(soft_wrap=True).print(replayed, markup=False, highlight=False)
         sys.argv[1:] = register_recipe_files(sys.argv[1:])
     except USER_ERRORS as e:
-        _report_error(e)
+        report_error(e)
         sys.exit(2)
     reset_peak_host_memory()
 
@@ -152,10 +147,10 @@ def main() -> None:
             message = str(e)
             if "resume with run.resume=true" in message:  # say which run, as a command that works as printed
                 message += f" (the command: {_resume_command_for(cfg, run_dir)})"
-            _report_error(AnnealError(message))
+            report_error(AnnealError(message))
             sys.exit(getattr(e, "exit_code", 2))  # 2: bad input; 3: a guard stopped the run (README)
         except KeyboardInterrupt:
-            _report_error(AnnealError("interrupted (a second Ctrl-C): the run stopped mid-step; its newest complete "
+            report_error(AnnealError("interrupted (a second Ctrl-C): the run stopped mid-step; its newest complete "
                                       "checkpoint is kept; continue with: "
                                       + _resume_command_for(cfg, run_dir)))
             sys.exit(130)
@@ -171,7 +166,7 @@ def main() -> None:
     try:
         _run()
     except (HydraException, OmegaConfBaseException) as e:
-        _report_error(composition_error(e))
+        report_error(composition_error(e))
         sys.exit(2)
 
 
@@ -256,7 +251,7 @@ def plot_schedule_main(argv: list[str] | None = None) -> None:
         schedule, ramp = build_schedule(cfg, start_lr_without_loading(cfg))
         path = plot_schedule(schedule, ramp, args.out, title=f"checkpoint={cfg.checkpoint}")
     except USER_ERRORS as e:
-        _report_error(e)
+        report_error(e)
         sys.exit(2)
     for name in schedule.stage_names:
         st = schedule.stage(name)
@@ -264,58 +259,6 @@ def plot_schedule_main(argv: list[str] | None = None) -> None:
                         f"{format_tokens(schedule.stage_end(name))} tokens, lr "
                         f"{schedule.stage_lr_start(name):.3g} -> {st.lr_end:.3g} ({st.shape})")
     Console().print(f"wrote {path}")
-
-
-def catalog_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="anneal-catalog", description="List the checkpoint catalog.")
-    parser.add_argument("--catalog", action="append", default=[], help="extra catalog YAML (repeatable)")
-    parser.add_argument("--refresh", action="store_true",
-                        help="list the hub repo's branches and tags (the intermediate dots.llm1 checkpoints) and "
-                             "write them into the user catalog, which `anneal` reads by default")
-    parser.add_argument("--repo", default=None, help="with --refresh: the hub repo (default rednote-hilab/dots.llm1.base)")
-    parser.add_argument("--out", default=None,
-                        help="with --refresh: the catalog file to write (default $XDG_CONFIG_HOME/anneal/catalog.yaml, "
-                             "i.e. ~/.config/anneal/catalog.yaml; another file is read with catalog_files=[FILE])")
-    args = parser.parse_args(argv)
-    try:
-        from anneal.checkpoints.catalog import DOTS1_BASE_REPO, Catalog, format_catalog_table, refresh_catalog
-
-        if args.refresh:
-            path, found = refresh_catalog(args.repo or DOTS1_BASE_REPO, args.out)
-            Console().print(f"{len(found)} refs of {args.repo or DOTS1_BASE_REPO} written to {path}: "
-                            f"{', '.join(e['name'] for e in found) or '(none besides main)'}", soft_wrap=True)
-            args.catalog.append(str(path))
-        catalog = Catalog.load(args.catalog)
-        console = Console()
-        console.print(format_catalog_table(catalog))
-        for row in catalog.rows():   # the locations a user copies: whole lines, never wrapped
-            console.print(f"{row['name']}: {row['location']}", soft_wrap=True, highlight=False, markup=False)
-    except USER_ERRORS as e:
-        _report_error(e)
-        sys.exit(2)
-
-
-def export_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="anneal-export",
-                                     description="Export a training checkpoint (runs/<id>/ckpt/step_00000008, or a run folder) as an HF folder.")
-    parser.add_argument("checkpoint", help="a step folder, or a run folder (its latest checkpoint)")
-    parser.add_argument("out", help="HF folder to create")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--max-shard-size", default="2GB")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        from anneal.checkpoints.export import export_training_checkpoint
-
-        out = export_training_checkpoint(Path(args.checkpoint), Path(args.out), dtype=args.dtype,
-                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    except USER_ERRORS as e:
-        _report_error(e)
-        sys.exit(2)
-    from anneal.train.devices import peak_host_memory_gb
-
-    Console().print(f"wrote {out}")
-    Console().print(f"peak host memory {peak_host_memory_gb():.2f} GB")
 
 
 def plan_main(argv: list[str] | None = None) -> None:
@@ -339,7 +282,7 @@ def plan_main(argv: list[str] | None = None) -> None:
 
         print_plan(compose(args.overrides), repeat_warn=args.repeat_warn)
     except USER_ERRORS as e:
-        _report_error(e)
+        report_error(e)
         sys.exit(2)
 
 
@@ -367,61 +310,8 @@ def _plan_mixture_main(argv: list[str]) -> None:
                            vocab_size=args.vocab_size, repeat_warn=args.repeat_warn, max_docs=args.max_docs,
                            json_path=args.json)
     except USER_ERRORS as e:
-        _report_error(e)
+        report_error(e)
         sys.exit(2)
-
-
-def soup_main(argv: list[str] | None = None) -> None:
-    """`anneal-soup A B [C ...] --out SOUP [--weights wA wB ...]`: the weighted mean of HF exports."""
-    parser = argparse.ArgumentParser(
-        prog="anneal-soup",
-        description="Average two or more HF exports of one base checkpoint, weight by weight (streamed, fp32), "
-                    "into a new HF folder (anneal.checkpoints.soup says why the router bias is averaged too).")
-    parser.add_argument("ingredients", nargs="+", help="HF export folders (e.g. runs/sweep/0/hf)")
-    parser.add_argument("--out", required=True, help="the soup's HF folder (must not exist)")
-    parser.add_argument("--weights", nargs="+", type=float, default=None,
-                        help="one weight per ingredient, normalized to sum 1 (default: uniform)")
-    parser.add_argument("--allow-different-bases", action="store_true",
-                        help="soup exports whose anneal_meta.json started_from differ")
-    parser.add_argument("--max-shard-size", default="2GB")
-    args = parser.parse_args(argv)
-    try:
-        from anneal.checkpoints.soup import make_soup
-
-        result = make_soup(args.ingredients, args.out, args.weights, allow_different_bases=args.allow_different_bases,
-                           max_shard_size=args.max_shard_size)
-    except USER_ERRORS as e:
-        _report_error(e)
-        sys.exit(2)
-    console = Console()
-    for path, w in zip(args.ingredients, result.weights):
-        console.print(f"{w:8.4f}  {path}")
-    console.print(f"averaged {result.tensors} tensors into {result.shards} shard(s); peak host memory "
-                  f"{result.peak_host_gb:.2f} GB ({result.peak_host_before_gb:.2f} GB before the first tensor)")
-    console.print(f"wrote {result.folder}")
-
-
-def compare_main(argv: list[str] | None = None) -> None:
-    """`anneal-compare RUN_OR_SWEEP ... [--eval EXPORT ...] [--out table.png]`: final and per-source
-    held-out eval loss of every run, and of exports scored on the same held-out documents."""
-    parser = argparse.ArgumentParser(prog="anneal-compare", description=compare_main.__doc__)
-    parser.add_argument("runs", nargs="+", help="run folders (runs/<name>) or sweep folders (their runs)")
-    parser.add_argument("--eval", nargs="+", default=[], metavar="EXPORT",
-                        help="HF folders (soups, runs/<name>/hf) to score on the first run's held-out set")
-    parser.add_argument("--out", default="compare.png", help="PNG path to write")
-    parser.add_argument("--device", default="cpu", help="where --eval runs the models (cpu, cuda)")
-    args = parser.parse_args(argv)
-    try:
-        from anneal.compare import compare, comparison_table, plot_rows
-
-        rows = compare(args.runs, args.eval, device=args.device)
-    except USER_ERRORS as e:
-        _report_error(e)
-        sys.exit(2)
-    # a terminal folds the table to its width; a log file gets it whole, one row per line
-    console = Console() if sys.stdout.isatty() else Console(width=1000)
-    console.print(comparison_table(rows))
-    console.print(f"wrote {plot_rows(rows, args.out)}", soft_wrap=True, highlight=False)
 
 
 def _plan_memory_main(argv: list[str]) -> None:
@@ -463,7 +353,7 @@ def _plan_memory_main(argv: list[str]) -> None:
         out = "\n".join([format_memory_plan(mcfg, plan, source), format_host_plan(host, rates, tokens), "",
                          fit_summary(plan, host)])
     except USER_ERRORS as e:
-        _report_error(e)
+        report_error(e)
         sys.exit(2)
     print(out)
 
@@ -495,5 +385,5 @@ def eval_main(argv: list[str] | None = None) -> None:
                         allow_code_execution=args.allow_code_execution, device=args.device, batch_size=batch,
                         dtype=args.dtype)
     except USER_ERRORS as e:
-        _report_error(e)
+        report_error(e)
         sys.exit(2)

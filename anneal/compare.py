@@ -163,7 +163,6 @@ class HeldOut:
     def score(self, export: Path, device: str) -> Row:
         import torch
 
-        from anneal.checkpoints.export import META_FILE
         from anneal.checkpoints.hf_load import load_hf_checkpoint
         from anneal.train.callbacks import heldout_losses
 
@@ -174,8 +173,9 @@ class HeldOut:
                               f"{self.run_dir} ({len(self.tokenizer)} tokens); it is not a model of these runs")
         losses = heldout_losses(model, self.stream, self.spec.source_names, self.eval_seqs, self.seq_len,
                                 torch.device(device))
-        meta_path = export / META_FILE
-        kind = "soup" if meta_path.is_file() and "soup" in json.loads(meta_path.read_text()) else "export"
+        from anneal.checkpoints.run_checkpoints import export_meta
+
+        kind = "soup" if "soup" in export_meta(export) else "export"
         name = "/".join(export.absolute().parts[-3:]) if export.name == "hf" else export.name  # sweep/0/hf
         per_source = {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith("eval_loss/")}
         bench = {**score_benchmarks(model, self.cfg, self.tokenizer, device),

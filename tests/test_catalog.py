@@ -252,7 +252,7 @@ def test_refresh_writes_the_user_catalog_that_resolves_by_revision(monkeypatch, 
     import huggingface_hub
 
     from anneal.checkpoints.catalog import user_catalog_path
-    from anneal.cli import catalog_main
+    from anneal.checkpoint_cli import catalog_main
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     calls = []
@@ -287,7 +287,7 @@ def test_refresh_offline_is_one_line_and_writes_nothing(monkeypatch, tmp_path, c
     import huggingface_hub
 
     from anneal.checkpoints.catalog import user_catalog_path
-    from anneal.cli import catalog_main
+    from anneal.checkpoint_cli import catalog_main
 
     with pytest.raises(SystemExit) as ex:
         catalog_main(["--refresh"])
@@ -309,7 +309,7 @@ def test_refresh_offline_is_one_line_and_writes_nothing(monkeypatch, tmp_path, c
 def test_catalog_command_never_wraps_a_location(tmp_path, capsys):
     """At 80 columns the table fits and every location is printed whole on one line (a path
     folded mid-word cannot be copied)."""
-    from anneal.cli import catalog_main
+    from anneal.checkpoint_cli import catalog_main
 
     deep = fake_checkpoint(tmp_path / "a_rather_long_folder_name" / "checkpoints_of_my_own_anneals" / "run_0042")
     user = write_catalog(tmp_path / "c.yaml", [{"name": "mine", "path": str(deep), "stage": "sft"}])

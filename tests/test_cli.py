@@ -114,7 +114,7 @@ def test_unknown_experts_backend_is_one_clear_line(tmp_path):
 
 
 def test_catalog_listing_and_schedule_plot(tmp_path):
-    r = run([sys.executable, "-c", "from anneal.cli import catalog_main; catalog_main([])"], tmp_path)
+    r = run([sys.executable, "-c", "from anneal.checkpoint_cli import catalog_main; catalog_main([])"], tmp_path)
     for name in ("dots1.base", "dots1.inst", "tiny-stable"):
         assert name in r.stdout
     r = run([sys.executable, "-c", "from anneal.cli import plot_schedule_main as m; "
@@ -145,7 +145,7 @@ def test_export_command_from_a_training_checkpoint(tmp_path, monkeypatch):
     anneal("schedule.stages.0.tokens=8192", "schedule.stages.1.tokens=4096", "trainer.stop_after_steps=1",
            "data.mixture=./my_mix.yaml", "logging.wandb=false", "run.name=r", *ENV_QUIET, cwd=tmp_path)
     run_dir, out = tmp_path / "runs" / "r", tmp_path / "exported"
-    run([sys.executable, "-c", f"from anneal.cli import export_main; export_main(['{run_dir}', '{out}'])"],
+    run([sys.executable, "-c", f"from anneal.checkpoint_cli import export_main; export_main(['{run_dir}', '{out}'])"],
         tmp_path)
     meta = json.loads((out / "anneal_meta.json").read_text())
     assert meta["step"] == 1 and meta["stage"] == "stage1" and meta["started_from"] == "tiny-stable"

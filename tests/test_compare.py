@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from anneal.checkpoints.soup import make_soup
-from anneal.cli import compare_main, compose
+from anneal.checkpoint_cli import compare_main
+from anneal.cli import compose
 from anneal.compare import compare
 from anneal.errors import AnnealError
 from anneal.train.loop import train

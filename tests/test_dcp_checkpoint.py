@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from anneal.checkpoints import discovery, state_io, training_state
+from anneal.checkpoints.run_checkpoints import RunCheckpoints
 from anneal.train.engine import Engine
 from test_ep import TINY, _loss, tiny_model
 from test_resilience import _Payload  # a pickle that writes a file when loaded
@@ -48,16 +49,29 @@ def _steps(engine, model, steps, rank=0, world=1) -> list[float]:
     return out
 
 
-def _state(step):
-    return {"step": step, "tokens": 100 * step, "rng": training_state.rng_state()}
+class _NoData:
+    """A run without a data stream: the checkpoint's data cursor is empty."""
+    n_shards = 0
+
+    def state_dict(self) -> list:
+        return []
+
+    def load_state_dict(self, shards: list) -> None:
+        pass
+
+
+def _save_checkpoint(engine, ckpt_root: Path, step: int, model) -> Path:
+    checkpoints = RunCheckpoints(ckpt_root, keep=2)
+    checkpoints.attach(engine=engine, data=_NoData(), callbacks={})
+    return checkpoints.save(step, 100 * step, history=[], hf_config=model.config.to_hf_dict(), meta={})
 
 
 def _resume(engine_factory, ckpt_root: Path, model):
-    path = training_state.latest_checkpoint(ckpt_root)
-    state = training_state.load_checkpoint(path, model)   # the weights (this rank's experts), as the trainer does
+    checkpoints = RunCheckpoints(ckpt_root)
+    resumed = checkpoints.load(checkpoints.newest()[0], model)   # the weights (this rank's experts), as the trainer does
     engine = engine_factory(model)
-    engine.restore_state(ckpt_root, state)
-    return engine, state
+    checkpoints.attach(engine=engine, data=_NoData(), callbacks={})
+    return engine, resumed.state
 
 
 # ----------------------------------------------------------------------------------- one process
@@ -65,7 +79,7 @@ def test_native_save_and_resume_is_bitwise_exact(tmp_path):
     model = tiny_model()
     engine = Engine(model, TCFG)
     _steps(engine, model, range(SAVE_AT))
-    engine.save_state(tmp_path, SAVE_AT, _state(SAVE_AT), model.config.to_hf_dict(), {}, keep=2)
+    _save_checkpoint(engine, tmp_path, SAVE_AT, model)
     want = _steps(engine, model, range(SAVE_AT, STEPS))
     step_dir = training_state.latest_checkpoint(tmp_path)
     assert (step_dir / training_state.MARKER).exists() and (step_dir / ".metadata").exists()
@@ -92,7 +106,7 @@ def test_checkpoint_of_a_model_reads_back_whole_and_as_an_expert_slice(tmp_path)
 def test_anneal_export_streams_a_dcp_checkpoint_into_shards_transformers_loads(tmp_path, capsys):
     import transformers
 
-    from anneal.cli import export_main
+    from anneal.checkpoint_cli import export_main
 
     model = tiny_model()
     step = training_state.save_checkpoint(tmp_path / "ckpt", 1, model, model.config.to_hf_dict(), {"step": 1}, {})
@@ -112,7 +126,7 @@ def test_a_malicious_dcp_metadata_file_is_refused_and_never_run(tmp_path):
     model = tiny_model()
     engine = Engine(model, TCFG)
     _steps(engine, model, range(1))
-    step = engine.save_state(tmp_path / "ckpt", 1, _state(1), model.config.to_hf_dict(), {}, keep=2)
+    step = _save_checkpoint(engine, tmp_path / "ckpt", 1, model)
     sentinel = tmp_path / "executed"
     (step / ".metadata").write_bytes(pickle.dumps(_Payload(sentinel)))
     with pytest.raises(state_io.UnsafeStateError, match="refusing to read it"):
@@ -178,7 +192,7 @@ def _save(rank, world, root, ep_size):
     model = tiny_model()
     engine = _ds_engine(ep_size)(model)
     _steps(engine, model, range(SAVE_AT), rank, world)
-    engine.save_state(Path(root) / "ckpt", SAVE_AT, _state(SAVE_AT), model.config.to_hf_dict(), {}, keep=2)
+    _save_checkpoint(engine, Path(root) / "ckpt", SAVE_AT, model)
     files = sorted(p.name for p in training_state.latest_checkpoint(Path(root) / "ckpt").iterdir())
     assert "__0_0.distcp" in files and "__1_0.distcp" in files and "model.safetensors" not in files
     # same layout, fresh engine: exact resume

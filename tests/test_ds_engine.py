@@ -83,10 +83,13 @@ def _dropped_steps_leave_no_trace(engine, model, rank):
     assert all(float(r.expert_load.sum()) == 0 for r in model.routers().values())
 
 
-def _worker(rank, world, ep_size, zero_stage, offload="none"):
-    import io
+def _worker(rank, world, root, ep_size, zero_stage, offload="none"):
+    from pathlib import Path
 
+    from anneal.checkpoints import training_state
+    from anneal.checkpoints.run_checkpoints import RunCheckpoints
     from anneal.parallel import ds_engine
+    from test_dcp_checkpoint import _NoData
 
     ds_engine.init_distributed("cpu")
     ref_model, ref = _reference(world)
@@ -97,9 +100,10 @@ def _worker(rank, world, ep_size, zero_stage, offload="none"):
     assert any(g.get("moe") for g in engine.engine.optimizer.param_groups)
     _train_steps(engine, model, rank, world, range(STEPS - 1), ref)
     _dropped_steps_leave_no_trace(engine, model, rank)
-    # what a per-rank checkpoint holds: model state (local experts, router biases) + ZeRO partition
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "engine": engine.state_dict()}, buf)
+    # a checkpoint as the trainer writes one: every rank its ZeRO fragments through DCP, nothing gathered
+    checkpoints = RunCheckpoints(Path(root) / "ckpt")
+    checkpoints.attach(engine=engine, data=_NoData(), callbacks={})
+    step_dir = checkpoints.save(STEPS - 1, STEPS - 1, history=[], hf_config=model.config.to_hf_dict(), meta={})
     _train_steps(engine, model, rank, world, [STEPS - 1], ref)
 
     start, stop = model.expert_range
@@ -113,32 +117,29 @@ def _worker(rank, world, ep_size, zero_stage, offload="none"):
         torch.testing.assert_close(r.e_score_correction_bias, rr.e_score_correction_bias)
 
     # resume into a fresh model and engine, repeat the last step: same result
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
     model2 = tiny_model(seed=7)
+    resume = RunCheckpoints(Path(root) / "ckpt")
+    resume.load(step_dir, model2)   # the weights before the engine is built, as the trainer does
     engine2 = ds_engine.DeepSpeedEngine(model2, TCFG, ep_size=ep_size, zero_stage=zero_stage, offload=offload)
-    model2.load_state_dict(saved["model"])
-    engine2.load_state_dict(saved["engine"])
+    resume.attach(engine=engine2, data=_NoData(), callbacks={})
     _train_steps(engine2, model2, rank, world, [STEPS - 1], ref)
     for (n, p), (_, q) in zip(model.named_parameters(), model2.named_parameters()):
         torch.testing.assert_close(q.detach(), p.detach(), atol=1e-6, rtol=1e-6, msg=lambda m: f"resumed {n}: {m}")
 
-    sd = engine.state_dict()
-    assert sd["layout"] == {"world_size": world, "ep_size": ep_size, "zero_stage": zero_stage}
-    bad = {**sd, "layout": {**sd["layout"], "world_size": 2 * world}}
-    with pytest.raises(AnnealError, match="cannot resume"):
-        engine.load_state_dict(bad)
+    # the layout it was written under is recorded (a resume reshards to any other: test_dcp_checkpoint)
+    assert training_state.read_marker(step_dir)["layout"] == {"world_size": world, "ep_size": ep_size,
+                                                              "zero_stage": zero_stage, "engine": "deepspeed"}
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_ep2_zero_matches_single_process_engine(zero_stage):
-    run_distributed(_worker, 2, 2, zero_stage)
+def test_ep2_zero_matches_single_process_engine(zero_stage, tmp_path):
+    run_distributed(_worker, 2, str(tmp_path), 2, zero_stage)
 
 
-def test_ep2_zero2_offload_matches_single_process_engine():
+def test_ep2_zero2_offload_matches_single_process_engine(tmp_path):
     """parallel.offload=optimizer (DeepSpeed's CPU Adam): the same steps, the NaN and vetoed steps
-    dropped with the router-bias hook forgetting their load, and the in-memory resume."""
-    run_distributed(_worker, 2, 2, 2, "optimizer")
+    dropped with the router-bias hook forgetting their load, and the resume from a checkpoint."""
+    run_distributed(_worker, 2, str(tmp_path), 2, 2, "optimizer")
 
 
 def test_config_from_trainer_config_and_extra_keys():
@@ -159,9 +160,9 @@ def test_config_from_trainer_config_and_extra_keys():
         deepspeed_config(TCFG, zero_stage=3, bf16=False)
 
 
-def test_dp2_x_ep2_zero2_matches_single_process_engine():
+def test_dp2_x_ep2_zero2_matches_single_process_engine(tmp_path):
     """4 ranks: EP groups {0,1},{2,3}; expert grads reduced over the EDP groups {0,2},{1,3}."""
-    run_distributed(_worker, 4, 2, 2)
+    run_distributed(_worker, 4, str(tmp_path), 2, 2)
 
 
 # ------------------------------------------------------------------ the trainer under DeepSpeed

@@ -236,7 +236,8 @@ def test_disk_full_during_the_dcp_write_is_one_line_and_loses_nothing(tmp_path):
 
 # ------------------------------------------------------------------- export --overwrite
 def test_export_overwrite_replaces_only_an_earlier_export(run_copy, tmp_path):
-    from anneal.checkpoints.export import META_FILE, export_training_checkpoint
+    from anneal.checkpoints.discovery import META_FILE
+    from anneal.checkpoints.export import export_training_checkpoint
 
     thesis = tmp_path / "thesis"
     thesis.mkdir()

@@ -88,7 +88,7 @@ def test_resume_exact_on_another_number_of_ranks(spec, tok):
     with pytest.raises(MixtureError, match=r"saved data state has 4 data shards .* reads 2"):
         ShardedStream(spec, tok, shards=range(2), n_shards=2, seq_len=16, seed=7, stage="s").load_state_dict(saved)
     from anneal.errors import AnnealError
-    from anneal.train.loop import restore_data
+    from anneal.checkpoints.run_checkpoints import restore_data
 
     with pytest.raises(AnnealError, match=r"has 4 data shard\(s\) but this run reads 2: resume with data.shards=4"):
         restore_data(ShardedStream(spec, tok, shards=range(1), n_shards=2, seq_len=16, seed=7, stage="s"), saved)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from anneal.checkpoints.hf_export import export_hf_checkpoint
 from anneal.checkpoints.hf_load import load_hf_checkpoint
 from anneal.checkpoints.soup import make_soup
-from anneal.cli import soup_main
+from anneal.checkpoint_cli import soup_main
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
 from anneal.model.dots1 import Dots1ForCausalLM

@@ -11,13 +11,14 @@ format (`Catalog.load(extra_files=[...])`; user entries replace bundled ones by 
 
 Resolving a hub entry calls `huggingface_hub.snapshot_download` (weights, config and tokenizer
 files only) at the entry's `revision` (a branch, tag or commit); with HF_HUB_OFFLINE=1 (or
-`offline=True`) only the local HF cache is used. `anneal-catalog` (anneal.cli) prints the catalog.
+`offline=True`) only the local HF cache is used. `anneal-catalog` (anneal.checkpoint_cli) prints the catalog.
 
 The intermediate dots.llm1 checkpoints are, per the maintainers, branches of the hub repo
 `rednote-hilab/dots.llm1.base`. `anneal-catalog --refresh` (`refresh_catalog`) lists that repo's
 branches and tags with `huggingface_hub.list_repo_refs` and writes one entry per ref into the user
 catalog (`user_catalog_path()`: $XDG_CONFIG_HOME/anneal/catalog.yaml, by default
-~/.config/anneal/catalog.yaml), which `Catalog.load` reads after the bundled one.
+~/.config/anneal/catalog.yaml), which `Catalog.load` reads after the bundled one
+(`anneal.checkpoints.catalog_refresh`).
 """
 from __future__ import annotations
 
@@ -32,9 +33,10 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
                       field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from anneal.checkpoints.atomic import atomic_write
 from anneal.errors import AnnealError
 from anneal.paths import conf_dir, package_root
+from mixtures.errors import MixtureError
+from mixtures.tokens import format_tokens, parse_tokens
 
 STAGES = ("stable", "pre-anneal", "post-anneal", "long-context", "sft")
 FIELDS = ("name", "repo_id", "path", "revision", "tokens_seen", "stage", "lr", "verified", "notes")
@@ -45,7 +47,6 @@ _TRUE = {"1", "on", "yes", "true"}
 
 
 DOTS1_BASE_REPO = "rednote-hilab/dots.llm1.base"
-_TOKENS_IN_REF = re.compile(r"(\d+(?:\.\d+)?)\s*([TB])(?![a-z])", re.IGNORECASE)
 
 
 def user_catalog_path() -> Path:
@@ -165,9 +166,10 @@ def _parse_entry(raw: Any, index: int, file: Path, base_dir: Path) -> CatalogEnt
         path = p if p.is_absolute() else (base_dir / p)
     tokens = None
     if e.tokens_seen is not None:
-        from anneal.train.schedule import parse_tokens
-
-        tokens = parse_tokens(e.tokens_seen, what=f"{where}: field 'tokens_seen'")
+        try:
+            tokens = parse_tokens(e.tokens_seen, what=f"{where}: field 'tokens_seen'")
+        except MixtureError as err:
+            raise AnnealError(str(err)) from None
         if tokens < 0:
             raise AnnealError(f"{where}: field 'tokens_seen' must be >= 0; got {tokens}")
     return CatalogEntry(name=e.name.strip(), stage=e.stage, repo_id=e.repo_id, path=path,
@@ -285,8 +287,6 @@ class Catalog:
     # -- listing -----------------------------------------------------------------------------
     def rows(self) -> list[dict[str, str]]:
         """One dict per entry (strings, ready to print): name, stage, tokens, lr, location, verified."""
-        from anneal.train.schedule import format_tokens
-
         return [{
             "name": e.name,
             "stage": e.stage,
@@ -344,14 +344,14 @@ def validate_checkpoint_folder(path: str | os.PathLike) -> Path:
     return path
 
 
-def _offline_from_env() -> bool:
+def offline_from_env() -> bool:
     return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _snapshot(repo_id: str, revision: str | None, offline: bool | None, label: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    offline = _offline_from_env() if offline is None else offline
+    offline = offline_from_env() if offline is None else offline
     rev_arg = f" --revision {revision}" if revision else ""
     how = (f"Download it with `huggingface-cli download {repo_id}{rev_arg}` (or `hf download "
            f"{repo_id}{rev_arg}`) on a machine with internet access and the same HF cache, or pass a "
@@ -373,71 +373,3 @@ def _snapshot(repo_id: str, revision: str | None, offline: bool | None, label: s
         raise AnnealError(f"{label}: could not download {repo_id}{'@' + revision if revision else ''} "
                           f"and it is not in the local HF cache ({kind}: {e}). {how}") from None
     return Path(path)
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Refreshing from the hub
-# ---------------------------------------------------------------------------------------------
-def entries_from_refs(repo_id: str, refs) -> list[dict]:
-    """Catalog entries (raw dicts, the YAML format) for the branches and tags of `repo_id`
-    (`huggingface_hub.GitRefs`). A ref whose name holds a token count ("10T", "500B") becomes
-    `dots1.base-<count>` (replacing the bundled entry of that name: it now has its revision);
-    any other ref `dots1.base@<ref>`; the default branch is `dots1.base` (already bundled) and is
-    skipped. Stage and LR follow from the count (stable phase up to 10T, LR 3e-4); a ref without
-    a count gets stage 'stable' and no LR, and its notes say to check both."""
-    from anneal.train.schedule import format_tokens
-
-    out = []
-    for kind, ref_list in (("branch", refs.branches), ("tag", refs.tags)):
-        for ref in sorted(ref_list, key=lambda r: r.name):
-            if kind == "branch" and ref.name == "main":
-                continue
-            m = _TOKENS_IN_REF.search(ref.name)
-            tokens = round(float(m.group(1)) * (1e12 if m.group(2).upper() == "T" else 1e9)) if m else None
-            entry = {"name": f"dots1.base-{format_tokens(tokens)}" if m else f"dots1.base@{ref.name}",
-                     "repo_id": repo_id, "revision": ref.name, "tokens_seen": tokens, "stage": "stable",
-                     "lr": 3.0e-4 if tokens is not None and tokens <= 10 ** 13 else None, "verified": True}
-            why = ("stage and LR inferred from the token count in the name" if tokens is not None and tokens <= 10 ** 13
-                   else "stage and LR unknown: check the dots1 tech report and fix them here")
-            entry["notes"] = (f"{kind} '{ref.name}' of {repo_id} at commit {ref.target_commit} "
-                              f"(found by anneal-catalog --refresh); {why}.")
-            out.append(entry)
-    return out
-
-
-def refresh_catalog(repo_id: str = DOTS1_BASE_REPO, out: str | os.PathLike | None = None) -> tuple[Path, list[dict]]:
-    """List `repo_id`'s refs on the hub and merge one entry per ref into the catalog file `out`
-    (default `user_catalog_path()`; its other entries are kept). Returns (file, new entries)."""
-    from huggingface_hub import list_repo_refs
-
-    if _offline_from_env():
-        raise AnnealError(f"anneal-catalog --refresh: offline (HF_HUB_OFFLINE is set); cannot list the refs of "
-                          f"{repo_id}; run it on a machine with internet access")
-    try:
-        refs = list_repo_refs(repo_id)
-    except Exception as e:  # connection errors differ across huggingface_hub/requests/httpx versions
-        cause = " ".join(str(e).split())[:200]
-        raise AnnealError(f"anneal-catalog --refresh: cannot reach the Hugging Face hub to list the refs of {repo_id} "
-                          f"(offline? {type(e).__name__}: {cause}); the catalog is unchanged") from None
-    found = entries_from_refs(repo_id, refs)
-    path = Path(out) if out is not None else user_catalog_path()
-    import yaml
-
-    kept = []
-    if path.is_file():
-        read_catalog_file(path)   # refuse to rewrite a file that is not a valid catalog
-        data = yaml.safe_load(path.read_text())
-        kept = data["checkpoints"] if isinstance(data, dict) else data
-    names = {e["name"] for e in found}
-    merged = [e for e in kept if e.get("name") not in names] + found
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = (f"# Written by anneal-catalog --refresh from the refs of {repo_id}; edit freely.\n"
-            + yaml.safe_dump({"checkpoints": merged}, sort_keys=False, width=100))
-
-    def write(tmp: Path) -> None:
-        tmp.write_text(text)
-        read_catalog_file(tmp)    # what we write must load
-
-    atomic_write(path, write)
-    return path, found

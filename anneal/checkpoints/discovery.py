@@ -1,5 +1,6 @@
-"""Which step folders of a run are usable checkpoints, which one a resume continues from, which
-ones pruning may delete.
+"""The on-disk layout of a run's `ckpt/` folder (the one place that names its files and folders)
+and which step folders are usable checkpoints, which one a resume continues from, which ones
+pruning may delete. `anneal.checkpoints.run_checkpoints` is what the rest of the project asks.
 
 `ckpt/latest` is a hint, not the truth: a host crash can leave it missing, empty or naming a
 folder that never got its marker. A resume takes the newest *complete* step folder by step
@@ -18,10 +19,21 @@ from safetensors import SafetensorError, safe_open
 from anneal.checkpoints import dcp_io
 from anneal.errors import AnnealError
 
+CKPT_DIR = "ckpt"              # <run>/ckpt holds the step folders and `latest`
+FORMAT = "anneal-dcp/1"         # the marker's format: the only one this version reads or writes
 LATEST = "latest"
 MARKER = "checkpoint.json"     # written last: a step folder without it is not a checkpoint
 STATE = "trainer_state"        # <step>/trainer_state.json + .safetensors (anneal.checkpoints.state_io)
+STEP_META = "meta.json"        # <step>/meta.json: where in the schedule the step is (`anneal_meta`)
+# every export's (and soup's) copy of that schema: what marks a folder as an anneal export, and
+# where `anneal checkpoint=<folder>` finds the LR to start from when schedule.start_lr is null
+META_FILE = "anneal_meta.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
+NOT_JSON = f"{MARKER} is not JSON"   # a marker that is not ours: refused as unsafe
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
 # --------------------------------------------------------------------------------------- discovery
@@ -37,20 +49,40 @@ def step_folders(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=step_number)
 
 
-def why_incomplete(step_dir: Path) -> str | None:
-    """None for a complete checkpoint, else what is wrong with it (a short phrase)."""
+def format_problem(step_dir: Path) -> str | None:
+    """Why `step_dir` is not a committed step folder in the format this version writes (a short
+    phrase; `NOT_JSON` for a marker that is not ours), None when it is: the one place a torn,
+    foreign or unknown format is refused (`training_state.read_marker` raises it)."""
+    problem = _commit_problem(step_dir)
+    if problem is not None:
+        return problem
+    found = json.loads((Path(step_dir) / MARKER).read_text()).get("format")
+    return None if found == FORMAT else f"checkpoint format {found!r}, this version reads {FORMAT!r}"
+
+
+def _commit_problem(step_dir: Path) -> str | None:
+    """Why `step_dir` was never committed: no marker, or one that does not name its step. A
+    committed folder in another format counts as complete, so that reading it refuses it loudly
+    (`format_problem`) instead of a resume silently taking an older step."""
     step_dir = Path(step_dir)
     if not (step_dir / MARKER).exists():
-        if (step_dir / "model.safetensors").exists() and ((step_dir / f"{STATE}.json").exists()
-                                                         or (step_dir / f"{STATE}.pt").exists()):
-            return None  # the older format (one gathered model.safetensors)
         return f"no {MARKER}"
     try:
         marker = json.loads((step_dir / MARKER).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
-        return f"{MARKER} is not JSON"
-    if not isinstance(marker, dict) or marker.get("step") != step_number(step_dir):
+        return NOT_JSON
+    if not isinstance(marker, dict) or (step_number(step_dir) is not None
+                                        and marker.get("step") != step_number(step_dir)):
         return f"{MARKER} names another step"
+    return None
+
+
+def why_incomplete(step_dir: Path) -> str | None:
+    """None for a complete checkpoint, else what is wrong with it (a short phrase)."""
+    step_dir = Path(step_dir)
+    problem = _commit_problem(step_dir)
+    if problem is not None:
+        return problem
     if not (step_dir / f"{STATE}.json").exists() and (step_dir / f"{STATE}.pt").exists():
         return f"{STATE}.pt is a pickle, which anneal does not unpickle (it can run code)"
     try:
@@ -128,5 +160,4 @@ def remove_stale_temporaries(ckpt_root: Path) -> list[Path]:
     stale = [*ckpt_root.glob(".tmp-step_*"), *ckpt_root.glob(f".{LATEST}.*.tmp")] if ckpt_root.is_dir() else []
     for p in stale:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    shutil.rmtree(ckpt_root / "zero", ignore_errors=True)  # per-rank states of the older format
     return stale

@@ -1,63 +1,32 @@
 """Turn a resumable training checkpoint into an HF folder (per-expert layout, bf16 by default)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from anneal.checkpoints import dcp_io, training_state
-# META_FILE, written into every export: what an anneal needs to continue from it (stage, LR, tokens
-# seen); `anneal checkpoint=<folder>` starts its schedule at this LR when schedule.start_lr is null
-from anneal.checkpoints.hf_export import META_FILE
+from anneal.checkpoints import dcp_io, discovery, training_state
+from anneal.checkpoints.run_checkpoints import export_meta_files, meta_of_step
 from anneal.errors import AnnealError
-from anneal.model.dots1 import Dots1ForCausalLM
 from anneal.model.config import Dots1Config
-
-
-def anneal_meta(*, started_from: str | None, stage: str, lr: float, tokens_seen_total: int,
-                step: int | None = None, tokens: int | None = None, schedule: list | None = None) -> dict:
-    """The one schema of a checkpoint's meta.json and an export's anneal_meta.json: the base
-    checkpoint the anneal `started_from` (what `anneal-soup` compares), where in the schedule it
-    stopped (stage, lr, step, tokens of this run) and the tokens the weights have seen in total
-    (base + this run). None-valued optional keys are left out."""
-    meta = {"started_from": started_from, "stage": stage, "lr": lr, "tokens_seen_total": tokens_seen_total,
-            "step": step, "tokens": tokens, "schedule": schedule}
-    return {k: v for k, v in meta.items() if v is not None or k == "started_from"}
-
-
-def meta_of_step(step_dir: Path) -> dict:
-    """A step folder's meta.json in the `anneal_meta` schema (a checkpoint written before the one
-    schema said `checkpoint` for `started_from`)."""
-    path = step_dir / "meta.json"
-    if not path.exists():
-        return {}
-    meta = json.loads(path.read_text())
-    if "checkpoint" in meta:
-        meta.setdefault("started_from", meta.pop("checkpoint"))
-    return meta
 
 
 def find_step_folder(path: Path) -> Path:
     """Accept a step folder, a run's ckpt/ folder, or a run folder. Only the weights, config and
     meta JSON of the step are read (never its training state), so any step folder exports."""
     path = Path(path)
-    if ((path / "model.safetensors").exists() or (path / training_state.MARKER).exists()) \
-            and (path / "config.json").exists():
+    if (path / discovery.MARKER).exists() and (path / "config.json").exists():
         return path
-    for root in (path, path / "ckpt"):
+    for root in (path, path / discovery.CKPT_DIR):
         latest = training_state.latest_checkpoint(root)
         if latest is not None:
             return latest
-    import re
-
-    short = re.fullmatch(r"step_(\d+)", path.name)
-    padded = path.with_name(f"step_{int(short.group(1)):08d}") if short else None
+    short = discovery.step_number(path)
+    padded = path.with_name(discovery.step_dir_name(short)) if short is not None else None
     if padded is not None and padded != path and padded.is_dir():
         raise AnnealError(f"{path}: no such folder; step folders are named with 8 digits: {padded}")
-    raise AnnealError(f"{path}: not a training checkpoint (no {training_state.MARKER} or model.safetensors + "
-                      "config.json) and no ckpt/latest inside. "
+    raise AnnealError(f"{path}: not a training checkpoint (no {discovery.MARKER} + config.json) and no "
+                      "ckpt/latest inside. "
                       "Pass runs/<id>/ckpt/step_00000008 (a step folder) or runs/<id> (its newest checkpoint)")
 
 
@@ -112,21 +81,16 @@ class StreamedCheckpoint:
 
 def export_training_checkpoint(path: Path, out: Path, dtype: str = "bfloat16", max_shard_size: str = "2GB",
                                overwrite: bool = False) -> Path:
-    """A training checkpoint -> an HF folder. A DCP checkpoint (any layout) is streamed tensor by
-    tensor and expert by expert (`StreamedCheckpoint`); an older one (model.safetensors) is loaded whole."""
+    """A training checkpoint (any layout) -> an HF folder, streamed tensor by tensor and expert by
+    expert (`StreamedCheckpoint`)."""
     from anneal.checkpoints.hf_export import export_hf_checkpoint
 
     step_dir = find_step_folder(path)
-    if (step_dir / training_state.MARKER).exists():
-        model = StreamedCheckpoint(step_dir)
-    else:
-        cfg = Dots1Config.from_json(step_dir / "config.json")
-        model = Dots1ForCausalLM(cfg)
-        model.load_state_dict(load_file(str(step_dir / "model.safetensors")), strict=True)
+    model = StreamedCheckpoint(step_dir)
     run_dir = step_dir.parent.parent
     tokenizer_dir = run_dir / "tokenizer"
     meta = meta_of_step(step_dir)
     export_hf_checkpoint(model, out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
                          dtype=getattr(torch, dtype), max_shard_size=max_shard_size, overwrite=overwrite,
-                         extra_files={META_FILE: json.dumps(meta, indent=2)})
+                         extra_files=export_meta_files(meta))
     return out

@@ -16,6 +16,7 @@ from typing import Mapping
 
 import torch
 
+from anneal.checkpoints.discovery import META_FILE
 from anneal.checkpoints.write_guards import (NonFiniteWeightsError, ensure_free_space, first_nonfinite,
                                              reporting_full_disk)
 from anneal.errors import AnnealError
@@ -148,9 +149,6 @@ def write_shards(folder: Path, shards: dict[str, list[str]], sharded: bool, make
         write_json(folder / SAFE_WEIGHTS_INDEX_NAME,
                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
-
-# written into every export anneal makes (anneal.checkpoints.export): what marks a folder as one
-META_FILE = "anneal_meta.json"
 
 
 def check_export_target(folder: Path, overwrite: bool) -> None:

@@ -38,17 +38,17 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from anneal.checkpoints.export import META_FILE
+from anneal.checkpoints.discovery import META_FILE
 from anneal.checkpoints.hf_export import copy_tokenizer_files, split_into_shards, write_json, write_shards
 from anneal.checkpoints.hf_layout import (TOKENIZER_FILES, check_names, check_shape,
                                           hf_weight_plan)
 from anneal.checkpoints.hf_load import TensorInfo, scan_tensors
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
-from anneal.train.devices import peak_host_memory_gb
 
 # safetensors dtype names of the floating tensors a soup averages
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -69,8 +69,8 @@ class SoupResult:
     weights: list[float]             # normalized to sum 1
     tensors: int
     shards: int
-    peak_host_gb: float              # peak resident memory of the process (ru_maxrss)
-    peak_host_before_gb: float       # the same before the first tensor was read
+    peak_host_gb: float | None       # peak resident memory of the process (`peak_memory_gb`; None: not asked)
+    peak_host_before_gb: float | None  # the same before the first tensor was read
 
 
 def read_ingredient(folder: str | os.PathLike) -> Ingredient:
@@ -171,9 +171,12 @@ def _mean_tensor(name: str, ings: list[Ingredient], weights: list[float]) -> tor
 
 
 def make_soup(folders: list[str | os.PathLike], out: str | os.PathLike, weights: list[float] | None = None, *,
-              allow_different_bases: bool = False, max_shard_size: int | str = "2GB") -> SoupResult:
+              allow_different_bases: bool = False, max_shard_size: int | str = "2GB",
+              peak_memory_gb: Callable[[], float] | None = None) -> SoupResult:
     """Write the weighted mean of the HF exports `folders` as a new HF folder `out` (see the module
-    docstring). `weights` default to uniform and are normalized to sum 1."""
+    docstring). `weights` default to uniform and are normalized to sum 1. `peak_memory_gb()`, when
+    given, reports the process's peak host memory (before the first tensor is read and at the end)."""
+    peak = peak_memory_gb or (lambda: None)
     out = Path(out).absolute()
     if len(folders) < 2:
         raise AnnealError(f"a soup needs two or more exports, got {len(folders)}")
@@ -189,7 +192,7 @@ def make_soup(folders: list[str | os.PathLike], out: str | os.PathLike, weights:
     shards, sharded = split_into_shards(metas, max_shard_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    before = peak_host_memory_gb()
+    before = peak()
     try:
         write_shards(tmp, shards, sharded, lambda n: _mean_tensor(n, ings, w), what=f"soup {out}")
         for name in ("config.json", "generation_config.json"):
@@ -205,4 +208,4 @@ def make_soup(folders: list[str | os.PathLike], out: str | os.PathLike, weights:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SoupResult(out, w, len(order), len(shards), peak_host_memory_gb(), before)
+    return SoupResult(out, w, len(order), len(shards), peak(), before)

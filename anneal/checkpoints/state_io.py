@@ -83,15 +83,15 @@ def save_state(tree, stem: Path) -> list[Path]:
 
 
 def load_state(stem: Path):
-    """Read what `save_state` wrote. A pickle (`<stem>.pt`, the format of older versions) or a
-    file that is not JSON/safetensors is refused with UnsafeStateError; nothing is executed."""
+    """Read what `save_state` wrote. A pickle (`<stem>.pt`) or a file that is not JSON/safetensors
+    is refused with UnsafeStateError; nothing is executed."""
     stem = Path(stem)
     js, st = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
-    legacy = stem.with_name(stem.name + ".pt")
+    pickled = stem.with_name(stem.name + ".pt")
     if not js.exists():
-        if legacy.exists():
+        if pickled.exists():
             raise UnsafeStateError(
-                f"{legacy}: a pickled training state (older format, or made by someone else). anneal does not "
+                f"{pickled}: a pickled training state (not written by anneal). anneal does not "
                 "unpickle checkpoint files: unpickling can run arbitrary code. The weights in this folder "
                 "are safetensors and can still be exported (anneal-export); resuming needs a checkpoint "
                 "written by this version")

@@ -1,4 +1,6 @@
-"""Resumable training checkpoints: sharded (torch.distributed.checkpoint), reshardable, atomic.
+"""How one step folder is written and read: sharded (torch.distributed.checkpoint), reshardable,
+atomic. `anneal.checkpoints.run_checkpoints` decides when and for which run; names come from
+`anneal.checkpoints.discovery`.
 
 Layout: <run>/ckpt/step_00000042/{__<rank>_0.distcp (each rank's own pieces), .metadata (DCP's
 index of the pieces), trainer_state.json + .safetensors (step, tokens, data cursor, RNG, history,
@@ -15,8 +17,8 @@ a run resumes under another EP size, DP world or ZeRO stage, or in one process.
 A checkpoint is written into a temporary folder and renamed into place once the marker is in it,
 and `latest` is replaced atomically after that, so a kill, a full disk or any error on any rank at
 any moment leaves the previous checkpoint intact and never a half one. Nothing is unpickled on
-load (`anneal.checkpoints.state_io` for the JSON state, `dcp_io` for DCP's metadata). Older step
-folders (one gathered model.safetensors) still load and export.
+load (`anneal.checkpoints.state_io` for the JSON state, `dcp_io` for DCP's metadata). A folder in
+any other format is refused by `read_marker` (`discovery.format_problem`), naming the folder.
 """
 from __future__ import annotations
 
@@ -32,10 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from anneal.checkpoints import atomic, dcp_io, discovery, state_io, write_guards
-from anneal.checkpoints.discovery import LATEST, MARKER, STATE
+from anneal.checkpoints.discovery import FORMAT, LATEST, MARKER, STATE, STEP_META
 from anneal.checkpoints.state_io import UnsafeStateError
 from anneal.errors import AnnealError
 
@@ -61,7 +62,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ sharded format
-FORMAT = "anneal-dcp/1"
 MODEL, EXP_AVG, EXP_AVG_SQ = "model/", "exp_avg/", "exp_avg_sq/"   # DCP key prefixes
 _EXPERT_SUFFIXES = ("mlp.experts.w_gate_up", "mlp.experts.w_down")
 
@@ -153,7 +153,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, hf_config: dict, trainer_
     ckpt_root = Path(ckpt_root)
     pieces = model if isinstance(model, list) else whole_pieces(model.state_dict())
     rank = dist.get_rank() if _distributed() else 0
-    name = f"step_{step:08d}"
+    name = discovery.step_dir_name(step)
     final = ckpt_root / name
     tensors, chunks, splits = _dcp_entries(pieces, moments=True)
     need = state_io.state_bytes(tensors) + (state_io.state_bytes(trainer_state) if rank == 0 else 0)
@@ -187,7 +187,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, hf_config: dict, trainer_
         with write_guards.reporting_full_disk(what, ckpt_root, need):
             state_io.save_state(trainer_state, tmp / STATE)
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            (tmp / STEP_META).write_text(json.dumps(meta, indent=2))
             marker = {"format": FORMAT, "step": step, "layout": layout or {"world_size": 1},
                       "optimizer": any(p.exp_avg is not None for p in pieces),
                       "tensors": {p.name: list(p.shape) for p in pieces}}
@@ -214,16 +214,15 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def read_marker(path: Path) -> dict:
-    try:
-        marker = json.loads((Path(path) / MARKER).read_text())
-    except FileNotFoundError:
-        raise AnnealError(f"{path}: no {MARKER}: not a complete training checkpoint (a torn or older step "
-                          "folder); resume or export from another step") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UnsafeStateError(f"{path / MARKER} is not JSON ({e.__class__.__name__}); refusing to read it") from None
-    if marker.get("format") != FORMAT:
-        raise AnnealError(f"{path}: checkpoint format {marker.get('format')!r}, this version reads {FORMAT!r}")
-    return marker
+    """The marker of a committed step folder in this version's format; anything else (torn, foreign,
+    another format) is refused here, with one error naming the folder."""
+    problem = discovery.format_problem(path)
+    if problem == discovery.NOT_JSON:
+        raise UnsafeStateError(f"{Path(path) / MARKER} is not JSON; refusing to read it")
+    if problem is not None:
+        raise AnnealError(f"{path}: {problem}: not a training checkpoint this version reads; resume or export "
+                          "from another step")
+    return json.loads((Path(path) / MARKER).read_text())
 
 
 def expert_chunk(name: str, shape: tuple, expert_range: tuple[int, int] | None) -> tuple[int, int]:
@@ -243,8 +242,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, check_state=None) -> dic
     (`model.expert_range`, expert parallelism) reads only its experts' range. Collective under a
     process group (every rank loads its model)."""
     path = Path(path)
-    if (path / "model.safetensors").exists() and not (path / MARKER).exists():
-        return _load_safetensors_checkpoint(path, model, check_state)
     state = state_io.load_state(path / STATE)
     if check_state is not None:
         check_state(state)
@@ -313,34 +310,4 @@ def read_full_tensor(path: Path, name: str, shape: tuple | None = None, rows: tu
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every weight of a checkpoint, whole (one process; for small models and tests)."""
-    path = Path(path)
-    if (path / "model.safetensors").exists() and not (path / MARKER).exists():
-        return load_file(str(path / "model.safetensors"))
     return {n: read_full_tensor(path, n, tuple(s)) for n, s in read_marker(path)["tensors"].items()}
-
-
-def _load_safetensors_checkpoint(path: Path, model: torch.nn.Module, check_state=None) -> dict:
-    """The older format (one gathered model.safetensors)."""
-    tensors = load_file(str(path / "model.safetensors"))
-    start, stop = model.expert_range
-    if (start, stop) != (0, model.config.n_routed_experts):
-        for name in tensors:
-            if name.endswith(_EXPERT_SUFFIXES):
-                tensors[name] = tensors[name][start:stop]
-    state = state_io.load_state(path / STATE)  # first: refuse a foreign pickle before touching the model
-    if check_state is not None:
-        check_state(state)
-    check_finite(path, tensors)
-    model.load_state_dict(tensors, strict=True)
-    return state
-
-
-class StateDictView:
-    """Something with a state_dict(): what `save_checkpoint` and the exporter read from a model,
-    for weights that are not the model's own tensors (fp32 masters, experts gathered over ranks)."""
-
-    def __init__(self, sd: dict):
-        self._sd = sd
-
-    def state_dict(self) -> dict:
-        return self._sd

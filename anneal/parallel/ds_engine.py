@@ -21,7 +21,8 @@ What we take from DeepSpeed (and what we do not):
   boundary, whatever the number of micro-batches of the batch ramp), and DeepSpeed's
   `save_checkpoint` (its MoE checkpoint writer expects DeepSpeed's per-expert module names
   `deepspeed_moe.experts.deepspeed_experts.<i>`; our experts are stacked tensors). Checkpoints are
-  per-rank `state_dict()`s of the ZeRO optimizer plus the model's own state (see docs/deepspeed.md).
+  DCP step folders: each rank writes its ZeRO fragments of the fp32 masters and AdamW's moments
+  (`checkpoint_pieces`), nothing gathered, readable under any layout (`anneal.checkpoints.run_checkpoints`).
 """
 from __future__ import annotations
 
@@ -241,8 +242,8 @@ def cpu_adam(param_groups: list[dict], tcfg) -> torch.optim.Optimizer:
 # -------------------------------------------------------------------------------------- engine
 class DeepSpeedEngine(PostStepHooks):
     """The engine seam of `anneal.train.engine` under DeepSpeed: backward(loss), step(lr) ->
-    grad_norm, state_dict()/load_state_dict() (this rank's ZeRO partition), reduce_expert_load,
-    save_state/restore_state (per-rank partitions + one gathered step folder), export_model.
+    grad_norm, reduce_expert_load, checkpoint_pieces/restore_state (this rank's ZeRO fragments,
+    written and read through DCP under any layout), export_model.
 
     The model may hold all experts (they are sliced to this rank's range) or only this rank's
     (loaded with `load_hf_checkpoint(expert_range=...)`). Call after `init_distributed`; the EP
@@ -392,26 +393,6 @@ class DeepSpeedEngine(PostStepHooks):
         trainer's bias update."""
         ep.allreduce_expert_load(routers)
 
-    def state_dict(self) -> dict:
-        """This rank's ZeRO partition (fp32 master weights and AdamW state) and the layout it was
-        written under; resume needs the same layout (see `load_state_dict`). DeepSpeed's objects
-        (loss scaler, fragment maps) are left out: they are rebuilt by the engine, and a state
-        without them is stored without pickle."""
-        zero = {k: v for k, v in self.engine.optimizer.state_dict().items() if k not in LIVE_ZERO_KEYS}
-        return {"zero": zero, "layout": self.layout()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if sd.get("layout") != self.layout():
-            raise AnnealError(f"checkpoint written with parallel layout {sd.get('layout')} cannot resume under "
-                              f"{self.layout()}: ZeRO partitions and expert shards depend on the world and EP size")
-        # ZeRO's loader indexes the list of every rank's partition by DP rank; a rigid (same layout)
-        # checkpoint only reads this rank's entry, so the others need not be read from disk.
-        opt = self.engine.optimizer
-        live = opt.state_dict()
-        parts = [None] * dist.get_world_size(opt.dp_process_group)
-        parts[dist.get_rank(opt.dp_process_group)] = {**sd["zero"], **{k: live[k] for k in LIVE_ZERO_KEYS if k in live}}
-        opt.load_state_dict(parts, load_from_fp32_weights=True)
-
     def layout(self) -> dict:
         return {"world_size": dist.get_world_size(), "ep_size": self.groups.ep_size,
                 "zero_stage": self.config["zero_optimization"]["stage"]}
@@ -456,21 +437,12 @@ class DeepSpeedEngine(PostStepHooks):
                 return int(st["step"])
         return 0
 
-    def save_state(self, ckpt_root, step: int, state: dict, hf_config: dict, meta: dict, keep: int):
-        """Every rank writes its own fragments through DCP (nothing is gathered); rank 0 the JSON
-        state and the marker, then renames the step folder into place (collective)."""
-        state = {**state, "optimizer_step": self.optimizer_step()}
-        return training_state.save_checkpoint(ckpt_root, step, self.checkpoint_pieces(), hf_config, state, meta,
-                                              keep=keep, layout={**self.layout(), "engine": "deepspeed"})
+    def checkpoint_layout(self) -> dict:
+        return {**self.layout(), "engine": "deepspeed"}
 
-    def restore_state(self, ckpt_root, state: dict) -> None:
+    def restore_state(self, step_dir: Path, optimizer_step: int) -> None:
         """This rank's fragments of the fp32 masters and AdamW's moments, read from whatever the
-        saving layout's ranks wrote (the weights are already loaded). Collective."""
-        path = Path(ckpt_root) / f"step_{state['step']:08d}"
-        if not (path / training_state.MARKER).exists():
-            raise AnnealError(f"resume: {path} is in the older per-rank format; resume it with the version and layout "
-                              "that wrote it, or export it (anneal-export) and start a new run from the export")
-        step = int(state.get("optimizer_step", 0))
+        saving layout's ranks wrote (the weights are already loaded), and AdamW's step count. Collective."""
         opt = self.engine.optimizer
         inner = opt.optimizer
         for group in inner.param_groups:
@@ -480,13 +452,13 @@ class DeepSpeedEngine(PostStepHooks):
                 if "exp_avg" not in st:
                     st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(flat), torch.zeros_like(flat)
                 # torch's AdamW keeps a tensor step; DeepSpeed's CPU Adam an int (its kernel's argument)
-                st["step"] = step if self.offload == "optimizer" else \
-                    torch.tensor(float(step), dtype=torch.float32, device=flat.device if on_device else "cpu")
+                st["step"] = optimizer_step if self.offload == "optimizer" else \
+                    torch.tensor(float(optimizer_step), dtype=torch.float32, device=flat.device if on_device else "cpu")
         if hasattr(opt, "_hp_optimizer_states_linked"):
             opt._hp_optimizer_states_linked = False  # DeepSpeed re-links its fragment views to the new state
-        training_state.load_pieces(path, self.checkpoint_pieces())
+        training_state.load_pieces(step_dir, self.checkpoint_pieces())
         # the compute weights were loaded from the same masters before the engine was built
-        # (training_state.load_checkpoint): they already are the masters in the compute dtype
+        # (RunCheckpoints.load): they already are the masters in the compute dtype
 
     def export_model(self) -> torch.nn.Module | None:
         """Gather the experts (collective); rank 0 gets the whole, unsharded model, the others None."""
@@ -496,7 +468,3 @@ class DeepSpeedEngine(PostStepHooks):
         whole = type(self.model)(Dots1Config.from_hf_dict(self.model.config.to_hf_dict()))
         whole.load_state_dict(full, strict=True)
         return whole
-
-
-# DeepSpeed objects in its ZeRO state dict that the live optimizer supplies on load
-LIVE_ZERO_KEYS = ("loss_scaler", "param_slice_mappings")

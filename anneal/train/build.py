@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from anneal.checkpoints.export import META_FILE
+from anneal.checkpoints.discovery import META_FILE
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
 from anneal.model.dots1 import Dots1ForCausalLM

@@ -7,19 +7,18 @@ The loop (`anneal.train.loop`) calls, in order of registration,
                                   vetoes the update (`anneal.train.guards`)
     on_step_end(info, row)        after each optimizer step; `row` is the step's metrics row
     on_train_end(tokens)          once the schedule's token budget is spent (not after an early stop)
-    state_dict()/load_state_dict  what a callback needs to resume exactly (None: nothing)
+    state_dict()/load_state_dict  what a callback needs to resume exactly (None: nothing); kept
+                                  under the key the loop attaches it with (`run.checkpoints`)
 Every callback sees the same `Run` (config, prepared pieces, engine, tracker, layout).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from anneal.checkpoints import training_state
-from anneal.checkpoints.export import META_FILE, anneal_meta
+from anneal.checkpoints.run_checkpoints import RunCheckpoints, anneal_meta, export_meta_files
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.build import Prepared
 from anneal.train.devices import host_memory_gb
@@ -36,12 +35,13 @@ class Run:
     layout: ParallelLayout
     device: torch.device
     run_dir: Path
+    checkpoints: RunCheckpoints
     export_dir: str | None = None
-    last_checkpoint: Path | None = None   # the newest checkpoint of this run (written or resumed from)
 
     @property
-    def ckpt_root(self) -> Path:
-        return self.run_dir / "ckpt"
+    def last_checkpoint(self) -> Path | None:
+        """The newest checkpoint of this run (written or resumed from)."""
+        return self.checkpoints.last
 
 
 @dataclass
@@ -116,11 +116,6 @@ def global_accounting(run: Run) -> dict:
     return run.p.stream.merge_accounting(parts)
 
 
-def global_data_state(run: Run) -> list[dict]:
-    """Every data shard's state (one per shard, from all ranks): the checkpoint's data cursor."""
-    return [st for rank_states in run.layout.all_gather(run.p.stream.state_dict()) for st in rank_states]
-
-
 class Eval(Callback):
     """Held-out losses at step 0, every `every` tokens and at each stage end (with the data
     accounting of the stream), and with each eval after step 0 the expert-load heatmap of the
@@ -175,13 +170,12 @@ class Metrics(Callback):
 
 
 class Checkpoint(Callback):
-    """A resumable checkpoint every `every` tokens, at each stage end and before an early stop:
-    step, tokens, data cursor, RNG, history and the callbacks' states here, weights and optimizer
-    by the engine."""
+    """When to checkpoint: every `every` tokens, at each stage end and before an early stop. What a
+    checkpoint holds and how it is written is `run.checkpoints`' business (the parts attached to it)."""
 
-    def __init__(self, run: Run, every: int, callbacks: list[Callback]):
+    def __init__(self, run: Run, every: int):
         super().__init__(run)
-        self.every, self.callbacks = every, callbacks
+        self.every = every
 
     def on_step_end(self, info: StepInfo, row: dict) -> None:
         if info.crossed(self.every) or info.at_stage_end or info.stop_now:
@@ -192,12 +186,8 @@ class Checkpoint(Callback):
         meta = anneal_meta(started_from=p.checkpoint_name, stage=info.stage, lr=p.schedule.lr_at(info.tokens),
                            tokens_seen_total=p.meta.get("tokens_seen_total", 0) + info.tokens,
                            step=info.step, tokens=info.tokens)
-        callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict() is not None}
-        state = {"step": info.step, "tokens": info.tokens, "data": global_data_state(run),
-                 "rng": training_state.rng_state(), "history": list(run.tracker.history), "callbacks": callbacks}
-        run.last_checkpoint = run.engine.save_state(run.ckpt_root, info.step, state, p.hf_config, meta,
-                                                    keep=run.cfg.trainer.keep_checkpoints)
-        return run.last_checkpoint
+        return run.checkpoints.save(info.step, info.tokens, history=run.tracker.history, hf_config=p.hf_config,
+                                    meta=meta)
 
 
 class Plots(Callback):
@@ -216,10 +206,11 @@ class Export(Callback):
     """The annealed model (full-precision weights, cast to export.dtype) as an HF folder; the folder
     is `run.export_dir` on every rank.
 
-    Under several ranks the export is streamed from the final checkpoint (the fp32 masters, written
-    at the last step by the Checkpoint callback): every rank writes the per-expert shards of its own
-    experts and rank 0 the rest (`anneal.checkpoints.sharded_export`); nothing is gathered. In one
-    process the model in memory is written. The peak host memory per rank is printed."""
+    Which route applies is `run.checkpoints.export_source`'s answer: under several ranks the export
+    is streamed from the final checkpoint (the fp32 masters, written at the last step by the
+    Checkpoint callback): every rank writes the per-expert shards of its own experts and rank 0 the
+    rest (`anneal.checkpoints.sharded_export`); nothing is gathered. Otherwise the model in memory
+    is written. The peak host memory per rank is printed."""
 
     def on_train_end(self, tokens: int) -> None:
         run, cfg, p = self.run, self.run.cfg, self.run.p
@@ -232,12 +223,12 @@ class Export(Callback):
                            step=step, tokens=tokens, schedule=p.schedule.to_config())
         kwargs = dict(tokenizer_dir=p.tokenizer_dir, dtype=getattr(torch, cfg.export.dtype),
                       max_shard_size=cfg.export.max_shard_size, overwrite=cfg.export.overwrite,
-                      extra_files={META_FILE: json.dumps(meta, indent=2)})
-        final = run.last_checkpoint
-        if run.layout.world > 1 and final is not None and _checkpoint_tokens(final) == tokens:
+                      extra_files=export_meta_files(meta))
+        source = run.checkpoints.export_source(tokens, run.layout.world)
+        if source is not None:
             from anneal.checkpoints.sharded_export import export_checkpoint
 
-            export_checkpoint(final, export_dir, ep_size=run.layout.ep_size, **kwargs)
+            export_checkpoint(source, export_dir, ep_size=run.layout.ep_size, **kwargs)
             out = str(export_dir)
         else:
             model = run.engine.export_model()  # collective under expert parallelism
@@ -257,9 +248,3 @@ class Export(Callback):
         run.tracker.print(f"exported {run.export_dir}: peak host memory per rank "
                           f"{', '.join(f'{g:.2f}' for g in peaks)} GB")
 
-
-def _checkpoint_tokens(step_dir: Path) -> int | None:
-    try:
-        return json.loads((Path(step_dir) / "meta.json").read_text()).get("tokens")
-    except (OSError, ValueError):
-        return None

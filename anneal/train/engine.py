@@ -13,7 +13,8 @@ so the loop has no branch on `trainer.engine`:
     step_applied                                 whether the last step/skip_step changed the weights
     add_post_step_hook(fn)                       fn(engine, applied) after every step or skip
     reduce_expert_load(routers)                  routers' expert_load -> the global load
-    save_state(...) / restore_state(...)         resumable checkpoints (weights, optimizer)
+    checkpoint_pieces() / optimizer_step()       what a checkpoint holds (`anneal.checkpoints.run_checkpoints`
+    checkpoint_layout() / restore_state(...)     takes them, as its `EngineState`)
     export_model()                               the whole model in full precision, on rank 0
 
 `Engine` (here) is AdamW + clipping in one process under the mixed-precision policy;
@@ -50,8 +51,8 @@ class PostStepHooks:
 class Engine(PostStepHooks):
     """AdamW + clipping for one process, under the mixed-precision policy (anneal.model.precision):
     with a bf16 policy the optimizer steps fp32 masters fed by fp32 gradient accumulators and the
-    model holds bf16 compute weights. Same interface as the DeepSpeed engine: backward(loss),
-    step(lr) -> grad_norm, state_dict()/load_state_dict(), model_state_dict()."""
+    model holds bf16 compute weights. Same interface as the DeepSpeed engine (the module docstring);
+    `model_state_dict()` (the weights, fp32 masters under bf16) is this engine's alone."""
 
     def __init__(self, model: torch.nn.Module, tcfg, policy: PrecisionPolicy = PrecisionPolicy()):
         self.model, self.grad_clip = model, tcfg.grad_clip
@@ -134,12 +135,6 @@ class Engine(PostStepHooks):
             self.masters.restore_fp32(self.model)
         return self.model
 
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.optimizer.load_state_dict(sd)
-
     def checkpoint_pieces(self) -> list[training_state.Piece]:
         """The whole of every tensor (one process): fp32 masters with AdamW's moments, and the
         model's buffers (router biases). Moments are zeros before the first step."""
@@ -162,28 +157,21 @@ class Engine(PostStepHooks):
             return int(st["step"])
         return 0
 
-    def save_state(self, ckpt_root: Path, step: int, state: dict, hf_config: dict, meta: dict, keep: int) -> Path:
-        """One step folder (`anneal.checkpoints.training_state`): fp32 masters and AdamW's moments
-        through DCP, `state` + the AdamW step count as JSON."""
-        state = {**state, "optimizer_step": self.optimizer_step()}
-        return training_state.save_checkpoint(ckpt_root, step, self.checkpoint_pieces(), hf_config, state, meta,
-                                              keep=keep, layout={"world_size": 1, "ep_size": 1, "engine": "native"})
+    def checkpoint_layout(self) -> dict:
+        return {"world_size": 1, "ep_size": 1, "engine": "native"}
 
-    def restore_state(self, ckpt_root: Path, state: dict) -> None:
-        """The masters and optimizer state of a checkpoint (the weights are already loaded), whatever
-        layout wrote it."""
-        if state.get("optimizer") is not None:  # the older format: a whole torch optimizer state dict
-            self.load_state_dict(state["optimizer"])
-            return
-        step = int(state.get("optimizer_step", 0))
+    def restore_state(self, step_dir: Path, optimizer_step: int) -> None:
+        """The masters and AdamW's moments of checkpoint `step_dir`, whatever layout wrote it (the
+        weights are already loaded), and AdamW's step count."""
         for group in self.optimizer.param_groups:
             on_device = group.get("fused") or group.get("capturable")
             for p in group["params"]:
                 st = self.optimizer.state[p]
                 if "exp_avg" not in st:
                     st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
-        training_state.load_pieces(Path(ckpt_root) / f"step_{state['step']:08d}", self.checkpoint_pieces())
+                st["step"] = torch.tensor(float(optimizer_step), dtype=torch.float32,
+                                          device=p.device if on_device else "cpu")
+        training_state.load_pieces(step_dir, self.checkpoint_pieces())
         if self.masters:
             self.masters.after_step()  # the compute weights from the restored masters
 

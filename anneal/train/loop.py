@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from anneal.checkpoints import training_state
+from anneal.checkpoints.run_checkpoints import RunCheckpoints
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
 from anneal.model.precision import PrecisionPolicy
@@ -33,7 +33,6 @@ from anneal.train.devices import (compile_enabled, device_peak_tflops, peak_host
 from anneal.train.guards import StepGuard
 from anneal.train.paired_schedule import PairedSchedule
 from anneal.train.preemption import PreemptionRequest
-from anneal.checkpoints.discovery import step_number
 from anneal.train.resume import validate_trainer_state
 from anneal.train.run_dir import claim_run_dir, resume_command, wandb_group
 from anneal.train.schedule import format_tokens, parse_tokens
@@ -66,12 +65,13 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
     resume_from = Path(resume_from) if resume_from else None
     p = layout.rank0_first(lambda: prepare(cfg, run_dir, device, layout))
     load_peak_gb = layout.all_gather(peak_host_memory_gb())  # what sharded loading saves
-    state = None
-    if resume_from is not None:
+    checkpoints = RunCheckpoints.for_run(run_dir, keep=cfg.trainer.keep_checkpoints, gather=layout.all_gather)
+    resumed = None
+    if resume_from is not None:  # the weights now, before the engine casts the model; the rest in fit
         def check(st):
             validate_trainer_state(st, resume_from, cfg.data.seq_len, [b for _, b in p.ramp.points],
-                                   step_number(resume_from), p.schedule.total_tokens)
-        state = training_state.load_checkpoint(resume_from, p.model, check_state=check)
+                                   checkpoints.step_number(resume_from), p.schedule.total_tokens)
+        resumed = checkpoints.load(resume_from, p.model, check_state=check)
 
     notes: list[str] = list(claim.notes) if claim is not None else []
     notes += list(p.schedule.notes)
@@ -84,12 +84,7 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
                               "(torch._grouped_mm traces only in bf16): set trainer.bf16=true, or "
                               "model.compile=false, or another experts backend")
         p.model.compile_layers()
-    step, tokens, history = 0, 0, []
-    if state is not None:  # optimizer, data cursor and RNG (the weights are already loaded)
-        engine.restore_state(run_dir / "ckpt", state)
-        restore_data(p.stream, state["data"])
-        training_state.set_rng_state(state["rng"])
-        step, tokens, history = state["step"], state["tokens"], state["history"]
+    step, tokens, history = (resumed.step, resumed.tokens, resumed.history) if resumed else (0, 0, [])
 
     if layout.is_rank0:
         tracker = Tracker(run_dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True),
@@ -103,10 +98,9 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
                       soft_wrap=True)
     tracker.print(f"model ready: peak host memory per rank {', '.join(f'{g:.2f}' for g in load_peak_gb)} GB")
     tracker.print(engine.describe(), markup=False, highlight=False, soft_wrap=True)
-    run = Run(cfg, p, engine, tracker, layout, device, run_dir, last_checkpoint=resume_from)
+    run = Run(cfg, p, engine, tracker, layout, device, run_dir, checkpoints)
     try:
-        result = fit(run, step, tokens, callback_states=state.get("callbacks", {}) if state else {},
-                     stop_requested=lambda: bool(preemption))
+        result = fit(run, step, tokens, stop_requested=lambda: bool(preemption))
         tracker.print(p.stream.format_accounting(global_accounting(run)), markup=False, highlight=False)
         result["resume_command"] = resume_command(cfg, run_dir)
         if result["preempted"]:
@@ -121,34 +115,23 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
     return result
 
 
-def restore_data(stream, data: list[dict] | dict) -> None:
-    """The data cursor of every shard; a run resumes on any number of ranks that divides the saved
-    number of data shards (a dict: a checkpoint from before data shards, one shard)."""
-    saved = len(data) if isinstance(data, list) else 1
-    if saved != stream.n_shards:
-        raise AnnealError(f"the checkpoint's data cursor has {saved} data shard(s) but this run reads "
-                          f"{stream.n_shards}: resume with data.shards={saved} and a number of ranks that divides it")
-    stream.load_state_dict(data)
-
-
-def fit(run: Run, step: int, tokens: int, callback_states: dict | None = None,
-        stop_requested=lambda: False) -> dict:
+def fit(run: Run, step: int, tokens: int, stop_requested=lambda: False) -> dict:
     """Optimizer steps from (step, tokens) to the end of the schedule, to trainer.stop_after_steps,
-    or to the step after `stop_requested()` turned true on any rank (preemption)."""
+    or to the step after `stop_requested()` turned true on any rank (preemption). The parts a
+    checkpoint holds are attached to `run.checkpoints` here (after a resume they take its state)."""
     cfg, p, engine, layout = run.cfg, run.p, run.engine, run.layout
     schedule, seq_len = p.schedule, cfg.data.seq_len
     balance = RouterBalance(p.model.routers(), cfg.model.bias_update_rate)
     engine.add_post_step_hook(balance)
     bench = BenchmarkEval(run)  # reads and checks eval.tasks before the first step
-    callbacks = [StepGuard(run),  # first: a failed step stops the run before anything is written from it
+    guard = StepGuard(run)
+    callbacks = [guard,  # first: a failed step stops the run before anything is written from it
                  Eval(run, parse_tokens(cfg.trainer.eval_every, "trainer.eval_every"), balance.take_interval_load,
                       bench.scores),
                  Metrics(run, cfg.trainer.log_every)]
-    callbacks += [Checkpoint(run, parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every"), callbacks),
+    callbacks += [Checkpoint(run, parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every")),
                   Plots(run), Export(run), bench]
-    for cb in callbacks:
-        if type(cb).__name__ in (callback_states or {}):
-            cb.load_state_dict(callback_states[type(cb).__name__])
+    run.checkpoints.attach(engine=engine, data=p.stream, callbacks={"StepGuard": guard})
 
     paired = PairedSchedule(p.model, engine) if cfg.parallel.a2a_overlap else None
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from anneal.checkpoints.discovery import STATE, step_dir_name
 from anneal.errors import AnnealError
 
 RECORD_DIR = ".hydra"
@@ -166,7 +167,7 @@ def validate_trainer_state(state, path: Path, seq_len: int, batch_tokens: list[i
                            total_tokens: int) -> None:
     """The trainer state of a checkpoint against its schema and the run: step, tokens and data
     cursors consistent with each other and the batch size. One AnnealError naming the file."""
-    where = Path(path) / "trainer_state.json"
+    where = Path(path) / f"{STATE}.json"
 
     def bad(what: str) -> AnnealError:
         return AnnealError(f"{where}: {what}; the checkpoint is damaged or not this run's. Move the step folder "
@@ -174,14 +175,14 @@ def validate_trainer_state(state, path: Path, seq_len: int, batch_tokens: list[i
 
     if not isinstance(state, dict):
         raise bad("not a mapping")
-    for key, kind in (("step", int), ("tokens", int), ("history", list), ("rng", dict), ("data", (list, dict))):
+    for key, kind in (("step", int), ("tokens", int), ("history", list), ("rng", dict), ("data", list)):
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             raise bad(f"field {key!r} is missing or not a {getattr(kind, '__name__', 'list')}")
     step, tokens = state["step"], state["tokens"]
     if step < 1 or tokens < 1:
         raise bad(f"step {step} and tokens {tokens} must be positive (a checkpoint is written after a step)")
     if step_of_folder is not None and step != step_of_folder:
-        raise bad(f"step {step} but the folder is step_{step_of_folder:08d}")
+        raise bad(f"step {step} but the folder is {step_dir_name(step_of_folder)}")
     per_step = [b // seq_len * seq_len for b in batch_tokens]
     if tokens % seq_len or not step * min(per_step) <= tokens <= step * max(per_step):
         raise bad(f"{tokens} tokens in {step} steps do not fit batches of {sorted(set(per_step))} tokens "
@@ -191,9 +192,8 @@ def validate_trainer_state(state, path: Path, seq_len: int, batch_tokens: list[i
     for row in state["history"]:
         if isinstance(row, dict) and (row.get("step", 0) > step or row.get("tokens", 0) > tokens):
             raise bad(f"its history has a row of step {row.get('step')} past the state's step {step}")
-    shards = state["data"] if isinstance(state["data"], list) else [state["data"]]
     sequences = 0
-    for sd in shards:
+    for sd in state["data"]:
         if not isinstance(sd, dict):
             raise bad("a data cursor is not a mapping")
         seqs = sd.get("sequences", 0)

@@ -5,7 +5,7 @@ from its newest complete checkpoint or not at all.
   claim to the end of the process; the OS drops it when the process dies, so a crash leaves no
   stale lock. A second run of the same folder stops with one line naming the holder.
 - A folder that holds training state (a step folder, a trained step in metrics.jsonl) is only
-  continued (`run.resume=true`, from the newest complete checkpoint, `anneal.checkpoints.discovery`)
+  continued (`run.resume=true`, from the newest complete checkpoint, `anneal.checkpoints.run_checkpoints`)
   or started over on request (`run.overwrite=true`); a folder whose run never trained a step (it
   failed at start-up) is taken over by the next run.
 - `run.resume=true` of a folder that holds no run is an error.
@@ -25,7 +25,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from anneal.checkpoints import atomic, discovery
+from anneal.checkpoints import atomic
+from anneal.checkpoints.run_checkpoints import RunCheckpoints
 from anneal.errors import AnnealError
 from anneal.train import resume
 
@@ -77,7 +78,7 @@ class Claim:
 
 def training_evidence(run_dir: Path) -> str | None:
     """What shows that a run folder's run trained (a phrase), None if it never trained a step."""
-    steps = discovery.step_folders(Path(run_dir) / "ckpt")
+    steps = RunCheckpoints.for_run(run_dir).step_folders()
     if steps:
         return f"step folders {', '.join(p.name for p in steps[-3:])}"
     metrics = Path(run_dir) / "metrics.jsonl"
@@ -128,11 +129,12 @@ def _claim_locked(cfg: DictConfig, run_dir: Path, marker: Path) -> Claim:
             notes.append(f"{run_dir} holds a run that never trained a step: taking the folder over")
         _wipe(run_dir)
     elif cfg.run.resume:
-        resume_from, note = discovery.newest_checkpoint(run_dir / "ckpt")
+        checkpoints = RunCheckpoints.for_run(run_dir)
+        resume_from, note = checkpoints.newest()
         if note:
             notes.append(note)
         if resume_from is None and evidence:
-            reasons = [f"{p.name}: {discovery.why_incomplete(p)}" for p in discovery.step_folders(run_dir / "ckpt")]
+            reasons = [f"{p.name}: {checkpoints.why_incomplete(p)}" for p in checkpoints.step_folders()]
             raise AnnealError(f"run.resume=true: {run_dir} holds training state ({evidence}) but no complete "
                               f"checkpoint{' (' + '; '.join(reasons[-3:]) + ')' if reasons else ''}; nothing was "
                               "changed. Restore a step folder, or start the run over with run.overwrite=true")
@@ -159,7 +161,7 @@ def _record_changes(cfg: DictConfig, run_dir: Path, resume_from: Path) -> list[s
     resume.check_changes(changes, marker)
     if not changes:
         return []
-    step = discovery.step_number(resume_from)
+    step = RunCheckpoints.step_number(resume_from)
     history.append(resume.resumes_entry(step, changes))
     atomic.atomic_write_text(marker, OmegaConf.to_yaml({**current, "resumes": history}))
     record = run_dir / resume.RECORD_DIR / resume.OVERRIDES
@@ -171,7 +173,7 @@ def _record_changes(cfg: DictConfig, run_dir: Path, resume_from: Path) -> list[s
 
 def remove_stale_partials(cfg: DictConfig, run_dir: Path) -> list[str]:
     """Temporary checkpoint folders and partial exports that killed writers of this run left."""
-    stale = discovery.remove_stale_temporaries(run_dir / "ckpt")
+    stale = RunCheckpoints.for_run(run_dir).remove_stale_temporaries()
     export_dir = Path(cfg.export.dir) if cfg.export.get("dir") else run_dir / "hf"
     if export_dir.parent.is_dir():
         for p in export_dir.parent.glob(f".{export_dir.name}.partial-*"):

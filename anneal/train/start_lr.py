@@ -6,9 +6,6 @@ AnnealError (no guessed default).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from anneal.errors import AnnealError
 
 
@@ -34,7 +31,7 @@ def start_lr_without_loading(cfg) -> float:
     if cfg.schedule.start_lr is not None or cfg.checkpoint is None:
         return resolve_start_lr(cfg, None, {})
     from anneal.checkpoints.catalog import Catalog
-    from anneal.checkpoints.export import META_FILE
+    from anneal.checkpoints.run_checkpoints import export_meta
 
     catalog = Catalog.load(list(cfg.catalog_files))
     try:
@@ -42,6 +39,5 @@ def start_lr_without_loading(cfg) -> float:
     except AnnealError:  # not on this machine (or not a checkpoint at all): the catalog entry only
         entry = catalog.entries.get(cfg.checkpoint)
         return resolve_start_lr(cfg, entry.lr if entry is not None else None, {})
-    meta_path = Path(resolved.path) / META_FILE
-    folder_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return resolve_start_lr(cfg, resolved.entry.lr if resolved.entry is not None else None, folder_meta)
+    return resolve_start_lr(cfg, resolved.entry.lr if resolved.entry is not None else None,
+                            export_meta(resolved.path))
