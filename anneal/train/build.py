@@ -1,6 +1,7 @@
 """Everything a run needs before its first step, built from the composed config: the model (from
 a checkpoint or random init), the tokenizer, the token-indexed schedule and batch ramp, the
-mixture stream, and the engine class."""
+mixture stream, and the engine class. The model comes out as one process's whole model: making
+it parallel (experts, recompute, compile) is `anneal.parallel.parallelize`."""
 from __future__ import annotations
 
 import json
@@ -65,8 +66,7 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
                               "use model=tiny or give model.arch fields")
         arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
         mcfg = Dots1Config.from_hf_dict(arch, source="model.arch")
-        model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, cfg.model.recompute,
-                                 document_mask=cfg.model.document_mask)
+        model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, document_mask=cfg.model.document_mask)
         model.init_weights(seed=cfg.model.init_seed)
         tokenizer = _tokenizer_for_random_init(cfg, tokenizer_dir)
         mcfg.eos_token_id = tokenizer.eos_token_id  # model.arch cannot know the trained tokenizer's ids
@@ -82,7 +82,6 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
     model, mcfg = load_hf_checkpoint(resolved.path, dtype=torch.float32, experts_backend=backend,
                                      device=str(device), expert_range=expert_range)
     model.set_aux_loss_coef(cfg.model.aux_loss_coef)
-    model.recompute = cfg.model.recompute
     model.document_mask = cfg.model.document_mask
     folder_meta_path = Path(resolved.path) / META_FILE
     folder_meta = json.loads(folder_meta_path.read_text()) if folder_meta_path.exists() else {}
