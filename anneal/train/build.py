@@ -4,6 +4,7 @@ mixture stream, and the engine class. The model comes out as one process's whole
 it parallel (experts, recompute, compile) is `anneal.parallel.parallelize`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from anneal.model.dots1 import Dots1ForCausalLM
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.batch_ramp import BatchRamp
 from anneal.train.devices import data_workers
-from anneal.train.schedule import Schedule, round_stages_to_steps
+from anneal.train.schedule import Schedule, format_tokens
 from anneal.train.start_lr import resolve_start_lr
 
 WSD_PHASES = ("warmup", "stable", "stage1", "stage2")
@@ -123,6 +124,35 @@ def build_schedule(cfg: DictConfig, start_lr: float) -> tuple[Schedule, BatchRam
             stage.pop("lr_start", None)
     ramp = build_ramp(cfg)
     return round_stages_to_steps(Schedule.from_config(sched_cfg), ramp, cfg.data.seq_len), ramp
+
+
+def round_stages_to_steps(schedule: Schedule, ramp, seq_len: int) -> Schedule:
+    """The schedule with every stage a whole number of optimizer steps long (each step takes
+    ``ramp.batch_at(tokens)`` rounded down to whole sequences), so a stage's end falls on a step
+    boundary and the step after it trains at exactly the stage's ``lr_end``. A stage is rounded to
+    the nearer step boundary (at least one step); each change is a line in ``.notes``."""
+    froms = [f for f, _ in ramp.points]
+    stages, notes, start = [], [], 0
+    for st in schedule.stages:
+        target, t, last = start + st.tokens, start, start
+        while t < target:   # whole steps up to the target, a run of equal batches at a time
+            b = max(ramp.batch_at(t) // seq_len, 1) * seq_len
+            limit = min([target, *(f for f in froms if f > t)])
+            n = -(-(limit - t) // b)
+            last, t = t + (n - 1) * b, t + n * b
+        end = t if last == start or t - target <= target - last else last
+        batch = max(ramp.batch_at(start) // seq_len, 1) * seq_len
+        if end != target:
+            what = (f"is shorter than one batch ({format_tokens(batch)} tokens)" if st.tokens < batch else
+                    f"is not a whole number of {format_tokens(batch)}-token batches")
+            notes.append(f"schedule: stage {st.name} ({format_tokens(st.tokens)} tokens) {what}: it runs "
+                         f"{format_tokens(end - start)} tokens (whole steps) so that it still ends at its lr_end "
+                         f"{st.lr_end:.3g}")
+        stages.append(dataclasses.replace(st, tokens=end - start))
+        start = end
+    rounded = Schedule(stages, start_lr=schedule.start_lr)
+    rounded.notes = tuple(notes)
+    return rounded
 
 
 def build_ramp(cfg: DictConfig) -> BatchRamp:
