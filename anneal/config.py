@@ -237,6 +237,29 @@ def validate_config(cfg) -> None:
     betas = list(cfg.trainer.betas)
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise AnnealError(f"trainer.betas={betas}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    _check_compile_backend(cfg)
+
+
+def compile_enabled(setting: bool | None, device) -> bool:
+    """model.compile: null = on for CUDA (measured faster: bench/RESULTS.md), off on CPU, where
+    compiling costs more start-up time than a short run saves."""
+    return device.type == "cuda" if setting is None else bool(setting)
+
+
+def _check_compile_backend(cfg) -> None:
+    """model.compile with the grouped_mm experts backend needs bf16 compute: torch._grouped_mm
+    traces only in bf16. Compile and bf16 compute both follow the device the run will pick
+    (`model.compile` null and `trainer.bf16` apply on CUDA only)."""
+    import torch
+
+    from anneal.errors import AnnealError
+
+    on_cuda = cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available()
+    compiled = compile_enabled(cfg.model.compile, torch.device("cuda" if on_cuda else "cpu"))
+    if compiled and cfg.model.experts_backend == "grouped_mm" and not (cfg.trainer.bf16 and on_cuda):
+        raise AnnealError("model.compile with model.experts_backend=grouped_mm needs bf16 compute "
+                          "(torch._grouped_mm traces only in bf16): set trainer.bf16=true, or "
+                          "model.compile=false, or another experts backend")
 
 
 def schema_keys() -> list[str]:

@@ -26,7 +26,6 @@ defaults are to be measured on the device (README, "Hardware").
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from anneal.memory_plan import BF16, FP32, GIB, MemoryPlan, largest_param

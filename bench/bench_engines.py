@@ -74,6 +74,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("native_a", "native_b", "deepspeed_a", "deepspeed_b"):
             runs[name] = run(name.split("_")[0], args, Path(tmp), name)
+            if args.json:  # after every run, so that a run cut short by a time limit still reports
+                Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
     print(f"{'step':>4} " + " ".join(f"{n + ' loss':>15} {n + ' gnorm':>16}" for n in runs))
     for i in range(len(runs["native_a"])):
         print(f"{runs['native_a'][i]['step']:>4} " + " ".join(

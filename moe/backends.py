@@ -18,6 +18,7 @@ from moe.dispatch import permute, unpermute
 
 class ExpertsBackend:
     name = "base"
+    groups = None  # the EP groups a dispatching wrapper (`moe.ep.EPBackend`) sends rows over; None: all local
 
     def grouped_mlp(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                     w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

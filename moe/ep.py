@@ -15,18 +15,18 @@ One MoE layer's routed path under EP, for the T tokens of this rank:
 
 No capacity factor, nothing dropped: the splits are whatever the router chose.
 
-Process groups (same layout as DeepSpeed's `groups._create_expert_and_data_parallel` without
-`use_data_before_expert_parallel_`, so a model sharded here is consistent with the groups the
-DeepSpeed engine reduces over): with world size W and EP size P,
+Process groups (the layout of DeepSpeed's expert and expert-data-parallel groups, so a model
+sharded here is consistent with the groups the DeepSpeed engine reduces over; the DeepSpeed adapter,
+`anneal.parallel.deepspeed_compat`, hands its groups to `build_ep_groups`): with world size W and EP size P,
 - EP groups are consecutive ranks  {0..P-1}, {P..2P-1}, ...  (all-to-all happens there);
 - expert-data-parallel (EDP) groups are strided ranks {i, i+P, i+2P, ...}: the ranks that hold
   the same experts; expert gradients are reduced there, dense gradients over the whole world.
 
-Gradient scaling (what DeepSpeed does, and `allreduce_gradients` here for engine-free use): with
-each rank's loss a mean over its own tokens and the global loss the mean over ranks, dense grads
-are averaged over the world; an expert's grad on its owner already sums the contributions of
-every rank of its EP group (the all-to-all backward brought them), so it is summed over the EDP
-group and divided by the world size.
+Gradient scaling (what the DeepSpeed engine does with the parameters `shard_experts` marks as
+experts, `moe.experts.is_expert_param`): with each rank's loss a mean over its own tokens and the
+global loss the mean over ranks, dense grads are averaged over the world; an expert's grad on its
+owner already sums the contributions of every rank of its EP group (the all-to-all backward brought
+them), so it is summed over the EDP group and divided by the world size.
 
 The aux-loss-free bias update must see the *global* expert load: `allreduce_expert_load`
 sums the routers' `expert_load` counters over the whole world (every rank routes its own tokens
@@ -41,13 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.dispatch import inverse_order, permute, permute_rows, unpermute
-from moe.experts import ExpertsBackend, GroupedExperts
-
-# DeepSpeed's name for the EP/EDP group pair of a given EP size; expert params carry it as
-# `param.group_name` (with `param.allreduce = False`), which is how DeepSpeed's engine and ZeRO
-# optimizer recognize expert parameters and pick the EDP group to reduce them over.
-def ds_group_name(ep_size: int) -> str:
-    return f"ep_size_{ep_size}"
+from moe.experts import ExpertsBackend, GroupedExperts, is_expert_param
 
 
 class EPError(ValueError):
@@ -66,10 +60,6 @@ class EPGroups:
     edp_group: object           # ProcessGroup of the expert-data-parallel group
     world_size: int
     count_group: object = None  # `counts_group`: a second group over the EP group's ranks, made on demand
-
-    @property
-    def group_name(self) -> str:
-        return ds_group_name(self.ep_size)
 
 
 def counts_group(groups: EPGroups):
@@ -109,33 +99,21 @@ def check_ep_size(ep_size: int, n_experts: int, world_size: int) -> None:
                       f"(ranks = data-parallel size x EP size)")
 
 
-def build_ep_groups(ep_size: int, n_experts: int | None = None) -> EPGroups:
+def build_ep_groups(ep_size: int, n_experts: int | None = None, existing: tuple | None = None) -> EPGroups:
     """Create the EP and EDP process groups (collective: call on every rank, same arguments).
 
-    Uses DeepSpeed's groups when DeepSpeed has already created them for this EP size (so both
-    agree), else creates them with `torch.distributed.new_group` in DeepSpeed's layout."""
+    `existing`: an (EP group, EDP group) pair already made in this layout (an engine's own, so both
+    agree); else they are created with `torch.distributed.new_group`."""
     world = dist.get_world_size()
     check_ep_size(ep_size, n_experts if n_experts is not None else ep_size, world)
-    ds = _deepspeed_groups(ep_size)
-    if ds is not None:
-        ep_group, edp_group = ds
+    if existing is not None:
+        ep_group, edp_group = existing
     else:
         ep_group = _own_group(_ep_blocks(world, ep_size))
         edp_group = _own_group([list(range(i, world, ep_size)) for i in range(ep_size)])
     return EPGroups(ep_size=ep_size, ep_rank=dist.get_rank(ep_group), ep_group=ep_group,
                     edp_size=world // ep_size, edp_rank=dist.get_rank(edp_group), edp_group=edp_group,
                     world_size=world)
-
-
-def _deepspeed_groups(ep_size: int):
-    try:
-        from deepspeed.utils import groups
-    except ImportError:
-        return None
-    name = ds_group_name(ep_size)
-    if name not in groups._get_expert_parallel_group_dict():
-        return None
-    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
 
 
 # ------------------------------------------------------------------------------------ all-to-all
@@ -267,11 +245,6 @@ class EPBackend(ExpertsBackend):
 
 
 # ------------------------------------------------------------------------------- model sharding
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    from moe.layer import Dots1MoE
-    return [m for m in model.modules() if isinstance(m, Dots1MoE)]
-
-
 def expert_range(n_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
     """The routed experts [start, stop) that EP rank `ep_rank` of an EP group of `ep_size` owns:
     the one place this arithmetic lives (loading, sharding and the trainer's layout use it)."""
@@ -279,26 +252,18 @@ def expert_range(n_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
     return ep_rank * n_local, (ep_rank + 1) * n_local
 
 
-def mark_expert_param(p: nn.Parameter, groups: EPGroups) -> None:
-    """DeepSpeed's marks of an expert parameter: not all-reduced over the DP group, reduced over
-    the EDP group named `group_name` instead."""
-    p.allreduce = False
-    p.group_name = groups.group_name
-
-
 def shard_experts(model: nn.Module, groups: EPGroups) -> tuple[int, int]:
     """Make every MoE layer of `model` expert-parallel: keep only this rank's experts (a model
     holding all experts is sliced; one loaded with `load_hf_checkpoint(expert_range=...)` must
-    already hold exactly this rank's range), install the EP dispatch and mark the expert params.
-    Returns the global expert range [start, stop) of this rank."""
-    layers = moe_layers(model)
-    if not layers:
+    already hold exactly this rank's range), install the EP dispatch and mark the expert params
+    (`moe.experts.is_expert_param`). Returns the global expert range [start, stop) of this rank."""
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    if not experts:
         raise EPError("shard_experts: the model has no MoE layer")
-    n_experts = layers[0].gate.n_experts
+    n_experts = experts[0].n_experts
     check_ep_size(groups.ep_size, n_experts, groups.world_size)
     start, stop = expert_range(n_experts, groups.ep_size, groups.ep_rank)
-    for layer in layers:
-        ex: GroupedExperts = layer.experts
+    for ex in experts:
         have = ex.expert_range
         if have != (0, n_experts) and have != (start, stop):
             raise EPError(f"shard_experts: rank {dist.get_rank()} (EP rank {groups.ep_rank}) owns experts "
@@ -306,16 +271,16 @@ def shard_experts(model: nn.Module, groups: EPGroups) -> tuple[int, int]:
                           f"expert_range=({start}, {stop})")
         ex.hold_experts(start, stop)
         ex.dispatch_with(lambda local: EPBackend(local, n_experts, groups))
-        mark_expert_param(ex.w_gate_up, groups)
-        mark_expert_param(ex.w_down, groups)
+        ex.mark_expert_params()
     return start, stop
 
 
-def is_expert_param(p: torch.Tensor) -> bool:
-    return getattr(p, "allreduce", True) is False
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `shard_experts` already made the model's experts expert-parallel."""
+    return any(isinstance(m, GroupedExperts) and isinstance(m.backend, EPBackend) for m in model.modules())
 
 
-# ------------------------------------------------------------------------- reductions (no engine)
+# --------------------------------------------------------------------------------- reductions
 @torch.no_grad()
 def allreduce_expert_load(routers, group=None) -> torch.Tensor | None:
     """Sum every router's `expert_load` over `group` (default: the whole world) in place, with one
@@ -329,22 +294,6 @@ def allreduce_expert_load(routers, group=None) -> torch.Tensor | None:
         for r, load in zip(routers, loads):
             r.expert_load.copy_(load)
     return loads
-
-
-@torch.no_grad()
-def allreduce_gradients(model: nn.Module, groups: EPGroups) -> None:
-    """Engine-free gradient reduction for DP x EP, as DeepSpeed does it: dense grads averaged over
-    the world; expert grads summed over the EDP group and divided by the world size."""
-    world = groups.world_size
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if is_expert_param(p):
-            if groups.edp_size > 1:
-                dist.all_reduce(p.grad, group=groups.edp_group)
-        elif world > 1:
-            dist.all_reduce(p.grad)
-        p.grad.div_(world)
 
 
 def gather_experts(t: torch.Tensor, groups: EPGroups) -> torch.Tensor:

@@ -44,6 +44,12 @@ def _register_triton() -> None:
     register_backend(TritonBackend)
 
 
+def is_expert_param(p: torch.Tensor) -> bool:
+    """Whether `p` carries moe's mark of an expert-parallel weight (`GroupedExperts.mark_expert_params`):
+    sharded over the EP group, its gradient reduced over the expert-data-parallel group only."""
+    return getattr(p, "moe_expert", False)
+
+
 def available_backends() -> list[str]:
     _register_triton()
     return sorted(_BACKENDS)
@@ -88,6 +94,20 @@ class GroupedExperts(nn.Module):
             self.w_gate_up = nn.Parameter(self.w_gate_up.detach()[rows].clone())
             self.w_down = nn.Parameter(self.w_down.detach()[rows].clone())
             self.expert_range = (start, stop)
+
+    def mark_expert_params(self) -> None:
+        """Mark the stacked weights as expert-parallel (`is_expert_param`); `moe.ep.shard_experts`
+        does it once the module holds its rank's experts. An engine translates the mark into its own
+        (the DeepSpeed adapter: `anneal.parallel.deepspeed_compat`)."""
+        for p in (self.w_gate_up, self.w_down):
+            p.moe_expert = True
+
+    @property
+    def ep_groups(self):
+        """The EP groups the rows are dispatched over when the experts are spread over more than one
+        rank (`moe.ep.shard_experts`); None when every expert the router picks is held here."""
+        groups = self.backend.groups
+        return groups if groups is not None and groups.ep_size > 1 else None
 
     def dispatch_with(self, wrap: Callable[[ExpertsBackend], ExpertsBackend]) -> None:
         """Route through `wrap(local backend)`: how `moe.ep` installs its all-to-all dispatch."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.dispatch import permute, unpermute
+from moe.ep import DispatchPlan, local_experts
 from moe.experts import GroupedExperts
 from moe.router import Router, sequence_aux_loss
 
@@ -51,6 +52,12 @@ class Dots1MoE(nn.Module):
             out = out + self.shared_experts(x)
         return out
 
+    def take_aux_loss(self) -> torch.Tensor | None:
+        """The balance loss of the last training forward (None without one), cleared so that it is
+        counted once."""
+        aux, self.aux_loss = self.aux_loss, None
+        return aux
+
     # -- the layer in pieces, for the paired schedule (expert parallelism: the all-to-alls between) --
     def dispatch_inputs(self, x: torch.Tensor):
         """What `forward` computes before the expert all-to-all, with the same arithmetic: route,
@@ -71,3 +78,19 @@ class Dots1MoE(nn.Module):
         """The layer's output from the expert rows that came back (in `x_sorted`'s order)."""
         out = unpermute(back, order, topk_weight).view(shape)
         return out + shared if shared is not None else out
+
+    @property
+    def ep_groups(self):
+        """The EP groups this layer's rows are dispatched over when its experts are spread over more
+        than one rank (`moe.ep.shard_experts`); None: every expert is held here."""
+        return self.experts.ep_groups
+
+    def local_experts(self, recv: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """The experts this rank holds over the rows it received, laid out (source rank, local
+        expert) -> their outputs in the same layout (`moe.ep.local_experts`)."""
+        ex = self.experts
+        return local_experts(recv, plan, ex.backend.local, ex.w_gate_up, ex.w_down)
+
+
+def moe_layers(model: nn.Module) -> list[Dots1MoE]:
+    return [m for m in model.modules() if isinstance(m, Dots1MoE)]

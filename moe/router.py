@@ -13,6 +13,9 @@ from torch import nn
 from moe.dispatch import expert_counts
 
 
+FP32_BUFFERS = ("e_score_correction_bias", "expert_load")  # fp32 whatever the model's dtype
+
+
 class Router(nn.Module):
     def __init__(self, hidden_size: int, n_experts: int, top_k: int, routed_scaling_factor: float,
                  norm_topk_prob: bool = True):
@@ -20,11 +23,22 @@ class Router(nn.Module):
         self.n_experts, self.top_k = n_experts, top_k
         self.routed_scaling_factor, self.norm_topk_prob = routed_scaling_factor, norm_topk_prob
         self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))
-        # fp32 in the released checkpoints; keep it fp32 (Dots1ForCausalLM.to_dtype): bias steps of 1e-3
-        # vanish in bf16 near 1.0.
+        # fp32 in the released checkpoints, and kept fp32 by every cast (`_apply`)
         self.register_buffer("e_score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
         # Tokens routed to each expert since the last bias update (not saved in HF checkpoints).
         self.register_buffer("expert_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Casts and moves of the model (`.to(dtype)`, `.bfloat16()`, `to_empty`) leave the correction
+        bias and the load counters fp32, with their values: bias steps of 1e-3 vanish in bf16 near
+        1.0. The one place this rule lives."""
+        before = {name: getattr(self, name) for name in FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float32:
+                new.data = old.to(device=new.device, dtype=torch.float32)
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_idx [T, K] int64, topk_weight [T, K] fp32, scores [T, E] fp32).

@@ -143,7 +143,7 @@ def test_ep2_zero2_offload_matches_single_process_engine(tmp_path):
 
 
 def test_config_from_trainer_config_and_extra_keys():
-    from anneal.parallel.ds_engine import deepspeed_config
+    from anneal.parallel.ds_config import deepspeed_config
 
     cfg = deepspeed_config(TCFG, zero_stage=2, bf16=False,
                            extra={"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5})

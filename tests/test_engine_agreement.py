@@ -26,10 +26,10 @@ With parallel.offload=optimizer (ZeRO-Offload, DeepSpeed's CPU Adam) the same bo
 NaN step and a vetoed step before step 2 must leave nothing in the engine: DeepSpeed's overflow
 path does not clear its fp32 gradient partitions under offload, which added a vetoed step's
 gradients into the next step's (relative error 2.2 on step 2 here; cleared in
-`DeepSpeedEngine._forget_dropped_gradients`).
+`deepspeed_compat.forget_dropped_gradients`).
 The bugs these tests exist for: DeepSpeed's bf16 optimizer counting micro-batch k of n n-k+1 times
 (a 126% error on step 2 here), and its gradient reduction in bf16 by default, which rounds the fp32
-sums to bf16 (0.13%, 130x the bound). Both are fixed in `ds_engine.deepspeed_config`.
+sums to bf16 (0.13%, 130x the bound). Both are fixed in `ds_config.deepspeed_config`.
 """
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ def test_deepspeed_dp2_x_ep2_matches_fp64_reference():
 def test_deepspeed_config_refuses_keys_that_change_accumulation():
     pytest.importorskip("deepspeed")
     from anneal.errors import AnnealError
-    from anneal.parallel.ds_engine import deepspeed_config
+    from anneal.parallel.ds_config import deepspeed_config
 
     tcfg = _tcfg()
     with pytest.raises(AnnealError, match=r"trainer\.deepspeed\.bf16\.immediate_grad_update=False contradicts"):
@@ -319,7 +319,7 @@ def test_deepspeed_config_offload_keys():
     a user's own offload keys are refused (DeepSpeed would refuse our torch AdamW under them)."""
     pytest.importorskip("deepspeed")
     from anneal.errors import AnnealError
-    from anneal.parallel.ds_engine import deepspeed_config
+    from anneal.parallel.ds_config import deepspeed_config
 
     tcfg = _tcfg()
     assert "offload_optimizer" not in deepspeed_config(tcfg, zero_stage=2, bf16=True)["zero_optimization"]

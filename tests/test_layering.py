@@ -1,6 +1,8 @@
 """The packages' layering, read statically from the source (nothing is imported).
 
 - `moe/` and `mixtures/` import nothing from `anneal/` (anneal builds on them, never the reverse).
+- Inside `anneal/`, rooms in a fixed order (`ROOMS`, lowest first): a module imports only from its
+  own room or a lower one, with no exception allowed.
 - No import cycle between the modules of anneal/, moe/ and mixtures/. Every `import x` and
   `from x import y` counts, relative ones and lazy ones inside functions included.
 """
@@ -13,6 +15,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("anneal", "moe", "mixtures")
 INDEPENDENT = ("moe", "mixtures")  # may not import anneal
+
+# The rooms of anneal/, lowest first; a room is the modules under any of its names. The order is
+# model < checkpoints < parallel < train < cli; the other top-level modules sit where what they
+# import and what imports them puts them:
+# - the base, below the model: the package itself, `errors`, `paths` and `config` (the config schema
+#   and its checks, which import nothing of ours but errors);
+# - with `train`: `evals` (its trainer callback is a `train.callbacks.Callback`, and the loop runs
+#   it), `memory_plan` and `host_plan` (the planner reads the batch ramp; `train.build` refuses a
+#   layout that does not fit with it);
+# - with `cli`: `__main__`, and the command-line tools `compare`, `planning` and `checkpoint_cli`
+#   (anneal-export, -catalog, -soup, -compare).
+ROOMS = (
+    ("anneal", "anneal.errors", "anneal.paths", "anneal.config"),
+    ("anneal.model",),
+    ("anneal.checkpoints",),
+    ("anneal.parallel",),
+    ("anneal.train", "anneal.evals", "anneal.memory_plan", "anneal.host_plan"),
+    ("anneal.cli", "anneal.__main__", "anneal.compare", "anneal.planning", "anneal.checkpoint_cli"),
+)
 
 # Import edges (importer, imported) left out of the cycle check. Keep this empty; each entry is a
 # known cycle waiting for its fix, and the test below fails once the cycle is gone, so that the
@@ -172,6 +193,42 @@ def test_moe_and_mixtures_do_not_import_anneal():
     assert not bad, "moe/ and mixtures/ must not import anneal:\n" + "\n".join(bad)
 
 
+def room_of(module: str) -> int | None:
+    """The index in ROOMS of the room holding `module` (its longest matching name), None if none does."""
+    best, best_len = None, -1
+    for i, names in enumerate(ROOMS):
+        for name in names:
+            matches = module == name or (name != "anneal" and module.startswith(name + "."))
+            if matches and len(name) > best_len:
+                best, best_len = i, len(name)
+    return best
+
+
+def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
+    """'file:line: a (room) imports b (room)' for each import of anneal/ from a higher room."""
+    modules = _modules()
+    out = []
+    for a, deps in graph.items():
+        if not a.startswith("anneal"):
+            continue
+        for b, line in deps.items():
+            if b.startswith("anneal") and room_of(b) > room_of(a):
+                out.append(f"{modules[a].relative_to(ROOT)}:{line}: {a} ({ROOMS[room_of(a)][0]}) imports "
+                           f"{b} ({ROOMS[room_of(b)][0]})")
+    return sorted(out)
+
+
+def test_every_anneal_module_has_a_room():
+    homeless = [m for m in _modules() if m.startswith("anneal") and room_of(m) is None]
+    assert not homeless, f"put these modules in a room of ROOMS: {homeless}"
+
+
+def test_anneal_rooms_import_only_downward():
+    bad = upward_imports(import_graph()[0])
+    assert not bad, "imports from a higher room (ROOMS: model < checkpoints < parallel < train < cli):\n" + \
+        "\n".join(bad)
+
+
 def test_no_import_cycles():
     graph, _ = import_graph()
     cycles = find_cycles(_without(graph, KNOWN_CYCLE_EDGES))
@@ -202,3 +259,20 @@ def test_the_checker_sees_relative_lazy_and_cyclic_imports(tmp_path, monkeypatch
     assert imports_of_anneal(raw) == ["moe/sub/b.py:2: imports anneal.errors.AnnealError"]
     assert find_cycles(graph) == [["moe.a", "moe.sub.b", "moe.c", "moe.a"]]
     assert _describe(find_cycles(graph)[0], graph).startswith("moe.a (moe/a.py:2) -> moe.sub.b")
+
+
+def test_the_room_checker_sees_an_upward_lazy_import(tmp_path, monkeypatch):
+    """The room check itself, on a made-up anneal/: a lazy import of train from model is upward."""
+    pkg = tmp_path / "anneal"
+    for sub in ("model", "train"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "model" / "m.py").write_text("def f():\n    from anneal.train import t\n")
+    (pkg / "train" / "t.py").write_text("from anneal.model import m\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGES", ("anneal",))
+    graph, _ = import_graph()
+    assert room_of("anneal.model.m") < room_of("anneal.train.t")
+    assert upward_imports(graph) == ["anneal/model/m.py:2: anneal.model.m (anneal.model) imports "
+                                     "anneal.train.t (anneal.train)"]

@@ -6,6 +6,7 @@ import transformers
 
 from anneal.model.dots1 import Dots1ForCausalLM
 from anneal.model.config import Dots1Config
+from moe.layer import moe_layers
 
 BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
             num_hidden_layers=3, num_attention_heads=4, head_dim=8, rms_norm_eps=1e-5,
@@ -109,7 +110,8 @@ def test_expert_backends_agree(backend):
     kw = {**BASE, **CASES["mha_top6_shared"]}
     _, ref = build_pair(kw, seed=5)
     _, other = build_pair(kw, seed=5)
-    other.set_experts_backend(backend)
+    for layer in moe_layers(other):
+        layer.experts.set_backend(backend)
     ids = torch.randint(0, kw["vocab_size"], (2, 9))
     a, b = ref(ids), other(ids)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

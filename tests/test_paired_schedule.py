@@ -16,6 +16,7 @@ from anneal.errors import AnnealError
 from anneal.train.engine import Engine
 from anneal.train.paired_schedule import PairedSchedule
 from anneal.train.step import accumulate
+from moe.layer import moe_layers
 from test_ep import TINY, tiny_model
 
 TCFG = SimpleNamespace(micro_batch_size=1, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, grad_clip=0.5, bf16=False)
@@ -39,7 +40,8 @@ def _model(ckpt: bool | str, backend: str, skew: bool = False):
     model = tiny_model()
     model.set_aux_loss_coef(0.01)
     model.recompute = ckpt if isinstance(ckpt, str) else ("full" if ckpt else "none")
-    model.set_experts_backend(backend)
+    for layer in moe_layers(model):
+        layer.experts.set_backend(backend)
     if skew:  # every token picks experts 0..2, all on EP rank 0: EP rank 1 receives no rows
         for router in model.routers().values():
             router.e_score_correction_bias.copy_(torch.tensor([5.0] * 3 + [0.0] * 5))

@@ -166,7 +166,7 @@ def test_bf16_accumulation_option_converts_once_before_the_update():
 
 
 def test_deepspeed_config_follows_the_policy():
-    from anneal.parallel.ds_engine import deepspeed_config
+    from anneal.parallel.ds_config import deepspeed_config
 
     cfg = deepspeed_config(_tcfg(), zero_stage=1, bf16=True)
     assert cfg["bf16"]["enabled"] and cfg["data_types"]["grad_accum_dtype"] == "fp32"

@@ -188,7 +188,6 @@ def test_stale_partials_of_this_run_are_removed_at_start(run_copy):
 
 # ------------------------------------------------------------------- damaged files
 def test_nan_bytes_in_a_checkpoint_name_the_tensor_not_the_lr(run_copy):
-    from test_ep import tiny_model  # noqa: F401  (shares the model builder with the other checkpoint tests)
     from anneal.checkpoints import dcp_io
 
     step = run_copy / "ckpt" / "step_00000003"

@@ -378,7 +378,7 @@ def test_plot_losses_writes_png(tmp_path):
 # --------------------------------------------------------------------------- whole steps (issue 21)
 def test_stages_are_rounded_to_whole_steps_so_each_ends_at_its_lr_end():
     from anneal.train.batch_ramp import BatchRamp
-    from anneal.train.schedule import round_stages_to_steps
+    from anneal.train.build import round_stages_to_steps
 
     sched = Schedule([Stage("stage1", 1000, 3e-5), Stage("stage2", 100, 1e-5), Stage("stage3", 1024, 5e-6)],
                      start_lr=3e-4)

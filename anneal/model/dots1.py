@@ -17,7 +17,6 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, crea
 
 from anneal.model.config import Dots1Config
 from anneal.model.recompute import check_mode, selective_context_fn
-from moe.ep import local_experts
 from moe.layer import Dots1MoE, SwiGLUMLP
 from moe.router import Router
 
@@ -168,14 +167,20 @@ class DecoderLayer(nn.Module):
         weighted combine and the residual add, as `forward` ends; compiled by `compile_layers`."""
         return h + Dots1MoE.combine(back, order, topk_weight, shared, h.shape)
 
-    def moe_experts(self, recv: torch.Tensor, plan, backend) -> torch.Tensor:
+    def moe_experts(self, recv: torch.Tensor, plan) -> torch.Tensor:
         """The experts this rank holds over the rows it received (paired schedule, EP > 1): a method
         so that `compile_layers` compiles it with the rest of the layer."""
-        return self._selective(self._moe_experts, recv, plan, backend)
+        return self._selective(self.mlp.local_experts, recv, plan)
 
-    def _moe_experts(self, recv: torch.Tensor, plan, backend) -> torch.Tensor:
-        experts = self.mlp.experts
-        return local_experts(recv, plan, backend, experts.w_gate_up, experts.w_down)
+    @property
+    def ep_groups(self):
+        """The EP groups an MoE layer's rows are dispatched over (`Dots1MoE.ep_groups`); None for a
+        dense layer or experts all held here: the paired schedule splits a layer only when set."""
+        return self.mlp.ep_groups if isinstance(self.mlp, Dots1MoE) else None
+
+    def take_aux_loss(self) -> torch.Tensor | None:
+        """An MoE layer's balance loss of the last forward, cleared (`Dots1MoE.take_aux_loss`)."""
+        return self.mlp.take_aux_loss() if isinstance(self.mlp, Dots1MoE) else None
 
 
 class Dots1Model(nn.Module):
@@ -303,25 +308,14 @@ class Dots1ForCausalLM(nn.Module):
         return {i: layer.mlp.gate for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, Dots1MoE)}
 
     def to_dtype(self, dtype: torch.dtype) -> "Dots1ForCausalLM":
-        """Cast parameters to `dtype` (the compute weights of the mixed-precision policy) but keep the
-        routers' correction bias and load counters in fp32: bias steps of 1e-3 vanish in bf16 near 1."""
-        self.to(dtype)
-        for router in self.routers().values():
-            router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
-            router.expert_load.data = router.expert_load.data.float()
-        return self
+        """Cast parameters to `dtype` (the compute weights of the mixed-precision policy); the routers'
+        correction bias and load counters stay fp32 (`moe.router.Router._apply`)."""
+        return self.to(dtype)
 
     def set_aux_loss_coef(self, coef: float) -> None:
         for layer in self.model.layers:
             if isinstance(layer.mlp, Dots1MoE):
                 layer.mlp.aux_loss_coef = coef
-
-    def set_experts_backend(self, name: str) -> None:
-        """Pick the experts backend; under expert parallelism (moe.ep) the EP dispatch is kept
-        and only the local experts' backend changes (`GroupedExperts.set_backend`)."""
-        for layer in self.model.layers:
-            if isinstance(layer.mlp, Dots1MoE):
-                layer.mlp.experts.set_backend(name)
 
     @property
     def expert_range(self) -> tuple[int, int]:

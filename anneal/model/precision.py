@@ -16,7 +16,7 @@
   that precision for speed
   (autograd accumulates bf16 gradients; they are converted to fp32 once, before the update).
 - fp32 islands: router logits, scores and weights, the routers' correction bias and load counters
-  (buffers kept fp32 by `Dots1ForCausalLM.to_dtype`), RMSNorm statistics, and the loss.
+  (buffers kept fp32 through every cast by `moe.router.Router._apply`), RMSNorm statistics, and the loss.
 - CPU runs everything in fp32 (bf16 matmuls on CPU are slow and not what the GPU run computes).
 """
 from __future__ import annotations

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from anneal.errors import AnnealError

@@ -1,9 +1,10 @@
 """Everything a run needs before its first step, built from the composed config: the model (from
 a checkpoint or random init), the tokenizer, the token-indexed schedule and batch ramp, the
-mixture stream, and the engine class."""
+mixture stream, and the engine class. The model comes out as one process's whole model: making
+it parallel (experts, recompute, compile) is `anneal.parallel.parallelize`."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,14 +12,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from anneal.checkpoints.discovery import META_FILE
+from anneal.checkpoints.run_checkpoints import export_meta
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
 from anneal.model.dots1 import Dots1ForCausalLM
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.batch_ramp import BatchRamp
 from anneal.train.devices import data_workers
-from anneal.train.schedule import Schedule, round_stages_to_steps
+from anneal.train.schedule import Schedule, format_tokens
 from anneal.train.start_lr import resolve_start_lr
 
 WSD_PHASES = ("warmup", "stable", "stage1", "stage2")
@@ -65,8 +66,7 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
                               "use model=tiny or give model.arch fields")
         arch = OmegaConf.to_container(cfg.model.arch, resolve=True)
         mcfg = Dots1Config.from_hf_dict(arch, source="model.arch")
-        model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, cfg.model.recompute,
-                                 document_mask=cfg.model.document_mask)
+        model = Dots1ForCausalLM(mcfg, backend, cfg.model.aux_loss_coef, document_mask=cfg.model.document_mask)
         model.init_weights(seed=cfg.model.init_seed)
         tokenizer = _tokenizer_for_random_init(cfg, tokenizer_dir)
         mcfg.eos_token_id = tokenizer.eos_token_id  # model.arch cannot know the trained tokenizer's ids
@@ -82,10 +82,8 @@ def build_model_and_tokenizer(cfg: DictConfig, run_dir: Path, device: torch.devi
     model, mcfg = load_hf_checkpoint(resolved.path, dtype=torch.float32, experts_backend=backend,
                                      device=str(device), expert_range=expert_range)
     model.set_aux_loss_coef(cfg.model.aux_loss_coef)
-    model.recompute = cfg.model.recompute
     model.document_mask = cfg.model.document_mask
-    folder_meta_path = Path(resolved.path) / META_FILE
-    folder_meta = json.loads(folder_meta_path.read_text()) if folder_meta_path.exists() else {}
+    folder_meta = export_meta(Path(resolved.path))
     tok_src = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(resolved.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
@@ -124,6 +122,35 @@ def build_schedule(cfg: DictConfig, start_lr: float) -> tuple[Schedule, BatchRam
             stage.pop("lr_start", None)
     ramp = build_ramp(cfg)
     return round_stages_to_steps(Schedule.from_config(sched_cfg), ramp, cfg.data.seq_len), ramp
+
+
+def round_stages_to_steps(schedule: Schedule, ramp, seq_len: int) -> Schedule:
+    """The schedule with every stage a whole number of optimizer steps long (each step takes
+    ``ramp.batch_at(tokens)`` rounded down to whole sequences), so a stage's end falls on a step
+    boundary and the step after it trains at exactly the stage's ``lr_end``. A stage is rounded to
+    the nearer step boundary (at least one step); each change is a line in ``.notes``."""
+    froms = [f for f, _ in ramp.points]
+    stages, notes, start = [], [], 0
+    for st in schedule.stages:
+        target, t, last = start + st.tokens, start, start
+        while t < target:   # whole steps up to the target, a run of equal batches at a time
+            b = max(ramp.batch_at(t) // seq_len, 1) * seq_len
+            limit = min([target, *(f for f in froms if f > t)])
+            n = -(-(limit - t) // b)
+            last, t = t + (n - 1) * b, t + n * b
+        end = t if last == start or t - target <= target - last else last
+        batch = max(ramp.batch_at(start) // seq_len, 1) * seq_len
+        if end != target:
+            what = (f"is shorter than one batch ({format_tokens(batch)} tokens)" if st.tokens < batch else
+                    f"is not a whole number of {format_tokens(batch)}-token batches")
+            notes.append(f"schedule: stage {st.name} ({format_tokens(st.tokens)} tokens) {what}: it runs "
+                         f"{format_tokens(end - start)} tokens (whole steps) so that it still ends at its lr_end "
+                         f"{st.lr_end:.3g}")
+        stages.append(dataclasses.replace(st, tokens=end - start))
+        start = end
+    rounded = Schedule(stages, start_lr=schedule.start_lr)
+    rounded.notes = tuple(notes)
+    return rounded
 
 
 def build_ramp(cfg: DictConfig) -> BatchRamp:

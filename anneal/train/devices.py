@@ -44,12 +44,6 @@ def set_deterministic(setting: bool | None, device: torch.device) -> bool:
     return on
 
 
-def compile_enabled(setting: bool | None, device: torch.device) -> bool:
-    """model.compile: null = on for CUDA (measured faster: bench/RESULTS.md), off on CPU, where
-    compiling costs more start-up time than a short run saves."""
-    return device.type == "cuda" if setting is None else bool(setting)
-
-
 def data_workers(setting: int | None, device: torch.device) -> int:
     """data.num_workers: null = 1 background tokenizer on CUDA, 0 on CPU. On a GPU the main process
     must keep launching kernels: tokenizing in it would stall the GPU between micro-batches, and one

@@ -1,57 +1,24 @@
-"""The engine seam: what the training loop asks of an optimizer engine, and the native engine.
-
-An engine owns the optimizer step and everything that differs between one process and DeepSpeed,
-so the loop has no branch on `trainer.engine`:
-
-    launch(cfg, device) -> (device, layout)      join the processes (classmethod)
-    from_config(model, cfg, policy, layout)      build it around the model (classmethod)
-    backward(loss), step(lr) -> grad_norm        one micro-batch's backward; one optimizer step, not
-                                                 applied when the gradients are not finite
-    backward_piece(tensors, grads, last)         one piece of a micro-batch's backward that the paired
-                                                 schedule (anneal.train.paired_schedule) runs in pieces
-    skip_step()                                  drop the step's gradients, no update (anneal.train.guards)
-    step_applied                                 whether the last step/skip_step changed the weights
-    add_post_step_hook(fn)                       fn(engine, applied) after every step or skip
-    reduce_expert_load(routers)                  routers' expert_load -> the global load
-    checkpoint_pieces() / optimizer_step()       what a checkpoint holds (`anneal.checkpoints.run_checkpoints`
-    checkpoint_layout() / restore_state(...)     takes them, as its `EngineState`)
-    export_model()                               the whole model in full precision, on rank 0
-
-`Engine` (here) is AdamW + clipping in one process under the mixed-precision policy;
-`anneal.parallel.ds_engine.DeepSpeedEngine` is ZeRO 1/2 with expert parallelism.
-`anneal.train.build.engine_class(name)` picks one from the config.
+"""The native engine: AdamW + clipping in one process, behind the engine seam
+(`anneal.parallel.engine_protocol`: what the loop asks of an engine, which the DeepSpeed engine,
+`anneal.parallel.ds_engine.DeepSpeedEngine`, also answers).
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from anneal.checkpoints import training_state
 from anneal.model.precision import MasterWeights, PrecisionPolicy
+from anneal.parallel.engine_protocol import PostStepHooks
 from anneal.parallel.layout import ParallelLayout
-
-
-class PostStepHooks:
-    """Functions the engine runs after each optimizer step or skipped step, as fn(engine, applied)
-    (the router-bias update, `anneal.train.balance`). Engines set `self.post_step_hooks = []`."""
-    post_step_hooks: list
-    step_applied: bool = False
-
-    def add_post_step_hook(self, fn: Callable[[object, bool], None]) -> None:
-        self.post_step_hooks.append(fn)
-
-    def _run_post_step_hooks(self, applied: bool) -> None:
-        for fn in self.post_step_hooks:
-            fn(self, applied)
 
 
 class Engine(PostStepHooks):
     """AdamW + clipping for one process, under the mixed-precision policy (anneal.model.precision):
     with a bf16 policy the optimizer steps fp32 masters fed by fp32 gradient accumulators and the
-    model holds bf16 compute weights. Same interface as the DeepSpeed engine (the module docstring);
+    model holds bf16 compute weights. The interface of `anneal.parallel.engine_protocol`;
     `model_state_dict()` (the weights, fp32 masters under bf16) is this engine's alone."""
 
     def __init__(self, model: torch.nn.Module, tcfg, policy: PrecisionPolicy = PrecisionPolicy()):
@@ -87,7 +54,8 @@ class Engine(PostStepHooks):
         loss.backward()
 
     def backward_piece(self, tensors: list[torch.Tensor], grads: list, last: bool) -> None:
-        """Backward from `tensors` with gradients `grads` (None: a scalar's implicit 1); `last`: the
+        """Backward from `tensors` (tensors, or the gradient edges of outputs whose memory the
+        schedule already let go) with gradients `grads` (None: a scalar's implicit 1); `last`: the
         piece that completes its micro-batch's backward."""
         torch.autograd.backward(tensors, grads)
 

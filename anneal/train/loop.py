@@ -20,7 +20,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from anneal.checkpoints.run_checkpoints import RunCheckpoints
-from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
 from anneal.model.precision import PrecisionPolicy
 from anneal.train.balance import RouterBalance
@@ -28,8 +27,8 @@ from anneal.train.build import engine_class, prepare
 from anneal.config import validate_config
 from anneal.evals.callback import BenchmarkEval
 from anneal.train.callbacks import Checkpoint, Eval, Export, Metrics, Plots, Run, StepInfo, global_accounting
-from anneal.train.devices import (compile_enabled, device_peak_tflops, peak_host_memory_gb, pick_device,
-                                  set_deterministic)
+from anneal.parallel.parallelize import parallelize
+from anneal.train.devices import device_peak_tflops, peak_host_memory_gb, pick_device, set_deterministic
 from anneal.train.guards import StepGuard
 from anneal.train.paired_schedule import PairedSchedule
 from anneal.train.preemption import PreemptionRequest
@@ -77,13 +76,8 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
     notes += list(p.schedule.notes)
     policy = PrecisionPolicy.for_device(cfg.trainer.bf16, device, note=notes.append,
                                         grad_accum=cfg.trainer.grad_accum_dtype)
+    parallelize(p.model, layout, cfg, device)  # EP -> activation checkpointing -> compile
     engine = engine_cls.from_config(p.model, cfg, policy, layout)  # casts the model to the compute dtype
-    if compile_enabled(cfg.model.compile, device):
-        if cfg.model.experts_backend == "grouped_mm" and not policy.mixed:
-            raise AnnealError("model.compile with model.experts_backend=grouped_mm needs bf16 compute "
-                              "(torch._grouped_mm traces only in bf16): set trainer.bf16=true, or "
-                              "model.compile=false, or another experts backend")
-        p.model.compile_layers()
     step, tokens, history = (resumed.step, resumed.tokens, resumed.history) if resumed else (0, 0, [])
 
     if layout.is_rank0:

@@ -111,7 +111,7 @@ def _is_number(x: Any) -> bool:
 class Schedule:
     """Learning rate as a function of tokens, over named stages. See the module docstring."""
 
-    notes: tuple[str, ...] = ()   # what `round_stages_to_steps` changed, one line each
+    notes: tuple[str, ...] = ()   # what `anneal.train.build.round_stages_to_steps` changed, one line each
 
     def __init__(self, stages: Sequence[Stage], start_lr: float = 0.0):
         if not _is_number(start_lr) or start_lr < 0:
@@ -371,37 +371,6 @@ class Schedule:
             for i, st in enumerate(self.stages)
         )
         return f"Schedule({parts})"
-
-
-
-
-def round_stages_to_steps(schedule: Schedule, ramp, seq_len: int) -> Schedule:
-    """The schedule with every stage a whole number of optimizer steps long (each step takes
-    ``ramp.batch_at(tokens)`` rounded down to whole sequences), so a stage's end falls on a step
-    boundary and the step after it trains at exactly the stage's ``lr_end``. A stage is rounded to
-    the nearer step boundary (at least one step); each change is a line in ``.notes``."""
-    froms = [f for f, _ in ramp.points]
-    stages, notes, start = [], [], 0
-    for st in schedule.stages:
-        target, t, last = start + st.tokens, start, start
-        while t < target:   # whole steps up to the target, a run of equal batches at a time
-            b = max(ramp.batch_at(t) // seq_len, 1) * seq_len
-            limit = min([target, *(f for f in froms if f > t)])
-            n = -(-(limit - t) // b)
-            last, t = t + (n - 1) * b, t + n * b
-        end = t if last == start or t - target <= target - last else last
-        batch = max(ramp.batch_at(start) // seq_len, 1) * seq_len
-        if end != target:
-            what = (f"is shorter than one batch ({format_tokens(batch)} tokens)" if st.tokens < batch else
-                    f"is not a whole number of {format_tokens(batch)}-token batches")
-            notes.append(f"schedule: stage {st.name} ({format_tokens(st.tokens)} tokens) {what}: it runs "
-                         f"{format_tokens(end - start)} tokens (whole steps) so that it still ends at its lr_end "
-                         f"{st.lr_end:.3g}")
-        stages.append(dataclasses.replace(st, tokens=end - start))
-        start = end
-    rounded = Schedule(stages, start_lr=schedule.start_lr)
-    rounded.notes = tuple(notes)
-    return rounded
 
 
 def to_container(cfg: Any) -> Any:

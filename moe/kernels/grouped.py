@@ -52,11 +52,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Triton decides at import whether kernels are interpreted (TRITON_INTERPRET=1 must be set before
-# `import triton`); CPU tensors are only usable in that mode.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# TMA descriptor loads where the operand allows them (tests flip this to cover both load paths)
-USE_TMA = os.environ.get("MOE_TRITON_TMA", "1") not in ("", "0")
+# Whether Triton interprets the kernels below (CPU tensors are only usable then): Triton's own
+# setting, which its `jit` decorator reads as each kernel below is defined (TRITON_INTERPRET=1,
+# set before the kernels are imported).
+INTERPRET = bool(triton.knobs.runtime.interpret)
+# TMA descriptor loads where the operand allows them: None follows MOE_TRITON_TMA (on unless "0"),
+# read at each launch (`tma_enabled`); tests set True / False to cover both load paths.
+USE_TMA: bool | None = None
 _jit = triton.jit
 # The interpreter (Triton 3.6-3.9) gets bf16 x bf16 dots wrong: upcast the operands there.
 _DOT_F32 = tl.constexpr(INTERPRET)
@@ -568,19 +570,27 @@ def _tma_alloc(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
 
 
+def tma_enabled() -> bool:
+    """`USE_TMA`, or MOE_TRITON_TMA when it is None."""
+    return USE_TMA if USE_TMA is not None else os.environ.get("MOE_TRITON_TMA", "1") not in ("", "0")
+
+
 def _tma_ok(t, whole: bool = False) -> bool:
     """Can `t` (2-D rows, or a contiguous stack seen as 2-D when `whole`) be read through a TMA descriptor?
     Compiled: 16-bit dtypes only (fp32 keeps the pointer loads); strides and base 16-byte aligned."""
-    if not USE_TMA or (not INTERPRET and t.element_size() != 2) or t.dim() < 2:
+    if not tma_enabled() or (not INTERPRET and t.element_size() != 2) or t.dim() < 2:
         return False
     if whole and not t.is_contiguous():
         return False
     return t.stride(-1) == 1 and (t.stride(-2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-def _tma(*flags) -> tuple:
-    if any(flags):  # device-side descriptors need scratch memory from an allocator (a context variable:
-        triton.set_allocator(_tma_alloc)  # set it in the launching thread, autograd's included)
+def _install_tma_allocator_if(*flags) -> tuple:
+    """Returns `flags`; when any is set, first installs the allocator that device-side TMA
+    descriptors take their scratch memory from (`triton.set_allocator`: a context variable, so it is
+    set in the launching thread, autograd's included)."""
+    if any(flags):
+        triton.set_allocator(_tma_alloc)
     return flags
 
 
@@ -595,7 +605,7 @@ def gate_up_fwd(x, tok, w_gate_up, counts, M, save_gu: bool):
     gu = torch.empty(M, two_i, device=x.device, dtype=x.dtype) if save_gu else h
     if M == 0:
         return h, (gu if save_gu else None)
-    tma_a, tma_b = _tma(tok is None and _tma_ok(x), _tma_ok(w_gate_up, whole=True))
+    tma_a, tma_b = _install_tma_allocator_if(tok is None and _tma_ok(x), _tma_ok(w_gate_up, whole=True))
     _k_gate_up[_grid_rows(M, E, N)](
         x, tok if tok is not None else counts, w_gate_up, gu, h, counts,
         M, x.shape[0], E, N, H, _rows_hint(M, E),
@@ -613,7 +623,7 @@ def rows_gemm(a, b, b_strides, N, K, counts, out, scale=None, pos=None):
         return out
     b_trans = b_strides[1] == 1 and N > 1
     row_stride = b_strides[2] if b_trans else b_strides[1]
-    tma_a, tma_b = _tma(_tma_ok(a), _tma_ok(b, whole=True) and b_strides[0] == N * K
+    tma_a, tma_b = _install_tma_allocator_if(_tma_ok(a), _tma_ok(b, whole=True) and b_strides[0] == N * K
                         and row_stride == (K if b_trans else N))
     _k_rows[_grid_rows(M, E, N)](
         a, b, out, counts, scale if scale is not None else a, pos if pos is not None else counts,
@@ -633,7 +643,7 @@ def down_bwd(dy, tok, w_down, gu, scale, counts, M):
         return dgu, hw, (torch.zeros(0, device=dy.device, dtype=torch.float32) if scale is not None else None)
     n_dwp = triton.cdiv(I, 16)
     dwp = torch.empty(M, n_dwp, device=dy.device, dtype=torch.float32) if scale is not None else None
-    tma_a, tma_b = _tma(tok is None and _tma_ok(dy), _tma_ok(w_down, whole=True))
+    tma_a, tma_b = _install_tma_allocator_if(tok is None and _tma_ok(dy), _tma_ok(w_down, whole=True))
     _k_down_bwd[_grid_rows(M, E, I)](
         dy, tok if tok is not None else counts, w_down, gu, scale if scale is not None else gu, dgu,
         hw, dwp if dwp is not None else dgu, counts,
@@ -650,7 +660,7 @@ def wgrad(a, atok, b, btok, counts, out):
     """out[e] = a[rows_e]^T @ b[rows_e] with rows optionally gathered through atok/btok."""
     E, P, Q = out.shape
     M = counts.numel() and (atok.shape[0] if atok is not None else a.shape[0])
-    tma_a, tma_b, tma_out = _tma(atok is None and _tma_ok(a), btok is None and _tma_ok(b),
+    tma_a, tma_b, tma_out = _install_tma_allocator_if(atok is None and _tma_ok(a), btok is None and _tma_ok(b),
                                  _tma_ok(out, whole=True))
     grid = lambda meta: (_programs(E * triton.cdiv(P, meta["BLOCK_M"]) * triton.cdiv(Q, meta["BLOCK_N"]), meta),)
     _k_wgrad[grid](

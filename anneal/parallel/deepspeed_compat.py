@@ -1,0 +1,194 @@
+"""The one module that touches DeepSpeed's internals (written against DeepSpeed 0.19.8).
+
+Everything else (`anneal.parallel.ds_engine`, `moe/`) talks to DeepSpeed through these functions;
+`tests/test_deepspeed_compat.py` pins the behaviour each one relies on, so an upgrade that changes
+it fails there first. The contract:
+
+- process groups: `deepspeed.utils.groups` keeps its EP/EDP groups under the name
+  `ep_size_<P>` (private `_create_expert_and_data_parallel`, `_get_expert_parallel_group_dict`,
+  `_get_expert_parallel_group`, `_get_expert_data_parallel_group`), in `moe.ep`'s layout
+  (EP = consecutive ranks, EDP = strided): `expert_parallel_groups` hands them to `moe.ep`;
+- MoE layers: DeepSpeed's engine reduces expert gradients over the EDP group only when the model
+  holds a `deepspeed.moe.layer.MoE` (`isinstance`) and the expert parameters carry
+  `allreduce=False` and `group_name`; `register_moe_layers` gives our `Dots1MoE` layers that base
+  class (without any of its code: not its gate, not its dispatch) and translates moe's own expert
+  mark (`moe.experts.is_expert_param`) into those two attributes; `moe_param_groups` splits the
+  optimizer's groups the way its ZeRO optimizer expects (`moe=True` groups);
+- a dropped step: `drop_step` makes DeepSpeed's optimizer wrapper report an overflow for one
+  step (the flag DeepSpeed itself uses to drop an fp16 step), by overriding instance attributes
+  for that step only; `forget_dropped_gradients` clears ZeRO-Offload's fp32 gradient partitions,
+  which its overflow path leaves in place;
+- optimizer offload: `offload_optimizer_config` and `cpu_adam` (DeepSpeedCPUAdam, the optimizer
+  ZeRO-Offload requires).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from anneal.errors import AnnealError
+from moe import ep
+from moe.experts import is_expert_param
+from moe.layer import Dots1MoE, moe_layers
+
+try:
+    import deepspeed
+    from deepspeed.moe.layer import MoE as _DSMoE
+except ImportError:  # pragma: no cover - exercised only without the extra installed
+    deepspeed = None
+    _DSMoE = None
+
+
+def require_deepspeed() -> None:
+    if deepspeed is None:
+        raise AnnealError("trainer.engine=deepspeed needs DeepSpeed: pip install --no-build-isolation "
+                          "'dots-anneal[deepspeed]' (or deepspeed==0.19.8)")
+
+
+# ------------------------------------------------------------------------------ process groups
+def init_distributed(device: torch.device | str = "cpu") -> None:
+    """Join the process group the launcher (deepspeed / torchrun) set up through the environment:
+    gloo on CPU, nccl on CUDA. Idempotent."""
+    require_deepspeed()
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise AnnealError("trainer.engine=deepspeed: no distributed launch found (RANK unset); start with "
+                              "`deepspeed -m anneal ...` or `torchrun --nproc-per-node N -m anneal ...`")
+        dist.init_process_group(backend)
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the EP/EDP group pair of an EP size (expert params carry it)."""
+    return f"ep_size_{ep_size}"
+
+
+def expert_parallel_groups(ep_size: int, n_experts: int | None = None) -> ep.EPGroups:
+    """DeepSpeed's EP/EDP groups for `ep_size`, created on first call (collective), as `moe.ep`'s
+    description of this rank's place: the model is sharded over the groups DeepSpeed reduces over."""
+    from deepspeed.utils import groups
+
+    ep.check_ep_size(ep_size, n_experts if n_experts is not None else ep_size, dist.get_world_size())
+    name = group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    existing = groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+    return ep.build_ep_groups(ep_size, n_experts, existing=existing)
+
+
+# ---------------------------------------------------------------------------------- MoE layers
+if _DSMoE is not None:
+    class DeepSpeedDots1MoE(Dots1MoE, _DSMoE):
+        """Our MoE layer, recognized by DeepSpeed's engine as an MoE layer (`isinstance(m, MoE)`).
+
+        Only the attributes the engine reads are set (num_experts, ep_size, expert_group_name,
+        num_local_experts); forward is Dots1MoE's. Process groups are created before
+        `deepspeed.initialize`, so `set_deepspeed_parallelism` has nothing to do."""
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass
+
+        def set_expert_groups(self, groups: ep.EPGroups) -> None:
+            """The attributes DeepSpeed's engine reads from an MoE layer, for the EP layout `groups`."""
+            self.num_experts = self.gate.n_experts
+            self.ep_size = groups.ep_size
+            self.expert_group_name = group_name(groups.ep_size)
+            self.num_local_experts = self.gate.n_experts // groups.ep_size
+            self.enable_expert_tensor_parallelism = False
+            self.use_residual = False
+
+        forward = Dots1MoE.forward
+
+
+def register_moe_layers(model: torch.nn.Module, groups: ep.EPGroups) -> int:
+    """Before `deepspeed.initialize`: give every Dots1MoE of `model` DeepSpeed's MoE base class, and
+    every parameter moe marks as an expert's DeepSpeed's marks (not all-reduced over the DP group;
+    reduced over the EDP group named `group_name` instead). Returns the number of MoE layers."""
+    require_deepspeed()
+    layers = moe_layers(model)
+    for layer in layers:
+        if not isinstance(layer, DeepSpeedDots1MoE):
+            layer.__class__ = DeepSpeedDots1MoE
+        layer.set_expert_groups(groups)
+    for p in model.parameters():
+        if is_expert_param(p):
+            p.allreduce = False
+            p.group_name = group_name(groups.ep_size)
+    return len(layers)
+
+
+def moe_param_groups(param_groups: list[dict]) -> list[dict]:
+    """The optimizer's param groups with the expert parameters split into `moe=True` groups (one
+    per EP group name), which DeepSpeed's ZeRO optimizer reduces over the EDP group; empty groups
+    dropped."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(param_groups) if g["params"]]
+
+
+# -------------------------------------------------------------------------------- dropped steps
+def drop_step(engine) -> None:
+    """Run DeepSpeed's step without an update. The step runs as usual up to the optimizer (the same
+    collectives on every rank, which all take the same decision); there the optimizer wrapper
+    reports an overflow:
+    - the ZeRO 1/2 optimizer (fp32, or bf16 with ZeRO 2) takes its own overflow path, which also
+      clears the partitioned gradient buffers;
+    - the bf16 optimizer (bf16 with ZeRO 1) skips its update, and the `zero_grad` DeepSpeed calls
+      after every step clears its bf16 and fp32 gradients.
+    Raises if DeepSpeed applied the step anyway (its overflow handling changed)."""
+    opt = engine.optimizer
+    zero = hasattr(opt, "check_grad_overflow")
+    if zero:
+        saved = opt.check_grad_overflow
+        opt.check_grad_overflow = True
+        opt.has_overflow = lambda *args, **kwargs: True  # this step only (instance attributes)
+    else:
+        opt.step = lambda closure=None: setattr(opt, "overflow", True)
+    try:
+        engine.step()
+    finally:
+        if zero:
+            del opt.has_overflow
+            opt.check_grad_overflow = saved
+        else:
+            del opt.step
+    if engine.was_step_applied():
+        raise RuntimeError("DeepSpeed applied a step the trainer dropped: its overflow handling changed")
+
+
+def forget_dropped_gradients(engine) -> None:
+    """After a dropped step under ZeRO-Offload: clear ZeRO's fp32 gradient partitions. With bf16
+    weights and fp32 accumulation DeepSpeed sums each micro-batch's reduced gradients into those
+    buffers (`averaged_gradients`, on the GPU) and copies them to the host at the step; its
+    overflow path clears them only without offload, so the dropped step's (non-finite) sums
+    would be added into the next step's (tests/test_engine_agreement.py)."""
+    opt = engine.optimizer
+    if getattr(opt, "cpu_offload", False):
+        for k in list(opt.averaged_gradients):
+            opt.averaged_gradients[k] = None
+
+
+# ---------------------------------------------------------------------------- optimizer offload
+def offload_optimizer_config(pin_memory: bool) -> dict:
+    """The `zero_optimization` keys of ZeRO-Offload: ZeRO's fp32 partition and AdamW's state in
+    host memory (pinned on CUDA), stepped by `cpu_adam`."""
+    return {"offload_optimizer": {"device": "cpu", "pin_memory": bool(pin_memory)}}
+
+
+def cpu_adam(param_groups: list[dict], tcfg) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU AdamW over `param_groups` (each group keeps its weight decay), the optimizer
+    ZeRO-Offload requires (it refuses a client torch AdamW). Its moments are fp32: the kernel steps
+    fp32 parameters only with fp32 state, and bf16 moments would need bf16 masters
+    (DeepSpeed's bf16_optimizer_states), which the precision policy does not allow."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, lr=0.0, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
+                                adamw_mode=True, fp32_optimizer_states=True)
+    except RuntimeError as e:
+        raise AnnealError(f"parallel.offload=optimizer needs DeepSpeed's cpu_adam op, which did not build or load "
+                          f"({e.__cause__ or e}); it is compiled on first use with the C++ compiler and ninja "
+                          f"(g++, pip install ninja), or set parallel.offload=none") from e
