@@ -299,6 +299,36 @@ def test_deepspeed_dp2_x_ep2_matches_fp64_reference():
     run_distributed(_ds_worker, 4, 2, [(1, True, False, False, [1, 3])])
 
 
+def _fp32_masters_worker(rank, world, zero_stage, offload):
+    from anneal.model.precision import PrecisionPolicy
+    from anneal.parallel import ds_engine
+    from anneal.train.engine import Engine
+
+    ds_engine.init_distributed("cpu")
+    model = tiny_model()  # random init in fp32: most values are not bf16-exact
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in want.values())
+    native = Engine(tiny_model(), _tcfg(), PrecisionPolicy(torch.bfloat16))
+    engine = ds_engine.DeepSpeedEngine(model, _tcfg(), zero_stage=zero_stage, policy=PrecisionPolicy(torch.bfloat16),
+                                       offload=offload)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    for name, master in zip(native.masters.names, native.masters.masters):
+        assert torch.equal(master, want[name]), name
+    for name, (offset, frag) in _ds_fragments(model, engine, _params_now(engine)).items():
+        assert torch.equal(frag.cpu(), want[name].reshape(-1).narrow(0, offset, frag.numel())), \
+            f"zero{zero_stage} offload={offload}: DeepSpeed's fp32 master of {name} is not the fp32 value"
+
+
+def test_deepspeed_fp32_masters_keep_the_fp32_values():
+    """A model that arrives in fp32 with values bf16 cannot hold (a random init) starts with the
+    same fp32 masters under both engines: DeepSpeed builds its masters from the bf16 cast, which
+    cost a random-init slice one bf16 ulp on most weights at step 1 (and made the engines diverge
+    on the device); ZeRO 1 (bf16 optimizer), ZeRO 2, and ZeRO 2 with optimizer offload."""
+    pytest.importorskip("deepspeed")
+    for zero_stage, offload in ((1, "none"), (2, "none"), (2, "optimizer")):
+        run_distributed(_fp32_masters_worker, 1, zero_stage, offload)
+
+
 def test_deepspeed_config_refuses_keys_that_change_accumulation():
     pytest.importorskip("deepspeed")
     from anneal.errors import AnnealError

@@ -19,7 +19,10 @@ it fails there first. The contract:
   for that step only; `forget_dropped_gradients` clears ZeRO-Offload's fp32 gradient partitions,
   which its overflow path leaves in place;
 - optimizer offload: `offload_optimizer_config` and `cpu_adam` (DeepSpeedCPUAdam, the optimizer
-  ZeRO-Offload requires).
+  ZeRO-Offload requires);
+- fp32 masters: with bf16 on, `deepspeed.initialize` casts the model to bf16 and builds its fp32
+  masters from the cast values; `values_lost_to_bf16` / `restore_fp32_masters` (through the public
+  `deepspeed.utils.safe_set_full_fp32_param`) put back the fp32 values the cast rounded.
 """
 from __future__ import annotations
 
@@ -192,3 +195,24 @@ def cpu_adam(param_groups: list[dict], tcfg) -> torch.optim.Optimizer:
         raise AnnealError(f"parallel.offload=optimizer needs DeepSpeed's cpu_adam op, which did not build or load "
                           f"({e.__cause__ or e}); it is compiled on first use with the C++ compiler and ninja "
                           f"(g++, pip install ninja), or set parallel.offload=none") from e
+
+
+def values_lost_to_bf16(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, its fp32 value, on the host) for every fp32 parameter that bf16 cannot hold
+    exactly: a random init, or an fp32 checkpoint. A bf16 checkpoint loaded in fp32 gives none, so
+    the anneal of a released checkpoint keeps no copy."""
+    lost = []
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.float32 and not torch.equal(p, p.to(torch.bfloat16).float()):
+            lost.append((p, p.detach().to("cpu", copy=True)))
+    return lost
+
+
+def restore_fp32_masters(lost: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """Write the fp32 values back into this rank's fragments of DeepSpeed's fp32 masters (ZeRO 1/2,
+    its bf16 optimizer, offloaded or not), so that the masters start where the native engine's do
+    (`anneal.model.precision.MasterWeights` copies them before the cast)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for p, value in lost:
+        safe_set_full_fp32_param(p, value.to(p.device))

@@ -95,8 +95,10 @@ class DeepSpeedEngine(PostStepHooks):
         else:
             optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
                                           fused=on_cuda or None)
+        lost = compat.values_lost_to_bf16(model) if policy.mixed else []
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=copy.deepcopy(self.config), dist_init_required=False)
+        compat.restore_fp32_masters(lost)  # the masters start from the fp32 values, as the native engine's
         self.model = model
 
     # -- building it from the config --------------------------------------------------------------
