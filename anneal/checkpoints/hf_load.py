@@ -100,10 +100,7 @@ def _materialize(cfg: Dots1Config, *, dtype: torch.dtype, device: str | torch.de
 
     with torch.device("meta"):
         model = Dots1ForCausalLM(cfg, experts_backend=experts_backend, expert_range=expert_range)
-    model.to(dtype)
-    for router in model.routers().values():  # router buffers stay fp32 whatever the model dtype
-        router.e_score_correction_bias = router.e_score_correction_bias.float()
-        router.expert_load = router.expert_load.float()
+    model.to(dtype)  # router buffers stay fp32 (moe.router.Router._apply)
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty replaces parameters one by one, which unties them
         model.lm_head.weight = model.model.embed_tokens.weight
