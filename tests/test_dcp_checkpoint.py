@@ -217,12 +217,26 @@ def _resume_ds(rank, world, root, ep_size):
 
 
 def _saved(tmp_path_factory, ep_size):
+    """The 2-rank save, once more in a fresh folder if a rank was killed by SIGABRT ("terminate
+    called without an active exception" from a C++ thread of the gloo/DeepSpeed CPU stack, seen on
+    1 of ~5 full CI runs of this fixture, never with the file alone in 20 runs). An assertion or a
+    Python error in a rank is never retried."""
     pytest.importorskip("deepspeed")
+    import warnings
+
+    from torch.multiprocessing import ProcessExitedException
+
     from _dist import run_distributed
 
-    root = tmp_path_factory.mktemp(f"ep{ep_size}")
-    run_distributed(_save, 2, str(root), ep_size)
-    return root
+    for attempt in range(2):
+        root = tmp_path_factory.mktemp(f"ep{ep_size}")
+        try:
+            run_distributed(_save, 2, str(root), ep_size)
+            return root
+        except ProcessExitedException as e:
+            if attempt or e.signal_name != "SIGABRT":
+                raise
+            warnings.warn(f"EP {ep_size} save: a rank aborted in C++ ({e}); saving again in a fresh folder")
 
 
 @pytest.fixture(scope="module")
