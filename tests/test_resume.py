@@ -345,6 +345,13 @@ def test_sigkill_mid_step_write_commit_and_export_resumes_byte_identical(tmp_pat
     assert losses(cut) == losses(tmp_path / "full") and len(losses(cut)) == 5
     a, b = load_file(str(cut / "hf" / "model.safetensors")), load_file(str(tmp_path / "full" / "hf" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # resuming the finished run again keeps its export (it used to refuse the folder, exit 2)
+    before = (cut / "hf" / "model.safetensors").stat().st_mtime_ns
+    r = subprocess.run([sys.executable, "-m", "anneal", *common, "run.name=cut", "run.resume=true"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "already holds this run's export (step 5); kept" in r.stdout
+    assert (cut / "hf" / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_an_empty_data_file_is_one_line_and_the_retry_takes_the_folder(tmp_path):

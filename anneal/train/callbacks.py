@@ -13,12 +13,13 @@ Every callback sees the same `Run` (config, prepared pieces, engine, tracker, la
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from anneal.checkpoints.run_checkpoints import RunCheckpoints, anneal_meta, export_meta_files
+from anneal.checkpoints.run_checkpoints import RunCheckpoints, anneal_meta, export_meta, export_meta_files
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.build import Prepared
 from anneal.train.devices import host_memory_gb
@@ -221,6 +222,12 @@ class Export(Callback):
         meta = anneal_meta(started_from=p.checkpoint_name, stage=p.schedule.stage_names[-1],
                            lr=p.schedule.lr_at(tokens), tokens_seen_total=p.meta.get("tokens_seen_total", 0) + tokens,
                            step=step, tokens=tokens, schedule=p.schedule.to_config())
+        if export_meta(export_dir) == json.loads(json.dumps(meta)):
+            # `run.resume=true` on a finished run: its export (published whole, by rename) is this
+            # very state; keep it rather than refuse the folder or write it again
+            run.export_dir = str(export_dir)
+            run.tracker.print(f"{export_dir}: already holds this run's export (step {step}); kept", markup=False)
+            return
         kwargs = dict(tokenizer_dir=p.tokenizer_dir, dtype=getattr(torch, cfg.export.dtype),
                       max_shard_size=cfg.export.max_shard_size, overwrite=cfg.export.overwrite,
                       extra_files=export_meta_files(meta))
