@@ -319,14 +319,17 @@ def _fp32_masters_worker(rank, world, zero_stage, offload):
             f"zero{zero_stage} offload={offload}: DeepSpeed's fp32 master of {name} is not the fp32 value"
 
 
+@pytest.mark.slow
 def test_deepspeed_fp32_masters_keep_the_fp32_values():
     """A model that arrives in fp32 with values bf16 cannot hold (a random init) starts with the
     same fp32 masters under both engines: DeepSpeed builds its masters from the bf16 cast, which
     cost a random-init slice one bf16 ulp on most weights at step 1 (and made the engines diverge
-    on the device); ZeRO 1 (bf16 optimizer), ZeRO 2, and ZeRO 2 with optimizer offload."""
+    on the device); ZeRO 1 (bf16 optimizer), ZeRO 2, ZeRO 2 with optimizer offload, and ZeRO 2
+    over 2 ranks."""
     pytest.importorskip("deepspeed")
     for zero_stage, offload in ((1, "none"), (2, "none"), (2, "optimizer")):
         run_distributed(_fp32_masters_worker, 1, zero_stage, offload)
+    run_distributed(_fp32_masters_worker, 2, 2, "none")  # DP 2: each rank sets its own fragments
 
 
 def test_deepspeed_config_refuses_keys_that_change_accumulation():
