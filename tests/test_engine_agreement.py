@@ -152,7 +152,7 @@ def _compare(got: dict, want: dict, tol: float, tensor_tol: float, what: str) ->
     err2 = ref2 = 0.0
     for name, (offset, frag) in got.items():
         ref = want[name].reshape(-1).narrow(0, offset, frag.numel())
-        e, r = float((frag.double() - ref).pow(2).sum()), float(ref.pow(2).sum())
+        e, r = float((frag.double().cpu() - ref.cpu()).pow(2).sum()), float(ref.double().pow(2).sum())
         err2, ref2 = err2 + e, ref2 + r
         assert math.sqrt(e) <= tensor_tol * math.sqrt(r) + 1e-12, \
             f"{what} {name}: relative error {math.sqrt(e / r) if r else math.sqrt(e):.3g} > {tensor_tol}"
@@ -235,11 +235,11 @@ def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, e
         direction = ref.updates(want)
         moved, expected = {}, {}
         for name, (offset, after) in frags(_params_now(engine)).items():
-            w = masters_before[name][1].double()
-            moved[name] = (offset, after.double() - w)
-            expected[name] = torch.zeros(want[name].numel(), dtype=torch.float64, device=device)
+            w = masters_before[name][1].double().cpu()   # compared on the host: the reference may live there
+            moved[name] = (offset, after.double().cpu() - w)
+            expected[name] = torch.zeros(want[name].numel(), dtype=torch.float64)
             expected[name][offset:offset + w.numel()] = \
-                -direction[name].reshape(-1)[offset:offset + w.numel()] - LR * WD * decays[name] * w
+                -direction[name].reshape(-1)[offset:offset + w.numel()].cpu() - LR * WD * decays[name] * w
         _compare(moved, expected, *UPDATE_TOL.get((bf16, ep_size > 1), UPDATE_TOL[False, False]), f"{where}: update")
 
 
