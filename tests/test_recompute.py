@@ -128,3 +128,17 @@ def test_config_key_and_old_spelling():
         validate_config(compose(["model.gradient_checkpointing=true"]))
     with pytest.raises(AnnealError, match="model.recompute='half'"):
         _model("half")
+
+
+def test_compiled_grouped_mm_refuses_selective_recompute():
+    """The combination aborts on CUDA (torch 2.11; bench/RESULTS.md): refused before any weight is read,
+    with what to use instead; eager, or with another backend, selective is accepted."""
+    from anneal.cli import compose
+    from anneal.config import validate_config
+
+    with pytest.raises(AnnealError, match=r"model.recompute=selective with model.experts_backend=grouped_mm "
+                                          r"under model.compile .*use model.experts_backend=triton"):
+        validate_config(compose(["model.recompute=selective", "model.experts_backend=grouped_mm",
+                                 "model.compile=true"]))
+    validate_config(compose(["model.recompute=selective", "model.experts_backend=grouped_mm", "model.compile=false"]))
+    validate_config(compose(["model.recompute=selective", "model.experts_backend=torch", "model.compile=true"]))
