@@ -48,13 +48,13 @@ Ratio column: the best peer's f+b ms / this row's f+b ms (> 1 = faster than the 
 Run (device; peers are wheels, --no-deps, into a target dir on PYTHONPATH):
     pip download --no-deps --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: \
         -d wheels torchtitan==0.3.0 ai2-olmo-core==3.0.0 spmd_types==0.2.3 tyro==1.0.17 \
-        docstring-parser==0.18.0 dataclass-extensions==0.5.0
+        docstring-parser==0.18.0 typeguard==4.6.1 dataclass-extensions==0.5.0
     pip install --no-deps --target /tmp/peersite wheels/*.whl
     PYTHONPATH=/tmp/peersite:$PWD python bench/bench_peers.py --compile on --json bench/results/bench_peers.json
     PYTHONPATH=/tmp/peersite:$PWD python bench/bench_peers.py --device cpu --dtype float32 --tokens 256 \
         --hidden 64 --intermediate 32 --experts 8 --top-k 2 --compile off
 Why those wheels: torchtitan.models.common.moe imports spmd_types, and (through torchtitan.distributed ->
-torchtitan.config.manager) tyro, which needs docstring-parser; olmo_core.nn.moe.moe imports olmo_core.config,
+torchtitan.config.manager) tyro, which needs docstring-parser and typeguard; olmo_core.nn.moe.moe imports olmo_core.config,
 which needs dataclass-extensions and `cached_path`. cached-path would pull boto3 and google-cloud-storage
 (about 15 wheels) for a function olmo_core.config only calls to read remote config files, so when it is
 missing a placeholder module `cached_path` is registered before the import (`_import_olmo`); and
