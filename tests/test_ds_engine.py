@@ -166,92 +166,75 @@ def test_dp2_x_ep2_zero2_matches_single_process_engine(tmp_path):
 
 
 # ------------------------------------------------------------------ the trainer under DeepSpeed
-def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path):
+def _anneal(root, *args, world: int = 1):
+    """`python -m anneal` (world 1) or `torchrun --nproc-per-node world -m anneal` on CPU, 4 steps at most."""
+    import os
+    import subprocess
+    import sys
+
+    from _dist import free_port
+
+    common = ["trainer.device=cpu", "trainer.micro_batch_size=4", "trainer.ckpt_every=8192", "logging.wandb=false",
+              "logging.progress=false", "logging.plots=false", f"run.root={root}"]
+    launcher = [sys.executable, "-m", "anneal"] if world == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+         "--master-port", str(free_port()), "-m", "anneal"]
+    r = subprocess.run(launcher + common + list(args), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _losses(root, name):
+    import json
+
+    rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def native_4_steps(tmp_path_factory):
+    """The one-process reference of the DeepSpeed runs below: 4 steps on the 2 data shards that the
+    2-rank runs read (one per rank)."""
+    root = tmp_path_factory.mktemp("native")
+    _anneal(root, "trainer.stop_after_steps=4", "run.name=native", "data.shards=2")
+    return _losses(root, "native")
+
+
+def _same_numbers(want, got, what):
+    assert [s for s, _, _ in got] == [1, 2, 3, 4], what
+    for (s, lw, gw), (_, lg, gg) in zip(want, got):
+        assert abs(lw - lg) < 1e-5 and abs(gw - gg) < 1e-4, (what, s, lw, lg, gw, gg)
+
+
+def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path, native_4_steps):
     """`torchrun --nproc-per-node 2 -m anneal trainer.engine=deepspeed parallel.ep_size=2
     parallel.a2a_overlap=true`: the same losses as the one-process run (plain schedule) on the same
     data shards, exact resume, and a resume under another layout (EP 1) continues with the same
     losses (the checkpoint is resharded)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from _dist import free_port
-
-    common = ["trainer.device=cpu", "trainer.micro_batch_size=4", "trainer.ckpt_every=8192", "logging.wandb=false",
-              "logging.progress=false", "logging.plots=false", f"run.root={tmp_path}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def anneal(*args, world=1):
-        launcher = [sys.executable, "-m", "anneal"] if world == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-             "--master-port", str(free_port()), "-m", "anneal"]
-        return subprocess.run(launcher + common + list(args), env=env, capture_output=True, text=True, timeout=300)
-
-    def losses(name):
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
-
     # the DeepSpeed runs use the paired schedule (parallel.a2a_overlap): it gives the plain one's numbers
     ds = ["trainer.engine=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=2", "parallel.a2a_overlap=true"]
-    # the 2-rank run reads 2 data shards (one per rank): the one-process reference reads the same two
-    r = anneal("trainer.stop_after_steps=4", "run.name=native", "data.shards=2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = anneal("trainer.stop_after_steps=2", "run.name=ds", *ds, world=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = anneal("trainer.stop_after_steps=3", "run.name=ds", "run.resume=true", *ds, world=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [s for s, _, _ in losses("ds")] == [1, 2, 3]
-    r = anneal("trainer.stop_after_steps=4", "run.name=ds", "run.resume=true",
-               "trainer.engine=deepspeed", "parallel.ep_size=1", "parallel.a2a_overlap=true", world=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    want, got = losses("native"), losses("ds")
-    assert [s for s, _, _ in got] == [1, 2, 3, 4]
-    for (s, lw, gw), (_, lg, gg) in zip(want, got):
-        assert abs(lw - lg) < 1e-5 and abs(gw - gg) < 1e-4, (s, lw, lg, gw, gg)
+    _anneal(tmp_path, "trainer.stop_after_steps=2", "run.name=ds", *ds, world=2)
+    _anneal(tmp_path, "trainer.stop_after_steps=3", "run.name=ds", "run.resume=true", *ds, world=2)
+    assert [s for s, _, _ in _losses(tmp_path, "ds")] == [1, 2, 3]
+    _anneal(tmp_path, "trainer.stop_after_steps=4", "run.name=ds", "run.resume=true",
+            "trainer.engine=deepspeed", "parallel.ep_size=1", "parallel.a2a_overlap=true", world=2)
+    _same_numbers(native_4_steps, _losses(tmp_path, "ds"), "ds")
 
 
-def test_anneal_with_optimizer_offload_resumes_without_it_and_back(tmp_path):
+def test_anneal_with_optimizer_offload_resumes_without_it_and_back(tmp_path, native_4_steps):
     """`parallel.offload=optimizer` under torchrun, EP 2, ZeRO 2 (DeepSpeed's CPU Adam on CPU with
-    gloo): the one-process run's losses and grad norms; a run saved with offload resumes without it,
-    and one saved without resumes with it, continuing with the same numbers (the same DCP
+    gloo): the one-process run's losses and grad norms, through a run saved with offload that resumes
+    without it, and saved without it, resumes with it, continuing with the same numbers (the same DCP
     checkpoint: fp32 masters and AdamW moments, whichever optimizer held them)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from _dist import free_port
-
-    common = ["trainer.device=cpu", "trainer.micro_batch_size=4", "trainer.ckpt_every=8192", "logging.wandb=false",
-              "logging.progress=false", "logging.plots=false", f"run.root={tmp_path}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def anneal(*args, world=2):
-        launcher = [sys.executable, "-m", "anneal"] if world == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-             "--master-port", str(free_port()), "-m", "anneal"]
-        r = subprocess.run(launcher + common + list(args), env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r
-
-    def losses(name):
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
-
     ds = ["trainer.engine=deepspeed", "parallel.ep_size=2", "parallel.zero_stage=2"]
-    anneal("trainer.stop_after_steps=4", "run.name=native", "data.shards=2", world=1)
-    for name, first, then in (("off_on", "optimizer", "none"), ("on_off", "none", "optimizer")):
-        for r, offload in ((anneal("trainer.stop_after_steps=2", f"run.name={name}", *ds, f"parallel.offload={first}"),
-                            first),
-                           (anneal("trainer.stop_after_steps=4", f"run.name={name}", "run.resume=true",
-                                   f"parallel.offload={then}"), then)):
-            cpu_adam = "DeepSpeedCPUAdam on fp32 masters in host memory (parallel.offload=optimizer)"
-            assert (cpu_adam in r.stdout) == (offload == "optimizer"), (name, offload, r.stdout[-2000:])
-        want, got = losses("native"), losses(name)
-        assert [s for s, _, _ in got] == [1, 2, 3, 4], name
-        for (s, lw, gw), (_, lg, gg) in zip(want, got):
-            assert abs(lw - lg) < 1e-5 and abs(gw - gg) < 1e-4, (name, s, lw, lg, gw, gg)
+    cpu_adam = "DeepSpeedCPUAdam on fp32 masters in host memory (parallel.offload=optimizer)"
+    for steps, offload in ((2, "optimizer"), (3, "none"), (4, "optimizer")):
+        resume = ["run.resume=true"] if steps > 2 else []
+        r = _anneal(tmp_path, f"trainer.stop_after_steps={steps}", "run.name=switch", *resume, *ds,
+                    f"parallel.offload={offload}", world=2)
+        assert (cpu_adam in r.stdout) == (offload == "optimizer"), (steps, offload, r.stdout[-2000:])
+    _same_numbers(native_4_steps, _losses(tmp_path, "switch"), "offload on -> off -> on")
 
 
 def test_anneal_under_torchrun_runs_to_the_end_and_exports_the_whole_model(tmp_path):
