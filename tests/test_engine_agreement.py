@@ -299,24 +299,26 @@ def test_deepspeed_dp2_x_ep2_matches_fp64_reference():
     run_distributed(_ds_worker, 4, 2, [(1, True, False, False, [1, 3])])
 
 
-def _fp32_masters_worker(rank, world, zero_stage, offload):
+def _fp32_masters_worker(rank, world, configs):
+    """Each (zero_stage, offload) in turn, in one set of processes (DeepSpeed's start-up is most of the cost)."""
     from anneal.model.precision import PrecisionPolicy
     from anneal.parallel import ds_engine
     from anneal.train.engine import Engine
 
     ds_engine.init_distributed("cpu")
-    model = tiny_model()  # random init in fp32: most values are not bf16-exact
-    want = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert any(not torch.equal(w, w.bfloat16().float()) for w in want.values())
-    native = Engine(tiny_model(), _tcfg(), PrecisionPolicy(torch.bfloat16))
-    engine = ds_engine.DeepSpeedEngine(model, _tcfg(), zero_stage=zero_stage, policy=PrecisionPolicy(torch.bfloat16),
-                                       offload=offload)
-    assert next(model.parameters()).dtype == torch.bfloat16
-    for name, master in zip(native.masters.names, native.masters.masters):
-        assert torch.equal(master, want[name]), name
-    for name, (offset, frag) in _ds_fragments(model, engine, _params_now(engine)).items():
-        assert torch.equal(frag.cpu(), want[name].reshape(-1).narrow(0, offset, frag.numel())), \
-            f"zero{zero_stage} offload={offload}: DeepSpeed's fp32 master of {name} is not the fp32 value"
+    for zero_stage, offload in configs:
+        model = tiny_model()  # random init in fp32: most values are not bf16-exact
+        want = {n: p.detach().clone() for n, p in model.named_parameters()}
+        assert any(not torch.equal(w, w.bfloat16().float()) for w in want.values())
+        native = Engine(tiny_model(), _tcfg(), PrecisionPolicy(torch.bfloat16))
+        engine = ds_engine.DeepSpeedEngine(model, _tcfg(), zero_stage=zero_stage,
+                                           policy=PrecisionPolicy(torch.bfloat16), offload=offload)
+        assert next(model.parameters()).dtype == torch.bfloat16
+        for name, master in zip(native.masters.names, native.masters.masters):
+            assert torch.equal(master, want[name]), name
+        for name, (offset, frag) in _ds_fragments(model, engine, _params_now(engine)).items():
+            assert torch.equal(frag.cpu(), want[name].reshape(-1).narrow(0, offset, frag.numel())), \
+                f"zero{zero_stage} offload={offload}: DeepSpeed's fp32 master of {name} is not the fp32 value"
 
 
 @pytest.mark.slow
@@ -327,9 +329,8 @@ def test_deepspeed_fp32_masters_keep_the_fp32_values():
     on the device); ZeRO 1 (bf16 optimizer), ZeRO 2, ZeRO 2 with optimizer offload, and ZeRO 2
     over 2 ranks."""
     pytest.importorskip("deepspeed")
-    for zero_stage, offload in ((1, "none"), (2, "none"), (2, "optimizer")):
-        run_distributed(_fp32_masters_worker, 1, zero_stage, offload)
-    run_distributed(_fp32_masters_worker, 2, 2, "none")  # DP 2: each rank sets its own fragments
+    run_distributed(_fp32_masters_worker, 1, [(1, "none"), (2, "none"), (2, "optimizer")])
+    run_distributed(_fp32_masters_worker, 2, [(2, "none")])  # DP 2: each rank sets its own fragments
 
 
 def test_deepspeed_config_refuses_keys_that_change_accumulation():
