@@ -257,9 +257,10 @@ def _check_compile_backend(cfg) -> None:
     on_cuda = cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available()
     compiled = compile_enabled(cfg.model.compile, torch.device("cuda" if on_cuda else "cpu"))
     if compiled and cfg.model.experts_backend == "grouped_mm" and cfg.model.recompute == "selective":
-        # measured on H100 and H200 (torch 2.11, bench/RESULTS.md "Activation recompute"); Inductor (as its CPU code shows) lays
-        # the recomputed, expert-sorted rows out column-major for the weight gradient, and CUDA's
-        # _grouped_mm asserts that a contiguous grouped dimension is a multiple of 16 bytes
+        # measured on H100 and H200 (torch 2.11, bench/RESULTS.md "Activation recompute"); Inductor (as
+        # its CPU code shows) lays the recomputed, expert-sorted rows out column-major for the weight
+        # gradient, and CUDA's _grouped_mm asserts that a contiguous grouped dimension is a multiple
+        # of 16 bytes
         raise AnnealError("model.recompute=selective with model.experts_backend=grouped_mm under model.compile "
                           "aborts on CUDA (a device-side assert in torch._grouped_mm's weight gradient): use "
                           "model.experts_backend=triton, or model.recompute=none|full, or model.compile=false")
