@@ -247,16 +247,18 @@ def compile_enabled(setting: bool | None, device) -> bool:
 
 
 def _check_compile_backend(cfg) -> None:
-    """model.compile with the grouped_mm experts backend needs bf16 compute: torch._grouped_mm
-    traces only in bf16; and it cannot take selective recompute (below). Compile and bf16 compute both follow the device the run will pick
-    (`model.compile` null and `trainer.bf16` apply on CUDA only)."""
+    """model.compile with the grouped_mm experts backend needs bf16 compute (torch._grouped_mm
+    traces only in bf16) and cannot take selective recompute (below). Compile and bf16 compute both
+    follow the device the run will pick (`model.compile` null and `trainer.bf16` apply on CUDA only)."""
     import torch
 
     from anneal.errors import AnnealError
 
     on_cuda = cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available()
     compiled = compile_enabled(cfg.model.compile, torch.device("cuda" if on_cuda else "cpu"))
-    if compiled and cfg.model.experts_backend == "grouped_mm" and cfg.model.recompute == "selective":
+    if not (compiled and cfg.model.experts_backend == "grouped_mm"):
+        return
+    if cfg.model.recompute == "selective":
         # measured on H100 and H200 (torch 2.11, bench/RESULTS.md "Activation recompute"); Inductor (as
         # its CPU code shows) lays the recomputed, expert-sorted rows out column-major for the weight
         # gradient, and CUDA's _grouped_mm asserts that a contiguous grouped dimension is a multiple
@@ -264,7 +266,7 @@ def _check_compile_backend(cfg) -> None:
         raise AnnealError("model.recompute=selective with model.experts_backend=grouped_mm under model.compile "
                           "aborts on CUDA (a device-side assert in torch._grouped_mm's weight gradient): use "
                           "model.experts_backend=triton, or model.recompute=none|full, or model.compile=false")
-    if compiled and cfg.model.experts_backend == "grouped_mm" and not (cfg.trainer.bf16 and on_cuda):
+    if not (cfg.trainer.bf16 and on_cuda):
         raise AnnealError("model.compile with model.experts_backend=grouped_mm needs bf16 compute "
                           "(torch._grouped_mm traces only in bf16): set trainer.bf16=true, or "
                           "model.compile=false, or another experts backend")
