@@ -166,23 +166,29 @@ def test_dp2_x_ep2_zero2_matches_single_process_engine(tmp_path):
 
 
 # ------------------------------------------------------------------ the trainer under DeepSpeed
-def _anneal(root, *args, world: int = 1):
-    """`python -m anneal` (world 1) or `torchrun --nproc-per-node world -m anneal` on CPU, 4 steps at most."""
+def _launch(args, world: int = 1):
+    """`python -m anneal ARGS` (world 1) or `torchrun --nproc-per-node world -m anneal ARGS`, one
+    thread per process; it must succeed."""
     import os
     import subprocess
     import sys
 
     from _dist import free_port
 
-    common = ["trainer.device=cpu", "trainer.micro_batch_size=4", "trainer.ckpt_every=8192", "logging.wandb=false",
-              "logging.progress=false", "logging.plots=false", f"run.root={root}"]
     launcher = [sys.executable, "-m", "anneal"] if world == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
          "--master-port", str(free_port()), "-m", "anneal"]
-    r = subprocess.run(launcher + common + list(args), env={**os.environ, "OMP_NUM_THREADS": "1"},
+    r = subprocess.run(launcher + list(args), env={**os.environ, "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def _anneal(root, *args, world: int = 1):
+    """A short CPU anneal of the tests below (they stop it after at most 4 steps) in run folder `root`."""
+    common = ["trainer.device=cpu", "trainer.micro_batch_size=4", "trainer.ckpt_every=8192", "logging.wandb=false",
+              "logging.progress=false", "logging.plots=false", f"run.root={root}"]
+    return _launch(common + list(args), world)
 
 
 def _losses(root, name):
@@ -242,25 +248,15 @@ def test_anneal_under_torchrun_runs_to_the_end_and_exports_the_whole_model(tmp_p
     experts' shards): the same weights as the one-process run's export, loadable by transformers
     with the trained model's logits."""
     import json
-    import os
-    import subprocess
-    import sys
 
     import transformers
-    from _dist import free_port
     from safetensors.torch import load_file
 
     common = ["trainer.device=cpu", "trainer.micro_batch_size=4", "logging.wandb=false", "logging.progress=false",
               "logging.plots=false", "export.dtype=float32", "schedule.stages.0.tokens=8192",
               "schedule.stages.1.tokens=4096", f"run.root={tmp_path}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "anneal", *common, "run.name=native", "data.shards=2"], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(free_port()), "-m", "anneal", *common, "run.name=ds", "trainer.engine=deepspeed",
-                        "parallel.ep_size=2"], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _launch([*common, "run.name=native", "data.shards=2"])
+    r = _launch([*common, "run.name=ds", "trainer.engine=deepspeed", "parallel.ep_size=2"], world=2)
     assert "peak host memory per rank" in r.stdout
     a = load_file(str(tmp_path / "native" / "hf" / "model.safetensors"))
     # streamed export: rank 0 wrote the dense tensors and experts 0-7, rank 1 experts 8-15, into

@@ -151,8 +151,8 @@ def _compare(got: dict, want: dict, tol: float, tensor_tol: float, what: str) ->
     """Norm-relative error of this rank's fragments against the reference, whole and per tensor."""
     err2 = ref2 = 0.0
     for name, (offset, frag) in got.items():
-        ref = want[name].reshape(-1).narrow(0, offset, frag.numel())
-        e, r = float((frag.double().cpu() - ref.cpu()).pow(2).sum()), float(ref.double().pow(2).sum())
+        ref = want[name].reshape(-1).narrow(0, offset, frag.numel()).double().cpu()  # on the host: GPU runs too
+        e, r = float((frag.double().cpu() - ref).pow(2).sum()), float(ref.pow(2).sum())
         err2, ref2 = err2 + e, ref2 + r
         assert math.sqrt(e) <= tensor_tol * math.sqrt(r) + 1e-12, \
             f"{what} {name}: relative error {math.sqrt(e / r) if r else math.sqrt(e):.3g} > {tensor_tol}"
