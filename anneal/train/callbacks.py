@@ -22,7 +22,7 @@ import torch
 from anneal.checkpoints.run_checkpoints import RunCheckpoints, anneal_meta, export_meta, export_meta_files
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.build import Prepared
-from anneal.train.devices import host_memory_gb
+from anneal.train.devices import host_memory_gb, peak_host_memory_gb
 from anneal.train.step import to_device, token_losses
 
 
@@ -161,6 +161,7 @@ class Metrics(Callback):
 
     def on_step_end(self, info: StepInfo, row: dict) -> None:
         tracker = self.run.tracker
+        row["host_mem_peak_gb"] = peak_host_memory_gb()   # with parallel.offload=optimizer the optimizer lives here
         if "gpu_mem_peak_gb" not in row:
             row["host_mem_gb"] = host_memory_gb()
         periodic = info.step % self.log_every == 0

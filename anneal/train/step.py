@@ -6,6 +6,7 @@ decide whether the update is applied (`anneal.train.guards`).
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -79,7 +80,10 @@ def train_step(model: Dots1ForCausalLM, engine, stream, source_names: list[str],
     the micro-batches' forwards and backwards interleaved; None: one after the other. The step's statistics are read from the device once, after
     the last backward and before the update, and summed over ranks; `before_update(row)` may then
     veto the update (returns the reason, which lands in row["skipped"]). `stop_requested()` is this
-    rank's wish to stop after the step (preemption); row["stop_requested"] is every rank's."""
+    rank's wish to stop after the step (preemption); row["stop_requested"] is every rank's.
+    row["update_s"]: the host's seconds in `engine.step` -- the whole update where the host runs it
+    (parallel.offload=optimizer: gradients down, CPU Adam, weights up), the norm's read and the
+    kernels' enqueue on a GPU optimizer (no extra sync is added to time those)."""
     mbs, world = micro_batch_size, layout.world
     n_micro //= world
     n_src = len(source_names)
@@ -105,7 +109,9 @@ def train_step(model: Dots1ForCausalLM, engine, stream, source_names: list[str],
     out["stop_requested"] = flags[0] > 0
     reason = before_update(out)
     if reason is None:
+        t0 = time.perf_counter()
         out["grad_norm"] = engine.step(lr)
+        out["update_s"] = time.perf_counter() - t0
         if not engine.step_applied:
             reason = NONFINITE_GRAD
     else:

@@ -33,7 +33,8 @@ def step_line(step: int, row: dict, total_tokens: int, eta_s: float | None) -> s
     if "mfu" in row:
         parts.append(f"mfu {row['mfu']:.1%}")
     if "gpu_mem_peak_gb" in row:
-        parts.append(f"mem {row['gpu_mem_peak_gb']:.1f} GiB")
+        parts.append(f"mem {row['gpu_mem_peak_gb']:.1f} GiB" + (f", host peak {row['host_mem_peak_gb']:.1f} GiB"
+                                                                  if "host_mem_peak_gb" in row else ""))
     elif "host_mem_gb" in row:
         parts.append(f"host mem {row['host_mem_gb']:.2f} GiB")
     parts.append("eta " + (str(timedelta(seconds=round(eta_s))) if eta_s is not None else "?"))
