@@ -191,10 +191,11 @@ def data_shards(cfg: DictConfig, layout: ParallelLayout) -> range:
     return rank_shards(n, layout.rank, world)
 
 
-def host_memory_gb() -> float:
-    """This machine's physical memory (GiB), from /proc/meminfo."""
+def available_host_memory_gb() -> float:
+    """Memory this machine can still give without swapping (GiB, /proc/meminfo's MemAvailable): what
+    the OS, the launcher and other jobs hold is already out of it, so no reserve is guessed."""
     with open("/proc/meminfo") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
     return kib / 2**20
 
 
@@ -202,7 +203,8 @@ def check_layout_fits(cfg: DictConfig, layout: ParallelLayout, device: torch.dev
                       gpu_mem_gb: float | None = None, host_mem_gb: float | None = None) -> None:
     """Refuse, with the planner's one-line reason (anneal-plan memory), a layout whose GPU memory
     (CUDA) or, with parallel.offload=optimizer, host memory does not fit this machine. Memory
-    defaults to the device's and /proc/meminfo's."""
+    defaults to the device's and the host's available memory (checked before any rank has loaded
+    weights, so with no node reserve on top)."""
     from anneal.host_plan import HostRates, plan_host, why_not
     from anneal.memory_plan import layout_from_config, model_config_for_plan, plan_memory
 
@@ -213,8 +215,9 @@ def check_layout_fits(cfg: DictConfig, layout: ParallelLayout, device: torch.dev
     offload = cfg.parallel.offload == "optimizer"
     if gpu_mem_gb is None and device.type == "cuda":
         gpu_mem_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+    reserve = {}
     if host_mem_gb is None and offload:
-        host_mem_gb = host_memory_gb()
+        host_mem_gb, reserve = available_host_memory_gb(), {"node_reserve_gb": 0.0}
     if gpu_mem_gb is None and host_mem_gb is None:
         return
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(layout.world, 8)))
@@ -223,7 +226,7 @@ def check_layout_fits(cfg: DictConfig, layout: ParallelLayout, device: torch.dev
     mcfg, source = model_config_for_plan(cfg)
     # the per-rank process, data pipeline and node reserve figures are a GPU node's (CUDA host side,
     # launcher, page cache); on a CPU run (tests, debugging) only the offloaded optimizer state is checked
-    rates = HostRates() if device.type == "cuda" else HostRates(process_gb=0.0, data_gb=0.0, node_reserve_gb=0.0)
+    rates = HostRates(**reserve) if device.type == "cuda" else HostRates(process_gb=0.0, data_gb=0.0, node_reserve_gb=0.0)
     reason = why_not(plan := plan_memory(mcfg, lay), plan_host(mcfg, plan, rates))
     if reason:
         raise AnnealError(f"this layout does not fit ({source}, {layout.world} rank(s)): {reason} "
