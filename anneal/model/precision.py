@@ -15,6 +15,9 @@
   bf16 sums on the dots1-width slice, bench/RESULTS.md); `trainer.grad_accum_dtype=bf16` trades
   that precision for speed
   (autograd accumulates bf16 gradients; they are converted to fp32 once, before the update).
+  With `trainer.grad_accum_fusion` (default on) the dense linear layers' weight-gradient GEMMs add
+  into the fp32 accumulators themselves and skip the hook (anneal.model.grad_fusion); the routed
+  experts' grouped GEMMs still go through it.
 - fp32 islands: router logits, scores and weights, the routers' correction bias and load counters
   (buffers kept fp32 through every cast by `moe.router.Router._apply`), RMSNorm statistics, and the loss.
 - CPU runs everything in fp32 (bf16 matmuls on CPU are slow and not what the GPU run computes).
@@ -26,19 +29,26 @@ from dataclasses import dataclass
 import torch
 
 from anneal.errors import AnnealError
+from anneal.model.grad_fusion import fuse_weight_gradients
 
 
 @dataclass(frozen=True)
 class PrecisionPolicy:
     compute_dtype: torch.dtype = torch.float32
     grad_accum_dtype: torch.dtype = torch.float32
+    grad_accum_fusion: bool = False        # dense weight-gradient GEMMs add into the fp32 accumulators
+
+    @property
+    def fuses_grad_accumulation(self) -> bool:
+        return self.grad_accum_fusion and self.mixed and self.grad_accum_dtype == torch.float32
 
     @property
     def mixed(self) -> bool:
         return self.compute_dtype != torch.float32
 
     @classmethod
-    def for_device(cls, bf16: bool, device: torch.device, note=print, grad_accum: str = "fp32") -> "PrecisionPolicy":
+    def for_device(cls, bf16: bool, device: torch.device, note=print, grad_accum: str = "fp32",
+                   fusion: bool = False) -> "PrecisionPolicy":
         """bf16 compute on CUDA when asked; fp32 on CPU (with a one-line note if bf16 was asked)."""
         if grad_accum not in ("fp32", "bf16"):
             raise AnnealError(f"trainer.grad_accum_dtype={grad_accum!r}: use fp32 (default) or bf16")
@@ -50,7 +60,7 @@ class PrecisionPolicy:
         if not torch.cuda.is_bf16_supported(including_emulation=False):
             raise AnnealError(f"trainer.bf16=true but {torch.cuda.get_device_name(device)} has no bf16 support; "
                               "run with trainer.bf16=false (fp32) or on an Ampere-or-newer GPU")
-        return cls(torch.bfloat16, torch.float32 if grad_accum == "fp32" else torch.bfloat16)
+        return cls(torch.bfloat16, torch.float32 if grad_accum == "fp32" else torch.bfloat16, fusion)
 
 
 class MasterWeights:
@@ -68,12 +78,15 @@ class MasterWeights:
         if self.fp32_accumulation:
             for param, master in zip(self.params, self.masters):
                 param.register_post_accumulate_grad_hook(self._accumulate_into(master))
+        self.fused = (fuse_weight_gradients(model, {p: m.grad for p, m in zip(self.params, self.masters)})
+                      if policy.fuses_grad_accumulation else [])
 
     @staticmethod
     def _accumulate_into(master: torch.Tensor):
         def hook(param: torch.Tensor) -> None:
-            master.grad.add_(param.grad)
-            param.grad = None
+            if param.grad is not None:        # None: a fused weight gradient went straight into master.grad
+                master.grad.add_(param.grad)
+                param.grad = None
         return hook
 
     @torch.no_grad()

@@ -35,9 +35,9 @@ _KEPT = {
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
     "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_attention_math", "aten::_scaled_dot_product_fused_attention_overrideable",
-    "aten::_grouped_mm", "moe::triton_experts_fwd",
+    "aten::_grouped_mm", "moe::triton_experts_fwd", "anneal::fused_wgrad_linear",
 }
-_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm"}
+_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "anneal::fused_wgrad_linear"}
 
 
 def check_mode(mode: str, where: str = "model.recompute") -> str:
