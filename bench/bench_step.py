@@ -80,7 +80,8 @@ def run_bare(case: dict, args) -> dict:
     model.init_weights(seed=0)
     model.to(device).train()
     tcfg = OmegaConf.structured(TrainerCfg(micro_batch_size=args.micro_batch))
-    policy = PrecisionPolicy(torch.bfloat16, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[case["accum"]]))
+    policy = PrecisionPolicy(torch.bfloat16, torch.bfloat16 if case["accum"] == "bf16" else torch.float32,
+                             grad_accum_fusion=case["accum"] == "fused")
     if case["engine"] == "deepspeed":
         os.environ.update(_ds_env())
         from anneal.parallel import ds_engine
@@ -199,7 +200,8 @@ def run_trainer(case: dict, args) -> dict:
                      "stages": [{"name": "stage1", "tokens": n_steps * args.batch_tokens, "lr_end": 3e-5}]},
         "parallel": {"a2a_overlap": case["a2a_overlap"]},
         "trainer": {"engine": case["engine"], "device": "cuda", "bf16": True, "micro_batch_size": args.micro_batch,
-                    "grad_accum_dtype": case["accum"], "deterministic": case.get("deterministic", False),
+                    "grad_accum_dtype": "bf16" if case["accum"] == "bf16" else "fp32",
+                    "grad_accum_fusion": case["accum"] == "fused", "deterministic": case.get("deterministic", False),
                     "eval_every": "0", "ckpt_every": "0", "log_every": 1},
         "logging": {"wandb": False, "progress": False, "plots": False},
         "export": {"enabled": False},
@@ -277,8 +279,10 @@ def main() -> None:
     ap.add_argument("--compile", nargs="+", default=["on", "off"], choices=["on", "off"])
     ap.add_argument("--recompute", nargs="+", default=["none"], choices=["none", "selective", "full"],
                     help="model.recompute: activations recomputed in the backward (full = the old gradient checkpointing)")
-    ap.add_argument("--grad-accum", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                    help="dtype gradients are summed in over the micro-batches (trainer.grad_accum_dtype)")
+    ap.add_argument("--grad-accum", nargs="+", default=["fused"], choices=["fused", "fp32", "bf16"],
+                    help="how gradients are summed over the micro-batches: fused = fp32 with the dense weight-"
+                         "gradient GEMMs adding into the sums (trainer.grad_accum_fusion, the default); fp32 = "
+                         "fp32 sums through a hook (grad_accum_fusion=false); bf16 = trainer.grad_accum_dtype=bf16")
     ap.add_argument("--deterministic", nargs="+", default=["off"], choices=["on", "off"],
                     help="trainer cases: trainer.deterministic (torch deterministic algorithms, fixed cuBLAS workspace)")
     ap.add_argument("--document-mask", nargs="+", default=["off"], choices=["on", "off"],
