@@ -37,10 +37,13 @@ SLICE_MFU = {"none": 0.525, "selective": 0.49, "full": 0.403}
 
 @dataclass(frozen=True)
 class HostRates:
-    """Rates the step time is estimated from (defaults: to be measured on the device)."""
+    """Rates the step time is estimated from. PCIe and CPU Adam defaults are measured by
+    bench/bench_rank_share.py on one H100 machine (16 cores, bench/RESULTS.md); a dual-socket
+    8-GPU node has several times those cores and memory bandwidth, so the CPU Adam default is a
+    floor: measure yours with the same script and pass --cpu-adam-params-per-s."""
     peak_tflops: float = 989.0            # dense bf16, H100 and H200
-    pcie_gb_s: float = 25.0               # pinned host<->GPU copies per GPU, GB/s (10^9); Gen5 x16 peaks at 64
-    cpu_adam_params_per_s: float = 2e9    # DeepSpeedCPUAdam over a node's cores (~34 B moved per parameter)
+    pcie_gb_s: float = 54.0               # pinned host<->GPU copies per GPU, GB/s (10^9); measured 53.9-55.5 (Gen5 x16)
+    cpu_adam_params_per_s: float = 4e9    # DeepSpeedCPUAdam, fp32 state; measured 4.0-4.25B/s on 16 cores
     gpu_adam_bytes_per_s: float = 2e12    # fused AdamW on the GPU, ~36 B per parameter of HBM traffic
     process_gb: float = 8.0               # host memory of one rank's process (torch, CUDA, the model code)
     data_gb: float = 4.0                  # one rank's data pipeline (tokenizer worker, packing)
@@ -110,8 +113,8 @@ def format_host_plan(hp: HostPlan, rates: HostRates, total_tokens: int | None = 
               f"{rates.node_reserve_gb:g} GiB reserve)",
               f"host fits: {'yes' if hp.fits else 'NO'}", "",
               f"step: {hp.micro_batches} micro-batch(es) per GPU; estimate (rates: {rates.peak_tflops:g} TFLOP/s peak, "
-              f"PCIe {rates.pcie_gb_s:g} GB/s, CPU Adam {rates.cpu_adam_params_per_s / 1e9:g}B params/s per node; "
-              f"to be measured)"]
+              f"PCIe {rates.pcie_gb_s:g} GB/s, CPU Adam {rates.cpu_adam_params_per_s / 1e9:g}B params/s per node, "
+              f"measured on a 16-core H100 machine)"]
     lines += [f"  {k:<26}{v:>9.1f} s" for k, v in hp.times.items()]
     lines.append(f"  {'step':<26}{hp.step_s:>9.1f} s   optimizer share {hp.optimizer_share:.1%}, "
                  f"{hp.tokens_per_s:,.0f} tokens/s")
