@@ -104,3 +104,16 @@ def test_state_dict_and_step_are_unchanged_by_the_swap():
     assert all(m.grad.abs().sum() == 0 for m in eng_f.masters.masters)   # accumulators cleared in place
     mod = model_f.model.layers[0].self_attn.q_proj
     assert mod.main_grad is eng_f.masters.masters[eng_f.masters.names.index("model.layers.0.self_attn.q_proj.weight")].grad
+
+
+def test_the_policy_fuses_only_bf16_compute_with_fp32_sums(monkeypatch):
+    """`trainer.grad_accum_fusion` reaches the policy on a (faked) bf16 GPU; fp32 compute (CPU) and
+    bf16 sums have nothing to fuse into."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    cuda = torch.device("cuda")
+    assert PrecisionPolicy.for_device(True, cuda, note=lambda _: None, fusion=True).fuses_grad_accumulation
+    assert not PrecisionPolicy.for_device(True, cuda, note=lambda _: None, fusion=False).fuses_grad_accumulation
+    assert not PrecisionPolicy.for_device(True, cuda, note=lambda _: None, grad_accum="bf16",
+                                          fusion=True).fuses_grad_accumulation
+    assert not PrecisionPolicy.for_device(True, torch.device("cpu"), note=lambda _: None,
+                                          fusion=True).fuses_grad_accumulation
