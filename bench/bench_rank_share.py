@@ -123,11 +123,32 @@ def planner_figures(path: Path, rates: dict, gpu_mem_gb: float, host_mem_gb: flo
 
 
 # ------------------------------------------------------------------------------- the run
+def watch_host_memory(proc: subprocess.Popen, every_s: float = 15.0) -> None:
+    """Until `proc` ends, print every `every_s` its process tree's RSS and the host's available memory
+    (a 12-layer run once stalled at start-up with nothing logged: this shows whether the host is full)."""
+    import psutil
+
+    t0 = time.perf_counter()
+    while proc.poll() is None:
+        try:
+            tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+            rss = sum(p.memory_info().rss for p in tree) / 2 ** 30
+        except psutil.NoSuchProcess:            # a child ended between the listing and the read
+            rss = float("nan")
+        print(f"[{time.perf_counter() - t0:5.0f} s] anneal RSS {rss:6.1f} GiB, host available "
+              f"{psutil.virtual_memory().available / 2 ** 30:6.1f} GiB", flush=True)
+        try:
+            proc.wait(timeout=every_s)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def run_anneal(path: Path, root: Path) -> list[dict]:
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
-    proc = subprocess.run([sys.executable, "-m", "anneal", f"recipe={path}", f"run.root={root}", "run.name=r"],
-                          cwd=REPO, env=env)            # its log streams through: a slow phase shows where
+    proc = subprocess.Popen([sys.executable, "-m", "anneal", f"recipe={path}", f"run.root={root}", "run.name=r"],
+                            cwd=REPO, env=env)          # its log streams through: a slow phase shows where
+    watch_host_memory(proc)
     if proc.returncode:
         raise RuntimeError(f"anneal exited with {proc.returncode} (its log is above)")
     return [json.loads(line) for line in (root / "r" / "metrics.jsonl").read_text().splitlines()]
