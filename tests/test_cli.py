@@ -78,6 +78,7 @@ trainer: {micro_batch_size: 4}
 """
 
 
+@pytest.mark.slow
 def test_recipe_by_path_and_multirun(tmp_path):
     recipe = tmp_path / "mine.yaml"
     recipe.write_text(GOOD_RECIPE + "schedule_batch: null\n")
@@ -133,6 +134,7 @@ def test_schedule_plot_without_a_known_start_lr_is_the_trainers_error(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_export_command_from_a_training_checkpoint(tmp_path, monkeypatch):
     """anneal-export of a run's checkpoint; the run's saved config holds its mixture's absolute
     path, so the export is scored on the run's held-out set from another folder."""
@@ -174,6 +176,7 @@ def test_plan_command_prints_shares_and_epochs(tmp_path):
     assert lines[("stage1", "wiki")][4] == "80.0%" and lines[("stage2", "gsm8k")][4] == "50.0%"
 
 
+@pytest.mark.slow
 def test_hydra_flags_as_hydra_users_know_them(tmp_path):
     """Hydra's own flags work (tab completion, --cfg job --resolve, flags after recipe=FILE), a
     recipe file needs no `# @package _global_` header, no temporary folder is left behind, a typo

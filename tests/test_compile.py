@@ -39,6 +39,7 @@ CASES = [("grouped_mm", "inductor", torch.bfloat16, 3e-2),
 
 
 @pytest.mark.parametrize("backend,compiler,dtype,tol", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+@pytest.mark.slow
 def test_compiled_layers_match_eager_without_graph_breaks(backend, compiler, dtype, tol):
     if backend not in available_backends():
         pytest.skip(f"{backend} not available")

@@ -136,6 +136,7 @@ def test_ep2_zero_matches_single_process_engine(zero_stage, tmp_path):
     run_distributed(_worker, 2, str(tmp_path), 2, zero_stage)
 
 
+@pytest.mark.slow
 def test_ep2_zero2_offload_matches_single_process_engine(tmp_path):
     """parallel.offload=optimizer (DeepSpeed's CPU Adam): the same steps, the NaN and vetoed steps
     dropped with the router-bias hook forgetting their load, and the resume from a checkpoint."""
@@ -160,6 +161,7 @@ def test_config_from_trainer_config_and_extra_keys():
         deepspeed_config(TCFG, zero_stage=3, bf16=False)
 
 
+@pytest.mark.slow
 def test_dp2_x_ep2_zero2_matches_single_process_engine(tmp_path):
     """4 ranks: EP groups {0,1},{2,3}; expert grads reduced over the EDP groups {0,2},{1,3}."""
     run_distributed(_worker, 4, str(tmp_path), 2, 2)
@@ -213,6 +215,7 @@ def _same_numbers(want, got, what):
         assert abs(lw - lg) < 1e-5 and abs(gw - gg) < 1e-4, (what, s, lw, lg, gw, gg)
 
 
+@pytest.mark.slow
 def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path, native_4_steps):
     """`torchrun --nproc-per-node 2 -m anneal trainer.engine=deepspeed parallel.ep_size=2
     parallel.a2a_overlap=true`: the same losses as the one-process run (plain schedule) on the same
@@ -228,6 +231,7 @@ def test_anneal_under_torchrun_ep2_matches_native_and_resumes(tmp_path, native_4
     _same_numbers(native_4_steps, _losses(tmp_path, "ds"), "ds")
 
 
+@pytest.mark.slow
 def test_anneal_with_optimizer_offload_resumes_without_it_and_back(tmp_path, native_4_steps):
     """`parallel.offload=optimizer` under torchrun, EP 2, ZeRO 2 (DeepSpeed's CPU Adam on CPU with
     gloo): the one-process run's losses and grad norms, through a run saved with offload that resumes
@@ -243,6 +247,7 @@ def test_anneal_with_optimizer_offload_resumes_without_it_and_back(tmp_path, nat
     _same_numbers(native_4_steps, _losses(tmp_path, "switch"), "offload on -> off -> on")
 
 
+@pytest.mark.slow
 def test_anneal_under_torchrun_runs_to_the_end_and_exports_the_whole_model(tmp_path):
     """Both anneal stages under DeepSpeed with EP=2, then the streamed export (each rank its own
     experts' shards): the same weights as the one-process run's export, loadable by transformers

@@ -276,6 +276,7 @@ def test_deepspeed_ep2_matches_fp64_reference():
                                        (1, False, True, False, [2, 8])])
 
 
+@pytest.mark.slow
 def test_deepspeed_offload_one_process_matches_fp64_reference():
     """parallel.offload=optimizer (ZeRO-Offload, DeepSpeed's CPU Adam): ZeRO 2 bf16 (the layouts'
     case: fp32 sums in ZeRO's partition buffer, copied to the host once per step), ZeRO 1 bf16
@@ -287,6 +288,7 @@ def test_deepspeed_offload_one_process_matches_fp64_reference():
                                        (2, False, False, False, RAMP, "optimizer")])
 
 
+@pytest.mark.slow
 def test_deepspeed_offload_ep2_matches_fp64_reference():
     """EP 2 with offload: bf16 ZeRO 2 with the paired schedule and checkpointing, and the dropped steps."""
     pytest.importorskip("deepspeed")
@@ -437,6 +439,7 @@ def _accumulation_worker(rank, world, n, results):
     results.update(err=err / norm, err16=err16 / norm, worst=worst, worst16=worst16)
 
 
+@pytest.mark.slow
 def test_offload_accumulates_512_micro_batches_within_the_fp32_bound():
     """ZeRO-Offload's accumulation keeps the precision policy over 512 micro-batches without a host
     copy per micro-batch: every element of the step's gradient is within the recursive fp32

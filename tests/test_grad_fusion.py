@@ -73,6 +73,7 @@ def test_fused_step_sums_gradients_at_least_as_accurately_as_the_hook():
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective"])
+@pytest.mark.slow
 def test_fused_accumulators_under_compile_match_the_hook_under_compile(recompute):
     """Compiled (aot_eager: the traced graphs, no code generation), the fused accumulators differ
     from the hook's by the bf16 rounding of each micro-batch's weight gradient only, as eager; the

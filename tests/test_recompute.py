@@ -70,6 +70,7 @@ def test_eager_fp32_matches_none_bitwise(mode):
 
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch._grouped_mm missing")
+@pytest.mark.slow
 def test_compiled_selective_matches_none_without_graph_breaks():
     """Regional compilation traces the selective checkpoint inside each layer's graph (aot_eager:
     AOTAutograd's partition, no code generation); grouped_mm traces in bf16 only. No graph break,
