@@ -208,7 +208,7 @@ def main() -> None:
 
     import torch
 
-    from anneal.train.build import available_host_memory_gb
+    from anneal.train.devices import available_host_memory_gb
 
     gpu_mem_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     host_mem_gb = available_host_memory_gb()

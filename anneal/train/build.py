@@ -18,7 +18,7 @@ from anneal.model.config import Dots1Config
 from anneal.model.dots1 import Dots1ForCausalLM
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.batch_ramp import BatchRamp
-from anneal.train.devices import data_workers
+from anneal.train.devices import available_host_memory_gb, data_workers
 from anneal.train.schedule import Schedule, format_tokens
 from anneal.train.start_lr import resolve_start_lr
 
@@ -189,14 +189,6 @@ def data_shards(cfg: DictConfig, layout: ParallelLayout) -> range:
         raise AnnealError(f"trainer.micro_batch_size={mbs} must be a multiple of data.shards / ranks = "
                           f"{n // world}: each micro-batch takes the same number of rows from each shard")
     return rank_shards(n, layout.rank, world)
-
-
-def available_host_memory_gb() -> float:
-    """Memory this machine can still give without swapping (GiB, /proc/meminfo's MemAvailable): what
-    the OS, the launcher and other jobs hold is already out of it, so no reserve is guessed."""
-    with open("/proc/meminfo") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    return kib / 2**20
 
 
 def check_layout_fits(cfg: DictConfig, layout: ParallelLayout, device: torch.device,

@@ -59,6 +59,15 @@ def host_memory_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def available_host_memory_gb() -> float:
+    """Memory this machine can still give without swapping (GiB; psutil's `available`, Linux's
+    MemAvailable): what the OS, the launcher and other jobs hold is already out of it, so no
+    reserve is guessed."""
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30
+
+
 def peak_host_memory_gb() -> float:
     """Peak resident memory of this process since it started or since `reset_peak_host_memory`
     (Linux VmHWM; elsewhere ru_maxrss, which is never reset)."""
