@@ -38,6 +38,30 @@ def test_op_accumulates_the_weight_gradient_over_micro_batches_like_fp64(device)
     torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_micro_batches_in_flight_together_each_add_their_gradient(backend):
+    """The paired schedule runs micro-batch i+1's forward before micro-batch i's backward: each
+    backward must add into the accumulator that the other's forward also saved (a declared in-place
+    update failed autograd's saved-tensor version check there, eager and compiled)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 32, generator=gen).to(torch.bfloat16).requires_grad_()
+    acc = torch.zeros(24, 32)
+    layer = lambda x: torch.relu(fused_wgrad_linear(x, w, acc)) * 2
+    layer = torch.compile(layer, backend=backend) if backend else layer
+    xs = [torch.randn(5, 32, generator=gen).to(torch.bfloat16).requires_grad_() for _ in range(3)]
+    outs = [layer(x) for x in xs]                      # three forwards in flight
+    for y in reversed(outs):
+        y.float().sum().backward()
+    ref = torch.zeros(24, 32, dtype=torch.float64)
+    for x in xs:
+        w64, x64 = w.detach().double().requires_grad_(), x.detach().double()
+        (torch.relu(x64 @ w64.t()) * 2).sum().backward()
+        ref += w64.grad
+    assert w.grad is None
+    torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def _accumulated(policy, n_micro=4, compile_backend=None, recompute="none"):
     model = _model("torch")
     model.recompute = recompute

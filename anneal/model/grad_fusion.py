@@ -11,14 +11,18 @@ shared experts, the LM head). Not covered: the routers (fp32 logits from their o
 embedding, norms, and the routed experts' grouped GEMMs (their weight gradients still go through
 the hook).
 
-Both ops are custom ops, so `torch.compile` traces them as opaque calls: the backward's mutation
-of the accumulator is a declared side effect of `anneal::accumulate_wgrad_`, and the selective
-recompute policy keeps the forward's output like any matmul's (anneal.model.recompute)."""
+Both ops are custom ops, so `torch.compile` traces them as opaque calls. The backward op
+(`anneal::linear_backward_into`) returns the input's gradient and writes the accumulator through an
+alias autograd does not track, so that two micro-batches can be in flight (the paired schedule):
+`moe.wgrad` says why. The selective recompute policy keeps the forward's output like any matmul's
+(anneal.model.recompute)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe.wgrad import untracked_alias
 
 
 @torch.library.custom_op("anneal::fused_wgrad_linear", mutates_args=())
@@ -32,19 +36,23 @@ def _(x, weight, main_grad):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("anneal::accumulate_wgrad_", mutates_args=("main_grad",))
-def accumulate_wgrad_(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-    """main_grad += grad_out^T @ x over all leading dimensions, accumulated in main_grad's dtype."""
+@torch.library.custom_op("anneal::linear_backward_into", mutates_args=())
+def linear_backward_into(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         main_grad: torch.Tensor) -> torch.Tensor:
+    """-> grad_out @ weight (the input's gradient); adds grad_out^T @ x over all leading dimensions
+    into `main_grad`, accumulated in its dtype, through an alias autograd does not track (moe.wgrad)."""
     dy, xs = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-    if main_grad.is_cuda and dy.dtype != main_grad.dtype:
-        torch.addmm(main_grad, dy.t(), xs, out_dtype=main_grad.dtype, out=main_grad)
+    acc = untracked_alias(main_grad)
+    if acc.is_cuda and dy.dtype != acc.dtype:
+        torch.addmm(acc, dy.t(), xs, out_dtype=acc.dtype, out=acc)
     else:  # CPU twin (and same-dtype operands): the product in the accumulator's dtype, then added
-        main_grad.addmm_(dy.t().to(main_grad.dtype), xs.to(main_grad.dtype))
+        acc.addmm_(dy.t().to(acc.dtype), xs.to(acc.dtype))
+    return grad_out @ weight
 
 
-@accumulate_wgrad_.register_fake
-def _(main_grad, grad_out, x):
-    return None
+@linear_backward_into.register_fake
+def _(grad_out, x, weight, main_grad):
+    return x.new_empty(x.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -54,9 +62,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight, main_grad = ctx.saved_tensors
-    accumulate_wgrad_(main_grad, grad_out, x)
-    grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-    return grad_x, None, None
+    return linear_backward_into(grad_out, x, weight, main_grad), None, None
 
 
 fused_wgrad_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -70,6 +76,8 @@ class FusedWgradLinear(nn.Linear):
     main_grad: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad):  # no input gradient to carry the add:
+            return super().forward(x)                           # the weight's .grad and its hook
         y = fused_wgrad_linear(x, self.weight, self.main_grad)
         return y if self.bias is None else y + self.bias
 
