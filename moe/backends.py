@@ -17,17 +17,21 @@ from moe.dispatch import permute, unpermute
 
 
 class ExpertsBackend:
+    """`wgrad_into`, where taken: None, or fp32 accumulators (gate/up [E, H, 2I], down [E, I, H]) that
+    a backend with `accumulates_wgrad` adds the weights' gradients into in its backward instead of
+    giving them a `.grad` (moe.wgrad); the others ignore it and the weights get their `.grad`."""
     name = "base"
     groups = None  # the EP groups a dispatching wrapper (`moe.ep.EPBackend`) sends rows over; None: all local
+    accumulates_wgrad = False
 
     def grouped_mlp(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
-                    w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+                    w_gate_up: torch.Tensor, w_down: torch.Tensor, wgrad_into=None) -> torch.Tensor:
         raise NotImplementedError
 
     def routed(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
-               w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+               w_gate_up: torch.Tensor, w_down: torch.Tensor, wgrad_into=None) -> torch.Tensor:
         x_grouped, tokens_per_expert, order = permute(x.to(w_gate_up.dtype), topk_idx, w_gate_up.shape[0])
-        y_grouped = self.grouped_mlp(x_grouped, tokens_per_expert, w_gate_up, w_down)
+        y_grouped = self.grouped_mlp(x_grouped, tokens_per_expert, w_gate_up, w_down, wgrad_into)
         return unpermute(y_grouped, order, topk_weight).to(x.dtype)
 
     def with_local(self, backend: "ExpertsBackend") -> "ExpertsBackend":
@@ -51,7 +55,7 @@ class TorchLoopBackend(ExpertsBackend):
     on the host (one sync per layer), so it is the reference, not a training backend."""
     name = "torch"
 
-    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down):
+    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down, wgrad_into=None):
         x = x.to(w_gate_up.dtype)
         outs, start = [], 0
         for e, n in enumerate(tokens_per_expert.tolist()):
@@ -67,7 +71,7 @@ class GroupedMMBackend(ExpertsBackend):
     """`torch._grouped_mm` over all experts at once (offsets = cumulative rows per expert)."""
     name = "grouped_mm"
 
-    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down):
+    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down, wgrad_into=None):
         x = x.to(w_gate_up.dtype)
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         h = swiglu(torch._grouped_mm(x, w_gate_up, offs=offs))

@@ -195,11 +195,11 @@ def plan_dispatch(tokens_per_expert: torch.Tensor, ep_size: int, group) -> Dispa
 
 
 def local_experts(recv: torch.Tensor, plan: DispatchPlan, backend: ExpertsBackend, w_gate_up: torch.Tensor,
-                  w_down: torch.Tensor) -> torch.Tensor:
+                  w_down: torch.Tensor, wgrad_into=None) -> torch.Tensor:
     """Received rows, laid out (source rank, local expert) -> this rank's expert outputs in the same
-    layout (ready to be sent back)."""
+    layout (ready to be sent back). `wgrad_into`: see `ExpertsBackend`."""
     x_local = permute_rows(recv, plan.idx, plan.inv)
-    y = backend.grouped_mlp(x_local, plan.recv_counts.sum(0), w_gate_up, w_down)
+    y = backend.grouped_mlp(x_local, plan.recv_counts.sum(0), w_gate_up, w_down, wgrad_into)
     if x_local.shape[0] == 0 and x_local.requires_grad:
         # No rows for this rank: keep `recv` on the autograd path anyway, so that this rank too runs
         # the reverse all-to-all in backward (the collective needs every rank of the group).
@@ -208,13 +208,14 @@ def local_experts(recv: torch.Tensor, plan: DispatchPlan, backend: ExpertsBacken
 
 
 def ep_routed(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate_up: torch.Tensor,
-              w_down: torch.Tensor, backend: ExpertsBackend, n_experts: int, ep_size: int, group) -> torch.Tensor:
+              w_down: torch.Tensor, backend: ExpertsBackend, n_experts: int, ep_size: int, group,
+              wgrad_into=None) -> torch.Tensor:
     """The routed path under EP: x [T, H], global topk_idx [T, K], topk_weight [T, K]; local expert
     weights w_gate_up [E_local, H, 2I], w_down [E_local, I, H] -> [T, H] (sum_k w * expert_k(x))."""
     x_sorted, tokens_per_expert, order = permute(x, topk_idx, n_experts)
     plan = plan_dispatch(tokens_per_expert, ep_size, group)
     recv = all_to_all(x_sorted, plan.output_splits, plan.input_splits, group)    # (source, local expert)
-    y = local_experts(recv, plan, backend, w_gate_up, w_down)
+    y = local_experts(recv, plan, backend, w_gate_up, w_down, wgrad_into)
     back = all_to_all(y, plan.input_splits, plan.output_splits, group)          # rows as x_sorted
     return unpermute(back, order, topk_weight)
 
@@ -227,8 +228,12 @@ class EPBackend(ExpertsBackend):
         self.inner, self.n_experts, self.groups = inner, n_experts, groups
         self.name = f"ep{groups.ep_size}+{inner.name}"
 
-    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down):
-        return self.inner.grouped_mlp(x, tokens_per_expert, w_gate_up, w_down)
+    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down, wgrad_into=None):
+        return self.inner.grouped_mlp(x, tokens_per_expert, w_gate_up, w_down, wgrad_into)
+
+    @property
+    def accumulates_wgrad(self) -> bool:
+        return self.inner.accumulates_wgrad
 
     @property
     def local(self) -> ExpertsBackend:
@@ -237,11 +242,11 @@ class EPBackend(ExpertsBackend):
     def with_local(self, backend: ExpertsBackend) -> ExpertsBackend:
         return EPBackend(backend, self.n_experts, self.groups)
 
-    def routed(self, x, topk_idx, topk_weight, w_gate_up, w_down):
+    def routed(self, x, topk_idx, topk_weight, w_gate_up, w_down, wgrad_into=None):
         if self.groups.ep_size == 1:
-            return self.inner.routed(x, topk_idx, topk_weight, w_gate_up, w_down)
+            return self.inner.routed(x, topk_idx, topk_weight, w_gate_up, w_down, wgrad_into)
         return ep_routed(x, topk_idx, topk_weight, w_gate_up, w_down, self.inner, self.n_experts,
-                         self.groups.ep_size, self.groups.ep_group)
+                         self.groups.ep_size, self.groups.ep_group, wgrad_into)
 
 
 # ------------------------------------------------------------------------------- model sharding

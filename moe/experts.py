@@ -77,6 +77,7 @@ class GroupedExperts(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(n_held, hidden_size, 2 * intermediate_size))
         self.w_down = nn.Parameter(torch.empty(n_held, intermediate_size, hidden_size))
         self.backend = get_backend(backend)
+        self.wgrad_into: tuple[torch.Tensor, torch.Tensor] | None = None  # see `accumulate_wgrad_into`
 
     def set_backend(self, name: str) -> None:
         """Pick the backend that computes the held experts; under expert parallelism the EP
@@ -94,6 +95,17 @@ class GroupedExperts(nn.Module):
             self.w_gate_up = nn.Parameter(self.w_gate_up.detach()[rows].clone())
             self.w_down = nn.Parameter(self.w_down.detach()[rows].clone())
             self.expert_range = (start, stop)
+            self.wgrad_into = None  # the accumulators were the old parameters'
+
+    def accumulate_wgrad_into(self, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+        """Have the backward add the weights' gradients into these fp32 tensors (shaped like
+        `w_gate_up` and `w_down`) instead of their `.grad`, where the backend can (moe.wgrad);
+        returns whether the current backend does. With one that does not, `.grad` is set as usual."""
+        if gate_up.shape != self.w_gate_up.shape or down.shape != self.w_down.shape:
+            raise ValueError(f"accumulate_wgrad_into: accumulators {tuple(gate_up.shape)}, {tuple(down.shape)} "
+                             f"for weights {tuple(self.w_gate_up.shape)}, {tuple(self.w_down.shape)}")
+        self.wgrad_into = (gate_up, down)
+        return self.backend.accumulates_wgrad
 
     def mark_expert_params(self) -> None:
         """Mark the stacked weights as expert-parallel (`is_expert_param`); `moe.ep.shard_experts`
@@ -114,7 +126,7 @@ class GroupedExperts(nn.Module):
         self.backend = wrap(self.backend.local)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        return self.backend.routed(x, topk_idx, topk_weight, self.w_gate_up, self.w_down)
+        return self.backend.routed(x, topk_idx, topk_weight, self.w_gate_up, self.w_down, self.wgrad_into)
 
     def extra_repr(self) -> str:
         held = "" if self.expert_range == (0, self.n_experts) else f", held={self.expert_range}"

@@ -89,7 +89,7 @@ class Dots1MoE(nn.Module):
         """The experts this rank holds over the rows it received, laid out (source rank, local
         expert) -> their outputs in the same layout (`moe.ep.local_experts`)."""
         ex = self.experts
-        return local_experts(recv, plan, ex.backend.local, ex.w_gate_up, ex.w_down)
+        return local_experts(recv, plan, ex.backend.local, ex.w_gate_up, ex.w_down, ex.wgrad_into)
 
 
 def moe_layers(model: nn.Module) -> list[Dots1MoE]:

@@ -180,13 +180,14 @@ def _dropped_steps(model, engine, rank: int, device: torch.device, masters_befor
 
 
 def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, ep_size: int,
-         paired: bool = False, ckpt: bool = False, ramp=RAMP, device: str = "cpu", offload: str = "none") -> None:
+         paired: bool = False, ckpt: bool = False, ramp=RAMP, device: str = "cpu", offload: str = "none",
+         fusion: bool = False) -> None:
     from anneal.model.precision import PrecisionPolicy
     from anneal.train.engine import Engine
     from anneal.train.paired_schedule import PairedSchedule
     from anneal.train.step import accumulate
 
-    policy = PrecisionPolicy(torch.bfloat16) if bf16 else PrecisionPolicy()
+    policy = PrecisionPolicy(torch.bfloat16, grad_accum_fusion=fusion) if bf16 else PrecisionPolicy()
     device = torch.device(device)
     ref = Reference(tiny_model().to(device))
     ref_dtype = torch.bfloat16 if bf16 else torch.float64
@@ -213,7 +214,8 @@ def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, e
     tol, tensor_tol = TOL.get((bf16, ep_size > 1), TOL[False, False])
     sched = PairedSchedule(model, engine) if paired else None
     label = f"{engine_name} zero{zero_stage} {'bf16' if bf16 else 'fp32'} ep{ep_size} world{world}" + \
-        (" paired" if paired else "") + (" ckpt" if ckpt else "") + (f" offload={offload}" if offload != "none" else "")
+        (" paired" if paired else "") + (" ckpt" if ckpt else "") + (f" offload={offload}" if offload != "none" else "") + \
+        (" fused" if fusion else "")
     for step, n in enumerate(ramp):
         want = ref.gradients(whole(), step, n, world, ref_dtype, device)
         masters_before = frags(_params_now(engine))
@@ -370,13 +372,16 @@ def test_deepspeed_config_offload_keys():
 # --------------------------------------------------------------------------------------------- GPU
 def _cuda_worker(rank, world):
     """On one GPU (NCCL), deterministic algorithms so that the reference's bf16 backward repeats the
-    engine's: the native bf16 policy, DeepSpeed bf16 ZeRO 1 (BF16_Optimizer) and ZeRO 2, plain and
+    engine's: the native bf16 policy (hook, and gradient-accumulation fusion plain and paired),
+    DeepSpeed bf16 ZeRO 1 (BF16_Optimizer) and ZeRO 2, plain and
     paired with checkpointing, and ZeRO 2 with optimizer offload (pinned host memory, the fp32
     partition sum on the GPU), with its NaN and vetoed steps."""
     from anneal.train.devices import set_deterministic
 
     set_deterministic(True, torch.device("cuda"))
     _run(rank, world, "native", 0, True, 1, device="cuda")
+    _run(rank, world, "native", 0, True, 1, device="cuda", fusion=True)               # the trainer's default
+    _run(rank, world, "native", 0, True, 1, paired=True, device="cuda", fusion=True)  # two micro-batches in flight
     _ds_worker(rank, world, 1, [(1, True, False, False, RAMP), (2, True, False, False, RAMP),
                                 (1, True, True, True, [2, 3, 8]), (2, True, False, False, RAMP, "optimizer")],
                device="cuda")

@@ -62,8 +62,8 @@ def test_micro_batches_in_flight_together_each_add_their_gradient(backend):
     torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-def _accumulated(policy, n_micro=4, compile_backend=None, recompute="none"):
-    model = _model("torch")
+def _accumulated(policy, n_micro=4, compile_backend=None, recompute="none", backend="torch"):
+    model = _model(backend)
     model.recompute = recompute
     engine = Engine(model, _tcfg(), policy)
     if compile_backend:
@@ -80,30 +80,43 @@ def _reference_fp64(n_micro=4):
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_fused_step_sums_gradients_at_least_as_accurately_as_the_hook():
-    _, eng_f, fused = _accumulated(FUSED)
-    _, _, hooked = _accumulated(HOOK)
-    assert len(eng_f.masters.fused) == 1 + CFG["num_hidden_layers"] * 4 + 3 + 3 * (CFG["num_hidden_layers"] - 1)
+N_DENSE_FUSED = 1 + CFG["num_hidden_layers"] * 4 + 3 + 3 * (CFG["num_hidden_layers"] - 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_step_sums_gradients_at_least_as_accurately_as_the_hook(backend):
+    """The dense layers' GEMMs fuse with any experts backend; the routed experts' only with `triton`
+    (its weight-gradient kernels add into the fp32 accumulators; here under Triton's interpreter)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    _, eng_f, fused = _accumulated(FUSED, backend=backend)
+    _, _, hooked = _accumulated(HOOK, backend=backend)
+    n_experts_fused = 2 * (CFG["num_hidden_layers"] - 1) if backend == "triton" else 0
+    assert len(eng_f.masters.fused) == N_DENSE_FUSED + n_experts_fused
     ref = _reference_fp64()
     fused_names = {n for n, p in zip(eng_f.masters.names, eng_f.masters.params) if any(p is f for f in eng_f.masters.fused)}
     assert "lm_head.weight" in fused_names and "model.layers.0.self_attn.q_proj.weight" in fused_names
+    assert ("model.layers.1.mlp.experts.w_down" in fused_names) == (backend == "triton")
     for name in fused_names:
         err_f = (fused[name].double() - ref[name]).norm() / ref[name].norm()
         err_h = (hooked[name].double() - ref[name]).norm() / ref[name].norm()
         assert err_f <= err_h * 1.05 + 1e-6, f"{name}: fused {err_f:.2e} vs hook {err_h:.2e}"
-        assert err_f < 2e-2
+        # routed experts: the bf16 routing and activations upstream dominate (~6%, the hook's too)
+        assert err_f < (0.1 if ".experts.w_" in name else 2e-2)
     for name in set(fused) - fused_names:                           # the rest still goes through the hook
         torch.testing.assert_close(fused[name], hooked[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("recompute", ["none", "selective"])
+@pytest.mark.parametrize("recompute,backend", [("none", "torch"), ("selective", "torch"), ("selective", "triton")])
 @pytest.mark.slow
-def test_fused_accumulators_under_compile_match_the_hook_under_compile(recompute):
+def test_fused_accumulators_under_compile_match_the_hook_under_compile(recompute, backend):
     """Compiled (aot_eager: the traced graphs, no code generation), the fused accumulators differ
     from the hook's by the bf16 rounding of each micro-batch's weight gradient only, as eager; the
-    unfused ones are identical (a lost mutation in the compiled backward would leave zeros)."""
-    model, eng, fused = _accumulated(FUSED, n_micro=2, compile_backend="aot_eager", recompute=recompute)
-    _, _, hooked = _accumulated(HOOK, n_micro=2, compile_backend="aot_eager", recompute=recompute)
+    unfused ones are identical (a lost add in the compiled backward would leave zeros)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model, eng, fused = _accumulated(FUSED, n_micro=2, compile_backend="aot_eager", recompute=recompute, backend=backend)
+    _, _, hooked = _accumulated(HOOK, n_micro=2, compile_backend="aot_eager", recompute=recompute, backend=backend)
     assert any(isinstance(m, FusedWgradLinear) for m in model.modules())
     fused_names = {n for n, p in zip(eng.masters.names, eng.masters.params) if any(p is f for f in eng.masters.fused)}
     for name in fused:

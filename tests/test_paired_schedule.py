@@ -105,6 +105,26 @@ def test_triton_backend_matches_plain_schedule():
                  _train(paired, Engine(paired, TCFG), True, micro_batches=one_step))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_gradient_accumulation_matches_plain_schedule(backend):
+    """bf16 compute with the weight-gradient GEMMs adding into the fp32 accumulators (the GPU
+    default, trainer.grad_accum_fusion): with two micro-batches in flight each backward still adds
+    its gradients, in the plain schedule's order (a declared in-place add failed autograd's check)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    from anneal.model.precision import PrecisionPolicy
+
+    policy = PrecisionPolicy(torch.bfloat16, torch.float32, grad_accum_fusion=True)
+    plain, paired = _model(False, backend), _model(False, backend)
+    engine_plain, engine_paired = Engine(plain, TCFG, policy), Engine(paired, TCFG, policy)
+    n_expert_weights = 2 * len(moe_layers(paired)) if backend == "triton" else 0
+    n_dense = sum(type(m) is torch.nn.Linear for m in _model(False, backend).modules())
+    assert len(engine_paired.masters.fused) == n_dense + n_expert_weights
+    steps = [2, 3] if backend == "torch" else [2]
+    _assert_same(plain, paired, _train(plain, engine_plain, False, micro_batches=steps),
+                 _train(paired, engine_paired, True, micro_batches=steps))
+
+
 def test_order_pairs_forward_of_next_with_backward_of_previous():
     """F(0) alone, then per pair F unit k of micro-batch i with B unit U-1-k of i-1, then B(last)."""
     model = _model(False, "torch")
@@ -224,7 +244,8 @@ def _cuda_steps(backend: str, compiled: bool, paired: bool):
     from anneal.model.precision import PrecisionPolicy
 
     model = _cuda_model(backend)
-    engine = Engine(model, OmegaConf.structured(TrainerCfg), PrecisionPolicy.for_device(True, torch.device("cuda")))
+    engine = Engine(model, OmegaConf.structured(TrainerCfg),
+                    PrecisionPolicy.for_device(True, torch.device("cuda"), fusion=True))  # the trainer's default
     if compiled:
         model.compile_layers()
     return _cuda_train(model, engine, paired), {k: v.detach().cpu().clone() for k, v in engine.model_state_dict().items()}

@@ -7,9 +7,10 @@ micro-batch's weight gradient is never rounded to bf16 and never materialized: 1
 traffic per parameter per micro-batch fewer, and the sum is at least as accurate as the hook's.
 
 Covered: every `nn.Linear` whose weight has an accumulator (attention q/k/v/o, the dense MLP, the
-shared experts, the LM head). Not covered: the routers (fp32 logits from their own code), the
-embedding, norms, and the routed experts' grouped GEMMs (their weight gradients still go through
-the hook).
+shared experts, the LM head), and the routed experts with the `triton` backend (its weight-gradient
+kernels add into the fp32 accumulators in their epilogue: `moe.kernels`). Not covered: the routers
+(fp32 logits from their own code), the embedding, norms, and the routed experts with `grouped_mm`
+(`torch._grouped_mm` has no accumulating form; their weight gradients go through the hook).
 
 Both ops are custom ops, so `torch.compile` traces them as opaque calls. The backward op
 (`anneal::linear_backward_into`) returns the input's gradient and writes the accumulator through an
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.experts import GroupedExperts
 from moe.wgrad import untracked_alias
 
 
@@ -83,13 +85,18 @@ class FusedWgradLinear(nn.Linear):
 
 
 def fuse_weight_gradients(model: nn.Module, accumulators: dict[nn.Parameter, torch.Tensor]) -> list[nn.Parameter]:
-    """Route the weight gradient of every plain `nn.Linear` in `model` whose weight has an
-    accumulator in `accumulators` (param -> fp32 tensor of its shape) into it. Returns the weights
-    so routed (their `.grad` stays None; a tied weight's other uses still reach its hook)."""
+    """Route the weight gradients of `model` into their accumulators (`accumulators`: param -> fp32
+    tensor of its shape): every plain `nn.Linear` whose weight has one, and the routed experts of
+    every MoE layer whose experts backend adds into them in its kernels (`triton`; moe.wgrad).
+    Returns the weights so routed (their `.grad` stays None; a tied weight's other uses still reach
+    its hook)."""
     fused = []
     for module in model.modules():
         if type(module) is nn.Linear and module.weight in accumulators:
             module.__class__ = FusedWgradLinear
             module.main_grad = accumulators[module.weight]
             fused.append(module.weight)
+        elif isinstance(module, GroupedExperts) and module.w_gate_up in accumulators and module.w_down in accumulators:
+            if module.accumulate_wgrad_into(accumulators[module.w_gate_up], accumulators[module.w_down]):
+                fused += [module.w_gate_up, module.w_down]
     return fused

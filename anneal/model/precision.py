@@ -15,9 +15,9 @@
   bf16 sums on the dots1-width slice, bench/RESULTS.md); `trainer.grad_accum_dtype=bf16` trades
   that precision for speed
   (autograd accumulates bf16 gradients; they are converted to fp32 once, before the update).
-  With `trainer.grad_accum_fusion` (default on) the dense linear layers' weight-gradient GEMMs add
-  into the fp32 accumulators themselves and skip the hook (anneal.model.grad_fusion); the routed
-  experts' grouped GEMMs still go through it.
+  With `trainer.grad_accum_fusion` (default on) the dense linear layers' weight-gradient GEMMs, and
+  the routed experts' with the `triton` backend, add into the fp32 accumulators themselves and skip
+  the hook (anneal.model.grad_fusion); `grouped_mm` experts still go through it.
 - fp32 islands: router logits, scores and weights, the routers' correction bias and load counters
   (buffers kept fp32 through every cast by `moe.router.Router._apply`), RMSNorm statistics, and the loss.
 - CPU runs everything in fp32 (bf16 matmuls on CPU are slow and not what the GPU run computes).
@@ -36,7 +36,7 @@ from anneal.model.grad_fusion import fuse_weight_gradients
 class PrecisionPolicy:
     compute_dtype: torch.dtype = torch.float32
     grad_accum_dtype: torch.dtype = torch.float32
-    grad_accum_fusion: bool = False        # dense weight-gradient GEMMs add into the fp32 accumulators
+    grad_accum_fusion: bool = False        # weight-gradient GEMMs add into the fp32 accumulators
 
     @property
     def fuses_grad_accumulation(self) -> bool:

@@ -48,7 +48,7 @@ class Engine(PostStepHooks):
     # -- the step ---------------------------------------------------------------------------------
     def describe(self) -> str:
         """One line for the run's log: which optimizer steps which state where."""
-        fused = (f"; {len(self.masters.fused)} dense weight gradients accumulate in fp32 inside their GEMMs"
+        fused = (f"; {len(self.masters.fused)} weight gradients accumulate in fp32 inside their GEMMs"
                  if self.masters and self.masters.fused else "")
         return f"optimizer: torch AdamW on {self.params[0].device.type}, one process{fused}"
 

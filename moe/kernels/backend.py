@@ -7,7 +7,8 @@
               place; the K slots of a token are summed (fp32 accumulation)
   backward 1. dy[tok] @ Wd^T with SwiGLU backward, routing-weight gradient and w*h (h) in the epilogue
            2. dx: dgu @ Wgu^T scattered to (token, slot), summed over slots
-           3. dWgu = x[tok]^T dgu and dWd = (w*h)^T dy[tok], per expert (gathers fused)
+           3. dWgu = x[tok]^T dgu and dWd = (w*h)^T dy[tok], per expert (gathers fused); given fp32
+              accumulators (`wgrad_into`), added into them in the epilogue instead (moe.wgrad)
 `grouped_mlp` runs the same kernels with no gather, no weight and no scatter.
 
 The forward and the backward are registered as PyTorch custom ops (`moe::triton_experts_fwd`,
@@ -27,14 +28,16 @@ import triton  # noqa: F401  (ImportError here = backend unavailable)
 from moe.backends import ExpertsBackend, TorchLoopBackend
 from moe.dispatch import sort_by_expert
 from moe.kernels import grouped as G
+from moe.wgrad import untracked_alias
 
 
 @torch.library.custom_op("moe::triton_experts_fwd", mutates_args=())
 def _experts_fwd(x: Tensor, w_sorted: Optional[Tensor], w_gate_up: Tensor, w_down: Tensor,
                  tok: Optional[Tensor], pos: Optional[Tensor], counts: Tensor, top_k: int, n_tokens: int,
-                 save_gu: bool) -> tuple[Tensor, Tensor]:
+                 save_gu: bool, acc_gu: Optional[Tensor], acc_d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """-> (out [n_tokens, H] (routed) or [M, H] (grouped rows), gate/up pre-activations [M, 2I] for
-    the backward, or an empty tensor when no gradient is needed)."""
+    the backward, or an empty tensor when no gradient is needed). `acc_gu`/`acc_d`: fp32
+    accumulators the backward adds the weight gradients into (read only there)."""
     M = tok.shape[0] if tok is not None else x.shape[0]
     H, two_i = w_gate_up.shape[1], w_gate_up.shape[2]
     h, gu = G.gate_up_fwd(x, tok, w_gate_up, counts, M, save_gu=save_gu)
@@ -50,7 +53,7 @@ def _experts_fwd(x: Tensor, w_sorted: Optional[Tensor], w_gate_up: Tensor, w_dow
 
 
 @_experts_fwd.register_fake
-def _(x, w_sorted, w_gate_up, w_down, tok, pos, counts, top_k, n_tokens, save_gu):
+def _(x, w_sorted, w_gate_up, w_down, tok, pos, counts, top_k, n_tokens, save_gu, acc_gu, acc_d):
     M = tok.shape[0] if tok is not None else x.shape[0]
     rows = n_tokens if pos is not None else M
     gu = x.new_empty(M, w_gate_up.shape[2]) if save_gu else x.new_empty(0)
@@ -60,9 +63,11 @@ def _(x, w_sorted, w_gate_up, w_down, tok, pos, counts, top_k, n_tokens, save_gu
 @torch.library.custom_op("moe::triton_experts_bwd", mutates_args=())
 def _experts_bwd(dout: Tensor, x: Tensor, w_sorted: Optional[Tensor], w_gate_up: Tensor, w_down: Tensor,
                  tok: Optional[Tensor], pos: Optional[Tensor], counts: Tensor, gu: Tensor, top_k: int,
-                 n_tokens: int, need_x: bool, need_w: bool, need_gu: bool, need_d: bool
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (dx, d routing weights (sorted), dWgu, dWd); empty tensors for what is not needed."""
+                 n_tokens: int, need_x: bool, need_w: bool, need_gu: bool, need_d: bool,
+                 acc_gu: Optional[Tensor], acc_d: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dx, d routing weights (sorted), dWgu, dWd); empty tensors for what is not needed. With
+    accumulators, a needed weight gradient is added into its accumulator in the kernel's epilogue,
+    through an alias autograd does not track (moe.wgrad), and returned empty."""
     M = tok.shape[0] if tok is not None else x.shape[0]
     H, two_i = w_gate_up.shape[1], w_gate_up.shape[2]
     dout = dout.contiguous()
@@ -77,40 +82,45 @@ def _experts_bwd(dout: Tensor, x: Tensor, w_sorted: Optional[Tensor], w_gate_up:
         else:
             dx = torch.empty(M, H, device=x.device, dtype=x.dtype)
             G.rows_gemm(dgu, w_gate_up, gu_strides, H, two_i, counts, dx)
-    if need_gu:
+    if need_gu and acc_gu is not None:
+        G.wgrad(x, tok, dgu, None, counts, untracked_alias(acc_gu), accumulate=True)
+    elif need_gu:
         dWgu = G.wgrad(x, tok, dgu, None, counts, torch.empty_like(w_gate_up))
-    if need_d:
+    if need_d and acc_d is not None:
+        G.wgrad(hw, None, dout, tok, counts, untracked_alias(acc_d), accumulate=True)
+    elif need_d:
         dWd = G.wgrad(hw, None, dout, tok, counts, torch.empty_like(w_down))
     dw_out = dw.to(w_sorted.dtype) if (need_w and w_sorted is not None and dw is not None) else x.new_empty(0)
     return dx, dw_out, dWgu, dWd
 
 
 @_experts_bwd.register_fake
-def _(dout, x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu, top_k, n_tokens, need_x, need_w, need_gu, need_d):
+def _(dout, x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu, top_k, n_tokens, need_x, need_w, need_gu, need_d,
+      acc_gu, acc_d):
     def empty():
         return x.new_empty(0)
     dx = x.new_empty(x.shape) if need_x else empty()
     dw = w_sorted.new_empty(w_sorted.shape) if (need_w and w_sorted is not None) else empty()
-    return (dx, dw, w_gate_up.new_empty(w_gate_up.shape) if need_gu else empty(),
-            w_down.new_empty(w_down.shape) if need_d else empty())
+    return (dx, dw, w_gate_up.new_empty(w_gate_up.shape) if need_gu and acc_gu is None else empty(),
+            w_down.new_empty(w_down.shape) if need_d and acc_d is None else empty())
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_sorted, w_gate_up, w_down, tok, pos, counts, top_k, n_tokens, save_gu = inputs
-    ctx.save_for_backward(x, w_sorted, w_gate_up, w_down, tok, pos, counts, output[1])
+    x, w_sorted, w_gate_up, w_down, tok, pos, counts, top_k, n_tokens, save_gu, acc_gu, acc_d = inputs
+    ctx.save_for_backward(x, w_sorted, w_gate_up, w_down, tok, pos, counts, output[1], acc_gu, acc_d)
     ctx.top_k, ctx.n_tokens = top_k, n_tokens
     ctx.set_materialize_grads(False)  # no zero-filled [M, 2I] gradient for the saved pre-activations
 
 
 def _backward(ctx, dout, _dgu):
     if dout is None:
-        return (None,) * 10
-    x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu = ctx.saved_tensors
+        return (None,) * 12
+    x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu, acc_gu, acc_d = ctx.saved_tensors
     need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
     dx, dw, dWgu, dWd = _experts_bwd(dout, x, w_sorted, w_gate_up, w_down, tok, pos, counts, gu, ctx.top_k,
-                                     ctx.n_tokens, need_x, need_w, need_gu, need_d)
-    return (dx if need_x else None, dw if need_w else None, dWgu if need_gu else None,
-            dWd if need_d else None, None, None, None, None, None, None)
+                                     ctx.n_tokens, need_x, need_w, need_gu, need_d, acc_gu, acc_d)
+    return (dx if need_x else None, dw if need_w else None, dWgu if need_gu and acc_gu is None else None,
+            dWd if need_d and acc_d is None else None, None, None, None, None, None, None, None, None)
 
 
 _experts_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -124,23 +134,35 @@ def _usable(t: Tensor) -> bool:
     return t.is_cuda or G.INTERPRET
 
 
+def _accumulators(x: Tensor, wgrad_into) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The (gate/up, down) accumulators to add the weight gradients into, when given and this
+    forward's backward will run the kernels with an input gradient to return (one the graph uses:
+    moe.wgrad); (None, None): the weights get their gradients the usual way."""
+    if wgrad_into is None or not (torch.is_grad_enabled() and x.requires_grad):
+        return None, None
+    return wgrad_into
+
+
 class TritonBackend(ExpertsBackend):
     """Fused Triton kernels (moe/kernels/grouped.py); CPU tensors run under Triton's interpreter."""
     name = "triton"
+    accumulates_wgrad = True
 
-    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down):
+    def grouped_mlp(self, x, tokens_per_expert, w_gate_up, w_down, wgrad_into=None):
         if not _usable(x):
             return TorchLoopBackend().grouped_mlp(x, tokens_per_expert, w_gate_up, w_down)
+        acc_gu, acc_d = _accumulators(x, wgrad_into)
         w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
         x = x.to(w_gate_up.dtype).contiguous()
         counts = tokens_per_expert.to(device=x.device, dtype=torch.int32)
         out, _ = _experts_fwd(x, None, w_gate_up, w_down, None, None, counts, 1, x.shape[0],
-                              _needs_grad(x, w_gate_up, w_down))
+                              _needs_grad(x, w_gate_up, w_down), acc_gu, acc_d)
         return out
 
-    def routed(self, x, topk_idx, topk_weight, w_gate_up, w_down):
+    def routed(self, x, topk_idx, topk_weight, w_gate_up, w_down, wgrad_into=None):
         if not _usable(x):
             return TorchLoopBackend().routed(x, topk_idx, topk_weight, w_gate_up, w_down)
+        acc_gu, acc_d = _accumulators(x, wgrad_into)
         n_tokens, top_k = topk_idx.shape
         w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
         out_dtype = x.dtype
@@ -149,5 +171,5 @@ class TritonBackend(ExpertsBackend):
         tok = torch.div(order, top_k, rounding_mode="floor").to(torch.int32)
         w_sorted = topk_weight.reshape(-1)[order]
         out, _ = _experts_fwd(x, w_sorted, w_gate_up, w_down, tok, order.to(torch.int32), counts.to(torch.int32),
-                              top_k, n_tokens, _needs_grad(x, w_sorted, w_gate_up, w_down))
+                              top_k, n_tokens, _needs_grad(x, w_sorted, w_gate_up, w_down), acc_gu, acc_d)
         return out.to(out_dtype)

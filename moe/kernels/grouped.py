@@ -24,7 +24,9 @@ Kernels (each a plain `@triton.jit` function; the launchers pick the configurati
 - `_wgrad`: out_e = A[rows_e]^T @ B[rows_e] (weight gradients; reduction over the expert's rows,
   either operand optionally gathered by token). Full BLOCK_K row chunks run unmasked; the expert's
   last partial chunk is one masked step after the loop. The output tile is stored through a 3-D TMA
-  descriptor ([E, P, Q], asynchronous, bounds per expert) when TMA_OUT is set. No split over rows:
+  descriptor ([E, P, Q], asynchronous, bounds per expert) when TMA_OUT is set; with ACCUMULATE the
+  tile is added into an fp32 accumulator instead (read, add, write back: gradient-accumulation
+  fusion, `moe.wgrad`). No split over rows:
   with the dots1 shapes every expert has P/BLOCK_M x Q/BLOCK_N = 176-704 output tiles, enough to fill
   the SMs without one.
 
@@ -374,11 +376,13 @@ def _wgrad(a_ptr, atok_ptr, b_ptr, btok_ptr, out_ptr, counts_ptr,
            MA, MB, E, P, Q, ROWS_HINT,
            stride_am, stride_bm, stride_oe, stride_op, stride_oq,
            A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
-           TMA_OUT: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr):
-    # out[e][p, q] = sum_{r in rows of e} A[ra(r), p] * B[rb(r), q]   (A has MA rows, B has MB rows).
-    # TMA_OUT: out is a contiguous [E, P, Q] stored through a 3-D descriptor (asynchronous store,
-    # bounds per expert).
+           TMA_OUT: tl.constexpr, ACCUMULATE: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
+           FLATTEN: tl.constexpr):
+    # out[e][p, q] = sum_{r in rows of e} A[ra(r), p] * B[rb(r), q]   (A has MA rows, B has MB rows);
+    # ACCUMULATE: out[e][p, q] += that sum (out is the fp32 accumulator; the tile is read, added in
+    # fp32 and written back). TMA_OUT: out is a contiguous [E, P, Q] stored through a 3-D descriptor
+    # (asynchronous store, bounds per expert).
     e_ar = tl.arange(0, E_PAD)
     cnt = tl.load(counts_ptr + e_ar, mask=e_ar < E, other=0).to(tl.int32)
     row_end_all = tl.cumsum(cnt, 0)
@@ -460,6 +464,8 @@ def _wgrad(a_ptr, atok_ptr, b_ptr, btok_ptr, out_ptr, counts_ptr,
         else:
             mask = (rp[:, None] < P) & (rq[None, :] < Q)
             o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + rp[:, None] * stride_op + rq[None, :] * stride_oq
+            if ACCUMULATE:
+                acc += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
             tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -519,20 +525,22 @@ _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 _ROW_KEYS = ["N", "K", "ROWS_HINT", "TMA_A", "TMA_B"]
 if INTERPRET:
     _k_gate_up, _k_rows, _k_down_bwd = _even_k(_gate_up_fwd), _even_k(_rows_gemm), _even_k(_down_bwd)
-    _k_wgrad = _wgrad
+    _k_wgrad = _k_wgrad_into = _wgrad
 else:
     _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
-    def _tuned(configs, keys, first_arg, n_b):
+    def _tuned(configs, keys, first_arg, n_b, **extra):
         return triton.autotune(configs, key=keys, prune_configs_by={"early_config_prune": _pruner(first_arg, n_b)},
-                               **_CACHE)
+                               **_CACHE, **extra)
     _k_gate_up = _tuned(_GATE_UP_CONFIGS, _ROW_KEYS + ["HAS_GATHER", "SAVE_GU"], "x_ptr", 2)(_even_k(_gate_up_fwd))
     _k_rows = _tuned(_ROWS_CONFIGS, _ROW_KEYS + ["B_TRANS", "HAS_SCALE", "HAS_SCATTER"], "a_ptr", 1)(
         _even_k(_rows_gemm))
     _k_down_bwd = _tuned(_DOWN_BWD_CONFIGS, _ROW_KEYS + ["HAS_GATHER", "HAS_SCALE"], "dy_ptr", 1)(
         _even_k(_down_bwd))
-    _k_wgrad = _tuned(_WGRAD_CONFIGS, ["P", "Q", "ROWS_HINT", "TMA_A", "TMA_B", "TMA_OUT", "A_GATHER", "B_GATHER"],
-                      "a_ptr", 1)(_wgrad)
+    _WGRAD_KEYS = ["P", "Q", "ROWS_HINT", "TMA_A", "TMA_B", "TMA_OUT", "A_GATHER", "B_GATHER"]
+    _k_wgrad = _tuned(_WGRAD_CONFIGS, _WGRAD_KEYS, "a_ptr", 1)(_wgrad)
+    # accumulating: the autotuner runs each candidate on the real accumulator, so it restores it after each
+    _k_wgrad_into = _tuned(_WGRAD_CONFIGS, _WGRAD_KEYS, "a_ptr", 1, restore_value=["out_ptr"])(_wgrad)
 
 
 def _meta(**interp_extra):
@@ -656,17 +664,18 @@ def down_bwd(dy, tok, w_down, gu, scale, counts, M):
     return dgu, hw, dw
 
 
-def wgrad(a, atok, b, btok, counts, out):
-    """out[e] = a[rows_e]^T @ b[rows_e] with rows optionally gathered through atok/btok."""
+def wgrad(a, atok, b, btok, counts, out, accumulate: bool = False):
+    """out[e] = a[rows_e]^T @ b[rows_e] with rows optionally gathered through atok/btok; with
+    `accumulate`, out[e] += that product (out: the fp32 accumulator, added to in the epilogue)."""
     E, P, Q = out.shape
     M = counts.numel() and (atok.shape[0] if atok is not None else a.shape[0])
     tma_a, tma_b, tma_out = _install_tma_allocator_if(atok is None and _tma_ok(a), btok is None and _tma_ok(b),
-                                 _tma_ok(out, whole=True))
+                                 not accumulate and _tma_ok(out, whole=True))
     grid = lambda meta: (_programs(E * triton.cdiv(P, meta["BLOCK_M"]) * triton.cdiv(Q, meta["BLOCK_N"]), meta),)
-    _k_wgrad[grid](
+    (_k_wgrad_into if accumulate else _k_wgrad)[grid](
         a, atok if atok is not None else counts, b, btok if btok is not None else counts, out, counts,
         a.shape[0], b.shape[0], E, P, Q, _rows_hint(M, E),
         a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2),
         A_GATHER=atok is not None, B_GATHER=btok is not None, TMA_A=tma_a, TMA_B=tma_b, TMA_OUT=tma_out,
-        E_PAD=_e_pad(E), **_meta())
+        ACCUMULATE=accumulate, E_PAD=_e_pad(E), **_meta())
     return out
