@@ -109,6 +109,8 @@ def _groups_worker(rank, world):
         own = ep.build_ep_groups(ep_size, 8)  # moe.ep's own groups: the same ranks
         assert _ranks(own.ep_group) == _ranks(groups.ep_group) and _ranks(own.edp_group) == _ranks(groups.edp_group)
         assert compat.expert_parallel_groups(ep_size, 8).ep_group is groups.ep_group  # made once
+    # no shared-memory all-reduce op was built (inference only; a 1.5-minute compile on a fresh machine)
+    assert deepspeed.comm.comm.cdb.shm_comm_op is None
 
 
 def test_expert_parallel_groups_have_moe_eps_layout():

@@ -20,12 +20,15 @@ it fails there first. The contract:
   which its overflow path leaves in place;
 - optimizer offload: `offload_optimizer_config` and `cpu_adam` (DeepSpeedCPUAdam, the optimizer
   ZeRO-Offload requires);
+- start-up: `init_distributed` keeps DeepSpeed from building its shared-memory all-reduce op
+  (`deepspeed.comm.torch.build_shm_op`; used by inference only);
 - fp32 masters: with bf16 on, `deepspeed.initialize` casts the model to bf16 and builds its fp32
   masters from the cast values; `values_lost_to_bf16` / `restore_fp32_masters` (through the public
   `deepspeed.utils.safe_set_full_fp32_param`) put back the fp32 values the cast rounded.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -61,6 +64,11 @@ def init_distributed(device: torch.device | str = "cpu") -> None:
             raise AnnealError("trainer.engine=deepspeed: no distributed launch found (RANK unset); start with "
                               "`deepspeed -m anneal ...` or `torchrun --nproc-per-node N -m anneal ...`")
         dist.init_process_group(backend)
+    # DeepSpeed's communication backend builds its shared-memory CPU all-reduce op on start-up (a
+    # C++ compile of ~1.5 min on a fresh machine, and shared-memory state living until exit); only
+    # `inference_all_reduce` uses it, which training never calls (`deepspeed.comm.torch` as an
+    # attribute is PyTorch itself, which deepspeed.comm re-exports: look the module up by name)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend)
 
 
