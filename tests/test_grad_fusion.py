@@ -83,26 +83,21 @@ def _reference_fp64(n_micro=4):
 N_DENSE_FUSED = 1 + CFG["num_hidden_layers"] * 4 + 3 + 3 * (CFG["num_hidden_layers"] - 1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fused_step_sums_gradients_at_least_as_accurately_as_the_hook(backend):
-    """The dense layers' GEMMs fuse with any experts backend; the routed experts' only with `triton`
-    (its weight-gradient kernels add into the fp32 accumulators; here under Triton's interpreter)."""
-    if backend == "triton":
-        pytest.importorskip("triton")
-    _, eng_f, fused = _accumulated(FUSED, backend=backend)
-    _, _, hooked = _accumulated(HOOK, backend=backend)
-    n_experts_fused = 2 * (CFG["num_hidden_layers"] - 1) if backend == "triton" else 0
-    assert len(eng_f.masters.fused) == N_DENSE_FUSED + n_experts_fused
+def test_fused_step_sums_gradients_at_least_as_accurately_as_the_hook():
+    """Dense layers with the `torch` experts backend (the routed experts keep the hook); the `triton`
+    experts' fused step is checked compiled below (Triton's interpreter makes an eager twin of it a
+    minute long) and its kernels against fp64 in tests/test_triton_experts.py."""
+    _, eng_f, fused = _accumulated(FUSED)
+    _, _, hooked = _accumulated(HOOK)
+    assert len(eng_f.masters.fused) == N_DENSE_FUSED
     ref = _reference_fp64()
     fused_names = {n for n, p in zip(eng_f.masters.names, eng_f.masters.params) if any(p is f for f in eng_f.masters.fused)}
     assert "lm_head.weight" in fused_names and "model.layers.0.self_attn.q_proj.weight" in fused_names
-    assert ("model.layers.1.mlp.experts.w_down" in fused_names) == (backend == "triton")
     for name in fused_names:
         err_f = (fused[name].double() - ref[name]).norm() / ref[name].norm()
         err_h = (hooked[name].double() - ref[name]).norm() / ref[name].norm()
         assert err_f <= err_h * 1.05 + 1e-6, f"{name}: fused {err_f:.2e} vs hook {err_h:.2e}"
-        # routed experts: the bf16 routing and activations upstream dominate (~6%, the hook's too)
-        assert err_f < (0.1 if ".experts.w_" in name else 2e-2)
+        assert err_f < 2e-2
     for name in set(fused) - fused_names:                           # the rest still goes through the hook
         torch.testing.assert_close(fused[name], hooked[name], rtol=0, atol=0)
 
@@ -119,6 +114,8 @@ def test_fused_accumulators_under_compile_match_the_hook_under_compile(recompute
     _, _, hooked = _accumulated(HOOK, n_micro=2, compile_backend="aot_eager", recompute=recompute, backend=backend)
     assert any(isinstance(m, FusedWgradLinear) for m in model.modules())
     fused_names = {n for n, p in zip(eng.masters.names, eng.masters.params) if any(p is f for f in eng.masters.fused)}
+    n_experts_fused = 2 * (CFG["num_hidden_layers"] - 1) if backend == "triton" else 0
+    assert len(fused_names) == N_DENSE_FUSED + n_experts_fused
     for name in fused:
         if name in fused_names:
             rel = (fused[name] - hooked[name]).norm() / hooked[name].norm()
