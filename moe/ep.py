@@ -232,10 +232,6 @@ class EPBackend(ExpertsBackend):
         return self.inner.grouped_mlp(x, tokens_per_expert, w_gate_up, w_down, wgrad_into)
 
     @property
-    def accumulates_wgrad(self) -> bool:
-        return self.inner.accumulates_wgrad
-
-    @property
     def local(self) -> ExpertsBackend:
         return self.inner
 

@@ -105,7 +105,7 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"accumulate_wgrad_into: accumulators {tuple(gate_up.shape)}, {tuple(down.shape)} "
                              f"for weights {tuple(self.w_gate_up.shape)}, {tuple(self.w_down.shape)}")
         self.wgrad_into = (gate_up, down)
-        return self.backend.accumulates_wgrad
+        return self.backend.local.accumulates_wgrad
 
     def mark_expert_params(self) -> None:
         """Mark the stacked weights as expert-parallel (`is_expert_param`); `moe.ep.shard_experts`

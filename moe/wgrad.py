@@ -17,6 +17,13 @@ from __future__ import annotations
 import torch
 
 
+def can_accumulate(x: torch.Tensor) -> bool:
+    """Whether a layer fed `x` may add its weight gradient into an accumulator: only when its
+    backward returns `x`'s gradient, an output the graph uses (otherwise a compiler could drop the
+    op, and the add with it); if not, the weight gets its `.grad` as usual."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def untracked_alias(t: torch.Tensor) -> torch.Tensor:
     """A tensor over `t`'s memory (same shape, strides, offset) whose in-place updates autograd does
     not track on `t`: call only inside a custom op's implementation."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.experts import GroupedExperts
-from moe.wgrad import untracked_alias
+from moe.wgrad import can_accumulate, untracked_alias
 
 
 @torch.library.custom_op("anneal::fused_wgrad_linear", mutates_args=())
@@ -78,8 +78,8 @@ class FusedWgradLinear(nn.Linear):
     main_grad: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and x.requires_grad):  # no input gradient to carry the add:
-            return super().forward(x)                           # the weight's .grad and its hook
+        if not can_accumulate(x):
+            return super().forward(x)  # the weight's .grad and its hook
         y = fused_wgrad_linear(x, self.weight, self.main_grad)
         return y if self.bias is None else y + self.bias
 

@@ -28,7 +28,7 @@ import triton  # noqa: F401  (ImportError here = backend unavailable)
 from moe.backends import ExpertsBackend, TorchLoopBackend
 from moe.dispatch import sort_by_expert
 from moe.kernels import grouped as G
-from moe.wgrad import untracked_alias
+from moe.wgrad import can_accumulate, untracked_alias
 
 
 @torch.library.custom_op("moe::triton_experts_fwd", mutates_args=())
@@ -135,12 +135,9 @@ def _usable(t: Tensor) -> bool:
 
 
 def _accumulators(x: Tensor, wgrad_into) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """The (gate/up, down) accumulators to add the weight gradients into, when given and this
-    forward's backward will run the kernels with an input gradient to return (one the graph uses:
-    moe.wgrad); (None, None): the weights get their gradients the usual way."""
-    if wgrad_into is None or not (torch.is_grad_enabled() and x.requires_grad):
-        return None, None
-    return wgrad_into
+    """The (gate/up, down) accumulators to add the weight gradients into, when given and allowed
+    (`moe.wgrad.can_accumulate`); (None, None): the weights get their gradients the usual way."""
+    return wgrad_into if wgrad_into is not None and can_accumulate(x) else (None, None)
 
 
 class TritonBackend(ExpertsBackend):
