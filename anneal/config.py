@@ -72,7 +72,7 @@ class TrainerCfg:
     grad_clip: float = 1.0
     bf16: bool = True                      # bf16 compute weights, fp32 masters/grads/optimizer (anneal.model.precision); CUDA only
     grad_accum_dtype: str = "fp32"         # fp32 | bf16: dtype gradients are summed in over a step's micro-batches
-    grad_accum_fusion: bool = True         # native engine, bf16 + fp32 sums: weight-gradient GEMMs (dense; triton experts) add into the fp32 sums
+    grad_accum_fusion: bool = True         # bf16 + fp32 sums, native engine or DeepSpeed ZeRO 1: weight-gradient GEMMs (dense; triton experts) add into the fp32 sums
     eval_every: str = "0"                  # tokens between evals; 0 = only at stage ends
     ckpt_every: str = "0"                  # tokens between resumable checkpoints; 0 = stage ends only
     keep_checkpoints: int = 2

@@ -58,11 +58,25 @@ def _tcfg():
 
 # ------------------------------------------------------------------------------------ reference
 class Reference:
-    """The step's gradient summed in fp64, and AdamW's moments over those gradients in fp64."""
+    """The step's gradient summed in fp64, and AdamW's moments over those gradients in fp64.
 
-    def __init__(self, model: torch.nn.Module):
+    `fused`: the engine's weight-gradient GEMMs add into fp32 sums (gradient-accumulation fusion),
+    so a micro-batch's weight gradient is never rounded to bf16; the reference's bf16 backward
+    would round it (0.2% on a weight, 170x the bound). The reference then computes those weights'
+    gradients the engine's way too (fused into fp32 buffers, one micro-batch at a time), and what is
+    checked is still the engines' accumulation, reduction and partitioning."""
+
+    def __init__(self, model: torch.nn.Module, fused: bool = False):
         self.model = model
         self.m, self.v, self.t = {}, {}, 0
+        self.acc = {}
+        if fused:
+            from anneal.model.grad_fusion import fuse_weight_gradients
+
+            params = dict(model.named_parameters())
+            buffers = {p: torch.zeros_like(p, dtype=torch.float32) for p in params.values()}
+            routed = {id(p) for p in fuse_weight_gradients(model, buffers)}
+            self.acc = {n: buffers[p] for n, p in params.items() if id(p) in routed}
 
     def gradients(self, weights: dict[str, torch.Tensor], step: int, n: int, world: int,
                   dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
@@ -80,10 +94,15 @@ class Reference:
         for rank in range(world):
             for batch in _batches(step, n, rank):
                 self.model.zero_grad(set_to_none=True)
+                for buf in self.acc.values():
+                    buf.zero_()
                 loss = token_losses(self.model, to_device(batch, device)).mean() + self.model.aux_loss()
                 (loss / (n * world)).backward()
                 for name, p in self.model.named_parameters():
-                    total[name] += p.grad.double()
+                    if name in self.acc:
+                        total[name] += self.acc[name].double()
+                    if p.grad is not None:
+                        total[name] += p.grad.double()
         return total
 
     def updates(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -189,7 +208,9 @@ def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, e
 
     policy = PrecisionPolicy(torch.bfloat16, grad_accum_fusion=fusion) if bf16 else PrecisionPolicy()
     device = torch.device(device)
-    ref = Reference(tiny_model().to(device))
+    # DeepSpeed fuses under ZeRO 1's bf16 optimizer only (deepspeed_compat.fp32_gradient_accumulators)
+    fuses = fusion and bf16 and not (engine_name == "deepspeed" and (zero_stage == 2 or offload != "none"))
+    ref = Reference(tiny_model().to(device), fused=fuses)
     ref_dtype = torch.bfloat16 if bf16 else torch.float64
     ref.model.set_aux_loss_coef(0.01)
     model = tiny_model().to(device)
@@ -210,6 +231,9 @@ def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, e
                                            offload=offload)
         inner, whole = engine.engine.optimizer.optimizer, lambda: ep.full_state_dict(model, engine.groups)
         frags = lambda tensors: _ds_fragments(model, engine, tensors)  # noqa: E731
+    if fuses:
+        assert (engine.masters.fused if engine_name == "native" else engine.fused), \
+            f"{engine_name} zero{zero_stage}: gradient-accumulation fusion routed no weight"
     seen = _capture(inner)
     tol, tensor_tol = TOL.get((bf16, ep_size > 1), TOL[False, False])
     sched = PairedSchedule(model, engine) if paired else None
@@ -246,14 +270,14 @@ def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, e
 
 
 def _ds_worker(rank, world, ep_size, configs, device="cpu"):
-    """Each (zero_stage, bf16, paired, ckpt, ramp[, offload]) in turn, in one set of processes
-    (DeepSpeed's start-up is most of the cost)."""
+    """Each (zero_stage, bf16, paired, ckpt, ramp[, offload[, fusion]]) in turn, in one set of
+    processes (DeepSpeed's start-up is most of the cost)."""
     pytest.importorskip("deepspeed")
     from anneal.parallel import ds_engine
 
     ds_engine.init_distributed(device)
-    for zero_stage, bf16, paired, ckpt, ramp, *offload in configs:
-        _run(rank, world, "deepspeed", zero_stage, bf16, ep_size, paired, ckpt, ramp, device, *offload)
+    for zero_stage, bf16, paired, ckpt, ramp, *offload_fusion in configs:
+        _run(rank, world, "deepspeed", zero_stage, bf16, ep_size, paired, ckpt, ramp, device, *offload_fusion)
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -264,17 +288,21 @@ def test_native_engine_matches_fp64_reference(bf16):
 
 @pytest.mark.slow
 def test_deepspeed_one_process_matches_fp64_reference():
-    """ZeRO 1 and 2, fp32 and bf16 (ZeRO 1 + bf16 is DeepSpeed's BF16_Optimizer, which runs on CPU)."""
+    """ZeRO 1 and 2, fp32 and bf16 (ZeRO 1 + bf16 is DeepSpeed's BF16_Optimizer, which runs on CPU,
+    here with gradient-accumulation fusion: the dense weight-gradient GEMMs add into its fp32
+    gradient buffers)."""
     pytest.importorskip("deepspeed")
-    run_distributed(_ds_worker, 1, 1, [(z, bf16, False, False, RAMP) for z in (1, 2) for bf16 in (False, True)])
+    run_distributed(_ds_worker, 1, 1, [(1, False, False, False, RAMP), (1, True, False, False, RAMP, "none", True),
+                                       (2, False, False, False, RAMP), (2, True, False, False, RAMP)])
 
 
 @pytest.mark.slow
 def test_deepspeed_ep2_matches_fp64_reference():
-    """bf16 ZeRO 1 plain; bf16 ZeRO 2 with the paired schedule (2+ micro-batches per rank) and
-    gradient checkpointing; fp32 ZeRO 1 paired."""
+    """bf16 ZeRO 1 with gradient-accumulation fusion and the paired schedule (two micro-batches in
+    flight write the same fp32 buffers, all-reduced at the step); bf16 ZeRO 2 with the paired
+    schedule (2+ micro-batches per rank) and gradient checkpointing; fp32 ZeRO 1 paired."""
     pytest.importorskip("deepspeed")
-    run_distributed(_ds_worker, 2, 2, [(1, True, False, False, RAMP), (2, True, True, True, [2, 3, 8]),
+    run_distributed(_ds_worker, 2, 2, [(1, True, True, False, [2, 3, 8], "none", True), (2, True, True, True, [2, 3, 8]),
                                        (1, False, True, False, [2, 8])])
 
 
@@ -373,8 +401,8 @@ def test_deepspeed_config_offload_keys():
 def _cuda_worker(rank, world):
     """On one GPU (NCCL), deterministic algorithms so that the reference's bf16 backward repeats the
     engine's: the native bf16 policy (hook, and gradient-accumulation fusion plain and paired),
-    DeepSpeed bf16 ZeRO 1 (BF16_Optimizer) and ZeRO 2, plain and
-    paired with checkpointing, and ZeRO 2 with optimizer offload (pinned host memory, the fp32
+    DeepSpeed bf16 ZeRO 1 (BF16_Optimizer; hook and fusion) and ZeRO 2, ZeRO 1 fused and paired with
+    checkpointing, and ZeRO 2 with optimizer offload (pinned host memory, the fp32
     partition sum on the GPU), with its NaN and vetoed steps."""
     from anneal.train.devices import set_deterministic
 
@@ -382,8 +410,9 @@ def _cuda_worker(rank, world):
     _run(rank, world, "native", 0, True, 1, device="cuda")
     _run(rank, world, "native", 0, True, 1, device="cuda", fusion=True)               # the trainer's default
     _run(rank, world, "native", 0, True, 1, paired=True, device="cuda", fusion=True)  # two micro-batches in flight
-    _ds_worker(rank, world, 1, [(1, True, False, False, RAMP), (2, True, False, False, RAMP),
-                                (1, True, True, True, [2, 3, 8]), (2, True, False, False, RAMP, "optimizer")],
+    _ds_worker(rank, world, 1, [(1, True, False, False, RAMP), (1, True, False, False, RAMP, "none", True),
+                                (2, True, False, False, RAMP), (1, True, True, True, [2, 3, 8], "none", True),
+                                (2, True, False, False, RAMP, "optimizer")],
                device="cuda")
 
 

@@ -1,6 +1,7 @@
 """Gradient-accumulation fusion (`trainer.grad_accum_fusion`, Megatron's
 `gradient_accumulation_fusion`): the weight-gradient GEMM of each dense linear layer adds straight
-into the parameter's fp32 accumulator (the fp32 master's `.grad`), instead of writing a bf16
+into the parameter's fp32 accumulator (the native engine's fp32 master `.grad`; under DeepSpeed
+ZeRO 1 the bf16 optimizer's fp32 gradient buffer: `deepspeed_compat.fp32_gradient_accumulators`), instead of writing a bf16
 gradient that a post-accumulate-grad hook then reads and adds. On CUDA the GEMM is cuBLAS with bf16
 operands, fp32 output and beta = 1 (`torch.addmm(acc, dy^T, x, out_dtype=fp32, out=acc)`), so the
 micro-batch's weight gradient is never rounded to bf16 and never materialized: 10 bytes of memory

@@ -17,7 +17,8 @@
   (autograd accumulates bf16 gradients; they are converted to fp32 once, before the update).
   With `trainer.grad_accum_fusion` (default on) the dense linear layers' weight-gradient GEMMs, and
   the routed experts' with the `triton` backend, add into the fp32 accumulators themselves and skip
-  the hook (anneal.model.grad_fusion); `grouped_mm` experts still go through it.
+  the hook (anneal.model.grad_fusion); `grouped_mm` experts still go through it. DeepSpeed ZeRO 1
+  fuses the same layers into its bf16 optimizer's fp32 gradient buffers (anneal.parallel.ds_engine).
 - fp32 islands: router logits, scores and weights, the routers' correction bias and load counters
   (buffers kept fp32 through every cast by `moe.router.Router._apply`), RMSNorm statistics, and the loss.
 - CPU runs everything in fp32 (bf16 matmuls on CPU are slow and not what the GPU run computes).

@@ -22,6 +22,11 @@ it fails there first. The contract:
   ZeRO-Offload requires);
 - start-up: `init_distributed` keeps DeepSpeed from building its shared-memory all-reduce op
   (`deepspeed.comm.torch.build_shm_op`; used by inference only);
+- gradient-accumulation fusion: ZeRO 1's bf16 optimizer (`BF16_Optimizer`) keeps one fp32 gradient
+  per parameter, views of flat per-group buffers it all-reduces at the step;
+  `fp32_gradient_accumulators` hands those views to the fused weight-gradient GEMMs and
+  `mark_fused_gradients` sets its per-parameter "has a gradient" flags, which its own hook sets
+  only when a `.grad` arrives;
 - fp32 masters: with bf16 on, `deepspeed.initialize` casts the model to bf16 and builds its fp32
   masters from the cast values; `values_lost_to_bf16` / `restore_fp32_masters` (through the public
   `deepspeed.utils.safe_set_full_fp32_param`) put back the fp32 values the cast rounded.
@@ -180,6 +185,37 @@ def forget_dropped_gradients(engine) -> None:
     if getattr(opt, "cpu_offload", False):
         for k in list(opt.averaged_gradients):
             opt.averaged_gradients[k] = None
+
+
+# ------------------------------------------------------------------- gradient-accumulation fusion
+def fp32_gradient_accumulators(engine) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """parameter -> its fp32 gradient sum under ZeRO 1's bf16 optimizer (`BF16_Optimizer`): a view,
+    in the parameter's shape, of the flat per-group buffer that DeepSpeed all-reduces once, at the
+    step (`get_grads_for_reduction`), so a weight-gradient GEMM may add into it directly
+    (anneal.model.grad_fusion). Empty under any other optimizer wrapper: ZeRO 2 reduce-scatters
+    every micro-batch's bf16 gradients into fp32 partitions, and with optimizer offload DeepSpeed
+    uses its ZeRO optimizer at stage 1 too; neither keeps a whole fp32 gradient per parameter."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, BF16_Optimizer):
+        return {}
+    return {p: g.view(p.shape) for params, grads in zip(opt.bf16_groups, opt.fp32_groups_gradients)
+            for p, g in zip(params, grads)}
+
+
+def mark_fused_gradients(engine, fused: list[torch.nn.Parameter]) -> None:
+    """Before the step: the `fused` parameters' fp32 gradients hold this step's sum. BF16_Optimizer
+    counts a parameter in the grad norm and clipping only when its flag says so, and its own hook
+    sets the flag only when a `.grad` arrives, which a fused weight never gets."""
+    if not fused:
+        return
+    opt = engine.optimizer
+    ids = {id(p) for p in fused}
+    for flags, params in zip(opt.fp32_groups_has_gradients, opt.bf16_groups):
+        for j, p in enumerate(params):
+            if id(p) in ids:
+                flags[j] = True
 
 
 # ---------------------------------------------------------------------------- optimizer offload

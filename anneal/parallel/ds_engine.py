@@ -36,6 +36,7 @@ import torch.distributed as dist
 from anneal.checkpoints import training_state
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
+from anneal.model.grad_fusion import fuse_weight_gradients
 from anneal.model.precision import PrecisionPolicy
 from anneal.parallel import deepspeed_compat as compat
 from anneal.parallel.deepspeed_compat import init_distributed
@@ -100,6 +101,9 @@ class DeepSpeedEngine(PostStepHooks):
             model=model, optimizer=optimizer, config=copy.deepcopy(self.config), dist_init_required=False)
         compat.restore_fp32_masters(lost)  # the masters start from the fp32 values, as the native engine's
         self.model = model
+        # gradient-accumulation fusion: ZeRO 1's bf16 optimizer only (deepspeed_compat says why)
+        self.fused = (fuse_weight_gradients(model, compat.fp32_gradient_accumulators(self.engine))
+                      if policy.fuses_grad_accumulation else [])
 
     # -- building it from the config --------------------------------------------------------------
     @classmethod
@@ -126,8 +130,9 @@ class DeepSpeedEngine(PostStepHooks):
         inner = self.engine.optimizer.optimizer
         where = "host memory (parallel.offload=optimizer)" if self.offload == "optimizer" else \
             next(p for g in inner.param_groups for p in g["params"]).device.type
+        fused = f"; {len(self.fused)} weight gradients accumulate in fp32 inside their GEMMs" if self.fused else ""
         return (f"optimizer: DeepSpeed {type(self.engine.optimizer).__name__} (ZeRO-{self.config['zero_optimization']['stage']}), "
-                f"{type(inner).__name__} on fp32 masters in {where}")
+                f"{type(inner).__name__} on fp32 masters in {where}{fused}")
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -150,6 +155,7 @@ class DeepSpeedEngine(PostStepHooks):
         bf16 with check_grad_overflow), which `step_applied` then reports."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+        compat.mark_fused_gradients(self.engine, self.fused)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         self.step_applied = self.engine.was_step_applied()

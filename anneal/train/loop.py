@@ -76,7 +76,7 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
     notes += list(p.schedule.notes)
     policy = PrecisionPolicy.for_device(cfg.trainer.bf16, device, note=notes.append,
                                         grad_accum=cfg.trainer.grad_accum_dtype,
-                                        fusion=cfg.trainer.grad_accum_fusion and cfg.trainer.engine == "native")
+                                        fusion=cfg.trainer.grad_accum_fusion)
     parallelize(p.model, layout, cfg, device)  # EP -> activation checkpointing -> compile
     engine = engine_cls.from_config(p.model, cfg, policy, layout)  # casts the model to the compute dtype
     step, tokens, history = (resumed.step, resumed.tokens, resumed.history) if resumed else (0, 0, [])
