@@ -124,19 +124,21 @@ def planner_figures(path: Path, rates: dict, gpu_mem_gb: float, host_mem_gb: flo
 
 # ------------------------------------------------------------------------------- the run
 def watch_host_memory(proc: subprocess.Popen, every_s: float = 15.0) -> None:
-    """Until `proc` ends, print every `every_s` its process tree's RSS and the host's available memory
-    (a 12-layer run once stalled at start-up with nothing logged: this shows whether the host is full)."""
+    """Until `proc` ends, print every `every_s` the RSS of `anneal` and of its child processes (the
+    compiler's workers) and the host's available memory: a 12-layer run once stalled at start-up with
+    nothing logged, and an 8-layer one was killed with the host full (2026-12-07)."""
     import psutil
 
     t0 = time.perf_counter()
     while proc.poll() is None:
         try:
-            tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-            rss = sum(p.memory_info().rss for p in tree) / 2 ** 30
-        except psutil.NoSuchProcess:            # a child ended between the listing and the read
-            rss = float("nan")
-        print(f"[{time.perf_counter() - t0:5.0f} s] anneal RSS {rss:6.1f} GiB, host available "
-              f"{psutil.virtual_memory().available / 2 ** 30:6.1f} GiB", flush=True)
+            main = psutil.Process(proc.pid)
+            rss = main.memory_info().rss / 2 ** 30
+            children = sum(p.memory_info().rss for p in main.children(recursive=True)) / 2 ** 30
+        except psutil.NoSuchProcess:            # a process ended between the listing and the read
+            rss = children = float("nan")
+        print(f"[{time.perf_counter() - t0:5.0f} s] anneal RSS {rss:6.1f} GiB, its children {children:5.1f} GiB, "
+              f"host available {psutil.virtual_memory().available / 2 ** 30:6.1f} GiB", flush=True)
         try:
             proc.wait(timeout=every_s)
         except subprocess.TimeoutExpired:

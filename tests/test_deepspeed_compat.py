@@ -92,6 +92,18 @@ def test_offload_section_is_deepspeeds_zero_offload_key():
     assert zero.offload_optimizer.pin_memory is False
 
 
+def test_offload_pins_its_buffers_at_their_exact_size():
+    """torch's pinned allocator rounds blocks up to a power of two unless told otherwise; the limit
+    is added to the allocator settings already in force, and a user's own limit is kept."""
+    get, set_ = torch._C._accelerator_getAllocatorSettings, torch._C._accelerator_setAllocatorSettings
+    set_("pinned_use_background_threads:False")
+    assert compat.exact_pinned_allocations()
+    assert get() == f"pinned_use_background_threads:False,pinned_max_round_threshold_mb:{compat.PINNED_ROUND_LIMIT_MB}"
+    set_("pinned_max_round_threshold_mb:8")
+    compat.exact_pinned_allocations()
+    assert get() == "pinned_max_round_threshold_mb:8"
+
+
 def _ranks(group) -> list[int]:
     return dist.get_process_group_ranks(group)
 

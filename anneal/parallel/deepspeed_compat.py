@@ -19,7 +19,8 @@ it fails there first. The contract:
   for that step only; `forget_dropped_gradients` clears ZeRO-Offload's fp32 gradient partitions,
   which its overflow path leaves in place;
 - optimizer offload: `offload_optimizer_config` and `cpu_adam` (DeepSpeedCPUAdam, the optimizer
-  ZeRO-Offload requires);
+  ZeRO-Offload requires); ZeRO-Offload pins its host buffers with `Tensor.pin_memory`, so
+  `exact_pinned_allocations` keeps torch's pinned allocator from rounding them up to powers of two;
 - start-up: `init_distributed` keeps DeepSpeed from building its shared-memory all-reduce op
   (`deepspeed.comm.torch.build_shm_op`; used by inference only);
 - gradient-accumulation fusion: ZeRO 1's bf16 optimizer (`BF16_Optimizer`) keeps one fp32 gradient
@@ -223,6 +224,27 @@ def offload_optimizer_config(pin_memory: bool) -> dict:
     """The `zero_optimization` keys of ZeRO-Offload: ZeRO's fp32 partition and AdamW's state in
     host memory (pinned on CUDA), stepped by `cpu_adam`."""
     return {"offload_optimizer": {"device": "cpu", "pin_memory": bool(pin_memory)}}
+
+
+PINNED_ROUND_LIMIT_MB = 64
+
+
+def exact_pinned_allocations() -> bool:
+    """Make torch's pinned host allocator give blocks over `PINNED_ROUND_LIMIT_MB` their exact size.
+    By default it rounds every pinned block up to a power of two (for reuse), and ZeRO-Offload pins
+    one fp32 master, one fp32 gradient and one bf16 upload buffer per parameter group, each as one
+    block: an 8.5 GiB group takes 16 GiB of page-locked memory, so the host needs up to twice what
+    the planner counts (an 8-layer rank share, planned at 78 GiB, filled a 125 GiB host and was
+    killed). A limit the user set (`PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:N`) is kept.
+    Returns False where this torch has no such setting."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if get is None or set_ is None:
+        return False
+    current = get()  # the settings string last applied (the environment's); setting replaces it
+    if "pinned_max_round_threshold_mb" not in current:
+        set_(",".join(filter(None, [current, f"pinned_max_round_threshold_mb:{PINNED_ROUND_LIMIT_MB}"])))
+    return True
 
 
 def cpu_adam(param_groups: list[dict], tcfg) -> torch.optim.Optimizer:

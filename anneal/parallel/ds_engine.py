@@ -92,6 +92,8 @@ class DeepSpeedEngine(PostStepHooks):
                         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
         param_groups = compat.moe_param_groups(param_groups)
         if offload == "optimizer":
+            if on_cuda:
+                compat.exact_pinned_allocations()
             optimizer = compat.cpu_adam(param_groups, tcfg)
         else:
             optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=tuple(tcfg.betas), eps=float(tcfg.eps),
