@@ -18,11 +18,6 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
