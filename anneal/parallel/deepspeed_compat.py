@@ -236,14 +236,18 @@ def exact_pinned_allocations() -> bool:
     block: an 8.5 GiB group takes 16 GiB of page-locked memory, so the host needs up to twice what
     the planner counts (an 8-layer rank share, planned at 78 GiB, filled a 125 GiB host and was
     killed). A limit the user set (`PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:N`) is kept.
-    Returns False where this torch has no such setting."""
+    Returns False where this torch has no such setting (where its parser ignores an unknown key, as
+    2.13's does, the call is harmless and has no effect)."""
     get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if get is None or set_ is None:
         return False
     current = get()  # the settings string last applied (the environment's); setting replaces it
     if "pinned_max_round_threshold_mb" not in current:
-        set_(",".join(filter(None, [current, f"pinned_max_round_threshold_mb:{PINNED_ROUND_LIMIT_MB}"])))
+        try:
+            set_(",".join(filter(None, [current, f"pinned_max_round_threshold_mb:{PINNED_ROUND_LIMIT_MB}"])))
+        except (RuntimeError, ValueError):  # a torch whose parser refuses the key: rounding stays
+            return False
     return True
 
 
