@@ -236,8 +236,8 @@ def exact_pinned_allocations() -> bool:
     block: an 8.5 GiB group takes 16 GiB of page-locked memory, so the host needs up to twice what
     the planner counts (an 8-layer rank share, planned at 78 GiB, filled a 125 GiB host and was
     killed). A limit the user set (`PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:N`) is kept.
-    Returns False where this torch has no such setting (where its parser ignores an unknown key, as
-    2.13's does, the call is harmless and has no effect)."""
+    Returns False where this torch has no settings API or refuses the key; a torch that predates the
+    key but ignores unknown ones (2.13 accepts a made-up key silently) keeps rounding, harmlessly."""
     get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if get is None or set_ is None:
