@@ -85,6 +85,11 @@ class FusedWgradLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def describe_fused(fused: list[nn.Parameter]) -> str:
+    """The run log's words for the weights `fuse_weight_gradients` routed (both engines' describe)."""
+    return f"; {len(fused)} weight gradients accumulate in fp32 inside their GEMMs" if fused else ""
+
+
 def fuse_weight_gradients(model: nn.Module, accumulators: dict[nn.Parameter, torch.Tensor]) -> list[nn.Parameter]:
     """Route the weight gradients of `model` into their accumulators (`accumulators`: param -> fp32
     tensor of its shape): every plain `nn.Linear` whose weight has one, and the routed experts of

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from anneal.checkpoints import training_state
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
-from anneal.model.grad_fusion import fuse_weight_gradients
+from anneal.model.grad_fusion import describe_fused, fuse_weight_gradients
 from anneal.model.precision import PrecisionPolicy
 from anneal.parallel import deepspeed_compat as compat
 from anneal.parallel.deepspeed_compat import init_distributed
@@ -132,9 +132,8 @@ class DeepSpeedEngine(PostStepHooks):
         inner = self.engine.optimizer.optimizer
         where = "host memory (parallel.offload=optimizer)" if self.offload == "optimizer" else \
             next(p for g in inner.param_groups for p in g["params"]).device.type
-        fused = f"; {len(self.fused)} weight gradients accumulate in fp32 inside their GEMMs" if self.fused else ""
         return (f"optimizer: DeepSpeed {type(self.engine.optimizer).__name__} (ZeRO-{self.config['zero_optimization']['stage']}), "
-                f"{type(inner).__name__} on fp32 masters in {where}{fused}")
+                f"{type(inner).__name__} on fp32 masters in {where}{describe_fused(self.fused)}")
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)

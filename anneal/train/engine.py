@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from anneal.checkpoints import training_state
+from anneal.model.grad_fusion import describe_fused
 from anneal.model.precision import MasterWeights, PrecisionPolicy
 from anneal.parallel.engine_protocol import PostStepHooks
 from anneal.parallel.layout import ParallelLayout
@@ -48,8 +49,7 @@ class Engine(PostStepHooks):
     # -- the step ---------------------------------------------------------------------------------
     def describe(self) -> str:
         """One line for the run's log: which optimizer steps which state where."""
-        fused = (f"; {len(self.masters.fused)} weight gradients accumulate in fp32 inside their GEMMs"
-                 if self.masters and self.masters.fused else "")
+        fused = describe_fused(self.masters.fused) if self.masters else ""
         return f"optimizer: torch AdamW on {self.params[0].device.type}, one process{fused}"
 
     def backward(self, loss: torch.Tensor) -> None:
