@@ -92,6 +92,9 @@ class ParallelCfg:
     zero_stage: int = 1                    # ZeRO stage of the DeepSpeed engine: 1 or 2
     offload: str = "none"                  # none | optimizer: fp32 masters + AdamW state in host memory (DeepSpeed CPU Adam)
     offload_moments: str = "fp32"          # dtype of AdamW's m and v on the host: fp32 (bf16 is refused with the reason: CPU Adam would need bf16 masters)
+    offload_chunk_mb: int = 256            # ZeRO 2 offload: the update streams the fp32 gradient down, steps it and uploads the bf16
+                                           # weights this many MiB (of fp32) at a time: no whole-partition host copies (12 B per
+                                           # parameter of host memory instead of 18); 0 = DeepSpeed's own step
     a2a_overlap: bool = False              # paired 1F1B schedule: one micro-batch's all-to-all hides behind
                                            # another's compute (docs/overlap.md); needs >= 2 micro-batches per rank
 
@@ -188,6 +191,7 @@ _RANGES = {  # key: (lowest allowed, lowest is exclusive, what it means)
     "trainer.spike.window": (2, False, "steps the loss mean and std are taken over"),
     "trainer.spike.k": (0, True, "standard deviations above the mean"),
     "parallel.ep_size": (1, False, "expert-parallel size"),
+    "parallel.offload_chunk_mb": (0, False, "MiB of fp32 gradient per streamed chunk (0: DeepSpeed's own step)"),
     "eval.batch_tokens": (1, False, "tokens per benchmark-eval forward"),
     "eval.harness_limit": (1, False, "items per task"),
 }

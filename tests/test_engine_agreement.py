@@ -123,10 +123,21 @@ def _norm(grads: dict) -> float:
 
 
 # ----------------------------------------------------------------- what the engine hands its optimizer
-def _capture(inner: torch.optim.Optimizer) -> dict:
+def _capture(inner: torch.optim.Optimizer, zero=None) -> dict:
     """Clones of the inner optimizer's gradients at each step, keyed by parameter object id
-    (DeepSpeed's ZeRO optimizer steps its param groups one call at a time)."""
+    (DeepSpeed's ZeRO optimizer steps its param groups one call at a time). The streamed offload
+    step (`deepspeed_compat.stream_offload_step`) never hands CPU Adam a whole gradient: there the
+    step's sums are read from ZeRO's GPU partition buffers as the step begins (no clipping here)."""
     seen = {}
+    if getattr(zero, "_streamed_offload", None) is not None:
+        step = zero.step
+
+        def streamed(*args, **kwargs):
+            for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+                seen[id(flat)] = zero._get_compact_grad_partition_buffer(i).flat_partition.detach().clone()
+            return step(*args, **kwargs)
+        zero.step = streamed
+        return seen
 
     def hook(opt, args, kwargs):
         for group in opt.param_groups:
@@ -234,7 +245,7 @@ def _run(rank: int, world: int, engine_name: str, zero_stage: int, bf16: bool, e
     if fuses:
         assert (engine.masters.fused if engine_name == "native" else engine.fused), \
             f"{engine_name} zero{zero_stage}: gradient-accumulation fusion routed no weight"
-    seen = _capture(inner)
+    seen = _capture(inner, engine.engine.optimizer if engine_name == "deepspeed" else None)
     tol, tensor_tol = TOL.get((bf16, ep_size > 1), TOL[False, False])
     sched = PairedSchedule(model, engine) if paired else None
     label = f"{engine_name} zero{zero_stage} {'bf16' if bf16 else 'fp32'} ep{ep_size} world{world}" + \
@@ -425,8 +436,8 @@ U32 = 2.0 ** -24   # fp32 unit roundoff
 
 
 def _accumulation_worker(rank, world, n, results):
-    """One step of `n` micro-batches under offload (bf16 weights, ZeRO 2): the fp32 gradient CPU Adam
-    receives, against the same bf16 per-micro-batch gradients summed in fp64, in fp32 and in bf16."""
+    """One step of `n` micro-batches under offload (bf16 weights, ZeRO 2): the fp32 gradient sum the
+    update reads, against the same bf16 per-micro-batch gradients summed in fp64, in fp32 and in bf16."""
     from anneal.model.precision import PrecisionPolicy
     from anneal.parallel import ds_engine
     from anneal.train.step import accumulate, to_device, token_losses
@@ -439,7 +450,7 @@ def _accumulation_worker(rank, world, n, results):
     engine = ds_engine.DeepSpeedEngine(model, _tcfg(), zero_stage=2, policy=PrecisionPolicy(torch.bfloat16),
                                        offload="optimizer")
     opt = engine.engine.optimizer
-    seen = _capture(opt.optimizer)
+    seen = _capture(opt.optimizer, opt)
     batches = _batches(7, n, rank)
     accumulate(model, engine, iter(batches), n, SOURCES, torch.device("cpu"))
     # DeepSpeed took its fp32-partition path: each micro-batch's reduced gradient was added into a

@@ -286,3 +286,181 @@ def restore_fp32_masters(lost: list[tuple[torch.nn.Parameter, torch.Tensor]]) ->
 
     for p, value in lost:
         safe_set_full_fp32_param(p, value.to(p.device))
+
+
+# ------------------------------------------------------------------------ streamed offload step
+def stream_offload_step(engine, chunk_numel: int) -> bool:
+    """Make ZeRO-Offload's update stream through the host a chunk at a time. DeepSpeed's own step
+    copies the rank's whole fp32 gradient partition to a host buffer, steps CPU Adam on it, writes
+    the updated masters into a whole bf16 host copy and uploads that: 6 of its 18 host bytes per
+    parameter are those two buffers (532 + 266 GiB on an 8-GPU dots1 node, which then needs 2.5 TiB).
+    Here each chunk of `chunk_numel` elements is copied down from the GPU's fp32 partition sum
+    (where the step's gradient already is), clipped, stepped by CPU Adam (its own kernel, on views
+    of the flat masters and moments: the checkpointed state is unchanged), rounded to bf16 and
+    uploaded, through two pinned slots, so chunk k+1 comes down and chunk k-1 goes up while the CPU
+    steps chunk k. Host memory: masters + moments (12 B per parameter) + the slots.
+
+    Applies to what the dots1 layouts run (ZeRO 2, bf16 weights, fp32 gradient sums, so DeepSpeed
+    keeps the sum in its compact GPU partition buffer); returns False, leaving DeepSpeed's step, for any
+    other configuration. The hp-fragment gradient views (`safe_get_full_grad`) are gone with the
+    host gradient."""
+    opt = engine.optimizer
+    if not getattr(opt, "cpu_offload", False) or not getattr(opt, "partition_gradients", False) or chunk_numel <= 0:
+        return False
+    if not all(opt._use_compact_grad_partition_buffer(i) for i in range(len(opt.bit16_groups))):
+        return False
+    from deepspeed.accelerator import get_accelerator
+
+    for fp32 in opt.single_partition_of_fp32_groups:
+        if fp32.grad is not None and fp32.grad.is_pinned():
+            get_accelerator().unpin_memory(fp32.grad)  # DeepSpeed's own teardown does the same
+        fp32.grad = None
+    for k in list(opt.offload_gradient_dict):
+        opt.offload_gradient_dict[k] = None  # views of the freed gradient; DeepSpeed then says "not available"
+    opt._streamed_offload = _OffloadStream(chunk_numel)
+    opt.copy_grads_in_partition = _copy_grads_kept_on_device.__get__(opt)
+    opt.step = _streamed_offload_step.__get__(opt)
+    return True
+
+
+class _OffloadStream:
+    """Two pinned (on CUDA) slots of one chunk each, fp32 gradient down and bf16 weights up, and the
+    side stream the copies run on."""
+
+    def __init__(self, chunk_numel: int):
+        self.chunk = int(chunk_numel)
+        self.slots = None
+
+    def ready(self, device: torch.device, largest: int) -> None:
+        if self.slots is None:
+            n, pin = min(self.chunk, largest), device.type == "cuda"
+            self.slots = [(torch.empty(n, dtype=torch.float32, pin_memory=pin),
+                           torch.empty(n, dtype=torch.bfloat16, pin_memory=pin)) for _ in range(2)]
+            self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def update(self, grad: torch.Tensor, master: torch.Tensor, weights: torch.Tensor, step_chunk) -> None:
+        """For each chunk: grad (device, fp32) -> slot -> step_chunk(master view, slot grad view) ->
+        bf16 slot -> weights (device). Copies are asynchronous on CUDA, in order on CPU."""
+        n, c = master.numel(), self.chunk
+        spans = [(a, min(c, n - a)) for a in range(0, n, c)]
+        cuda = self.stream is not None
+        down, up = [None, None], [None, None]
+        if cuda:
+            self.stream.wait_stream(torch.cuda.current_stream())  # the backward wrote `grad` there
+
+        def fetch(k):
+            (g_slot, _), (a, m) = self.slots[k % 2], spans[k]
+            if not cuda:
+                g_slot[:m].copy_(grad.narrow(0, a, m))
+                return
+            with torch.cuda.stream(self.stream):
+                g_slot[:m].copy_(grad.narrow(0, a, m), non_blocking=True)
+                down[k % 2] = torch.cuda.Event()
+                down[k % 2].record(self.stream)
+
+        fetch(0)
+        for k, (a, m) in enumerate(spans):
+            if k + 1 < len(spans):
+                fetch(k + 1)
+            g_slot, w_slot = self.slots[k % 2]
+            if down[k % 2] is not None:
+                down[k % 2].synchronize()
+            step_chunk(a, m, g_slot[:m])
+            if up[k % 2] is not None:
+                up[k % 2].synchronize()  # the upload of chunk k-2 has left this slot
+            w_slot[:m].copy_(master.narrow(0, a, m))
+            if not cuda:
+                weights.narrow(0, a, m).copy_(w_slot[:m])
+                continue
+            with torch.cuda.stream(self.stream):
+                weights.narrow(0, a, m).copy_(w_slot[:m], non_blocking=True)
+                up[k % 2] = torch.cuda.Event()
+                up[k % 2].record(self.stream)
+        if cuda:
+            torch.cuda.current_stream().wait_stream(self.stream)  # the all-gather reads `weights`
+
+
+def _copy_grads_kept_on_device(self, param, group_idx=None):
+    """ZeRO's per-parameter hook at the accumulation boundary, without the copy of the sum to the
+    host gradient (the streamed step reads it from the GPU partition buffer): the per-parameter
+    norm and the overflow check stay DeepSpeed's."""
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    if group_idx is None:
+        group_idx = self._get_param_group_idx(param)
+    param_id = self.get_param_id(param)
+    self._offload_accumulated_param_ids.add(param_id)
+    if self.is_gradient_accumulation_boundary():
+        num_elements = self.grad_position[param_id][3]
+        partition_id = dist.get_rank(group=self.real_dp_process_group[group_idx])
+        source = self._get_compact_grad_partition_slice(group_idx, partition_id, param_id, num_elements)
+        self.norm_for_param_grads[param_id] = source.data.to(get_norm_dtype()).norm(2)
+        self.update_offload_overflow_tracker(source)
+        self.clear_grad_attribute(param)
+
+
+@torch.no_grad()
+def _streamed_offload_step(self, closure=None):
+    """DeepSpeed 0.19.8's ZeRO step (`DeepSpeedZeroOptimizer.step`) for the offload case bf16 +
+    fp32 sums (no Muon, no loss scaling), with the update streamed by `_OffloadStream`."""
+    from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+    self.micro_step_id = INITIAL_MICRO_STEP_ID
+    self._wait_for_offload_copies()
+    self._offload_accumulated_param_ids = set()
+    self.overflow = False
+    if self.check_grad_overflow:
+        self.check_overflow(partition_gradients=self.partition_gradients)
+    norm = None
+    if self.compute_grad_norm and not self.overflow:
+        norm = self.scaled_global_norm()
+        if is_invalid_grad_norm(norm):
+            self.overflow = True
+    prev_scale = self.loss_scale
+    self._update_scale(self.overflow)
+    if self.overflow:  # DeepSpeed's overflow path
+        self._global_grad_norm = float("inf") if self.compute_grad_norm else None
+        self.zero_grad(set_to_none=True)
+        self._release_preflattened_grad_buffers()
+        self.reset_cpu_buffers()
+        return
+    self._global_grad_norm = norm / prev_scale if norm is not None else None
+
+    adam, stream = self.optimizer, self._streamed_offload
+    stream.ready(torch.device(get_accelerator_device()), max(int(s) for s in self.partition_size))
+    for i in range(len(self.bit16_groups)):
+        master = self.single_partition_of_fp32_groups[i]
+        group = adam.param_groups[i]
+        state = adam.state[master]
+        if not state:  # as DeepSpeedCPUAdam.step creates it: the checkpoint reads these
+            state["step"] = 0
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(master), torch.zeros_like(master)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+
+        def step_chunk(a, n, g, master=master, group=group, state=state, m=m, v=v, beta1=beta1, beta2=beta2):
+            self.unscale_and_clip_grads([g], norm)
+            adam.ds_opt_adam.adam_update(adam.opt_id, state["step"], group["lr"], beta1, beta2, group["eps"],
+                                         group["weight_decay"], group["bias_correction"], master.narrow(0, a, n),
+                                         g, m.narrow(0, a, n), v.narrow(0, a, n))
+
+        partition_id = dist.get_rank(group=self.real_dp_process_group[i])
+        grad = self._get_compact_grad_partition_buffer(i).flat_partition
+        stream.update(grad, master, self.parallel_partitioned_bit16_groups[i][partition_id], step_chunk)
+        self._release_preflattened_grad_buffers(i)
+        self.averaged_gradients[i] = None
+    self._lazy_init_hp_params_optimizer_state()
+    self.reset_cpu_buffers()
+    all_gather_dp_groups(groups_flat=self.bit16_groups_flat, partitioned_param_groups=self.parallel_partitioned_bit16_groups,
+                         dp_process_group=self.real_dp_process_group, start_alignment_factor=self.nccl_start_alignment_factor,
+                         allgather_bucket_size=self.allgather_bucket_size)
+    for i in range(len(self.bit16_groups)):
+        self._update_model_bit16_weights(i)
+
+
+def get_accelerator_device() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()

@@ -61,7 +61,7 @@ class DeepSpeedEngine(PostStepHooks):
 
     def __init__(self, model: torch.nn.Module, tcfg, *, ep_size: int = 1, zero_stage: int = 1,
                  extra_config: dict | None = None, policy: PrecisionPolicy | None = None,
-                 layout: ParallelLayout | None = None, offload: str = "none"):
+                 layout: ParallelLayout | None = None, offload: str = "none", offload_chunk_mb: int = 256):
         compat.require_deepspeed()
         import deepspeed
 
@@ -102,6 +102,8 @@ class DeepSpeedEngine(PostStepHooks):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=copy.deepcopy(self.config), dist_init_required=False)
         compat.restore_fp32_masters(lost)  # the masters start from the fp32 values, as the native engine's
+        self.offload_chunk_mb = offload_chunk_mb
+        self.streamed = offload == "optimizer" and compat.stream_offload_step(self.engine, offload_chunk_mb * 2 ** 18)
         self.model = model
         # gradient-accumulation fusion: ZeRO 1's bf16 optimizer only (deepspeed_compat says why)
         self.fused = (fuse_weight_gradients(model, compat.fp32_gradient_accumulators(self.engine))
@@ -124,7 +126,7 @@ class DeepSpeedEngine(PostStepHooks):
 
         return cls(model, cfg.trainer, ep_size=layout.ep_size, zero_stage=cfg.parallel.zero_stage, policy=policy,
                    extra_config=OmegaConf.to_container(cfg.trainer.deepspeed, resolve=True) or None, layout=layout,
-                   offload=cfg.parallel.offload)
+                   offload=cfg.parallel.offload, offload_chunk_mb=cfg.parallel.offload_chunk_mb)
 
     # -- the Engine interface -------------------------------------------------------------------
     def describe(self) -> str:
@@ -132,6 +134,8 @@ class DeepSpeedEngine(PostStepHooks):
         inner = self.engine.optimizer.optimizer
         where = "host memory (parallel.offload=optimizer)" if self.offload == "optimizer" else \
             next(p for g in inner.param_groups for p in g["params"]).device.type
+        if self.streamed:
+            where += f", the update streamed {self.offload_chunk_mb} MiB at a time"
         return (f"optimizer: DeepSpeed {type(self.engine.optimizer).__name__} (ZeRO-{self.config['zero_optimization']['stage']}), "
                 f"{type(inner).__name__} on fp32 masters in {where}{describe_fused(self.fused)}")
 
