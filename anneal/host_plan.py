@@ -4,10 +4,12 @@ PCIe traffic per step, and a step-time estimate from measured rates.
 Host memory per rank (GiB, as the GPU plan):
 * with `parallel.offload=optimizer` (DeepSpeed 0.19.8 ZeRO-Offload, `DeepSpeedCPUAdam`), for the
   rank's ZeRO partition (`MemoryPlan.params_partition`), pinned: fp32 masters (4 B), AdamW m and v
-  (8 B, fp32: CPU Adam keeps the masters' dtype, `memory_plan.BF16_MOMENTS`), the fp32 gradient
-  CPU Adam reads (4 B; the step's sum arrives in one copy from the GPU's fp32 partition sum,
-  anneal.memory_plan) and the bf16 copy of the updated partition that goes back up (2 B): 18 B per
-  parameter, not ZeRO-Offload's advertised 12 B; plus a staging copy of the largest parameter;
+  (8 B, fp32: CPU Adam keeps the masters' dtype, `memory_plan.BF16_MOMENTS`): 12 B per parameter,
+  plus two pinned chunk slots when the update streams (ZeRO 2, `parallel.offload_chunk_mb` > 0,
+  `deepspeed_compat.stream_offload_step`: the gradient comes down and the bf16 weights go up a chunk
+  at a time from and to the GPU's fp32 partition sum). DeepSpeed's own step (offload_chunk_mb=0, or
+  ZeRO 1) also keeps the whole fp32 gradient CPU Adam reads (4 B) and a bf16 copy of the updated
+  partition for the upload (2 B): 18 B per parameter. Plus a staging copy of the largest parameter;
 * always: the rank's process (torch, the CUDA host side, the model code) and its data pipeline
   (tokenizer worker, packing buffers);
 per node: the node's ranks, plus `node_reserve_gb` (OS, page cache, launcher).
@@ -75,14 +77,25 @@ class HostPlan:
                 + self.times.get("AdamW (GPU)", 0.0)) / self.step_s
 
 
+def streams(lay) -> bool:
+    """Does the layout's offloaded update stream (`deepspeed_compat.stream_offload_step`: ZeRO 2, bf16
+    weights with fp32 sums, parallel.offload_chunk_mb > 0)?"""
+    return lay.offload == "optimizer" and lay.zero_stage == 2 and lay.grad_accum == "fp32" and lay.offload_chunk_mb > 0
+
+
 def plan_host(cfg: Dots1Config, plan: MemoryPlan, rates: HostRates = HostRates()) -> HostPlan:
     """Host memory, PCIe traffic and step time of the layout `plan` was made for."""
     lay, part = plan.layout, plan.params_partition
     offload = lay.offload == "optimizer"
     rows = {}
     if offload:
-        rows = {"fp32 masters": FP32 * part, "AdamW m + v (fp32)": 2 * FP32 * part, "fp32 gradient": FP32 * part,
-                "bf16 partition (upload)": BF16 * part, "staging (largest param)": BF16 * largest_param(cfg, lay)}
+        rows = {"fp32 masters": FP32 * part, "AdamW m + v (fp32)": 2 * FP32 * part}
+        if streams(lay):
+            chunk = min(part, lay.offload_chunk_mb * 2 ** 20 / FP32)
+            rows["streaming slots (2 chunks, fp32 + bf16)"] = 2 * (FP32 + BF16) * chunk
+        else:
+            rows |= {"fp32 gradient": FP32 * part, "bf16 partition (upload)": BF16 * part}
+        rows["staging (largest param)"] = BF16 * largest_param(cfg, lay)
         rows = {k: v / GIB for k, v in rows.items()}
     rows |= {"process": rates.process_gb, "data pipeline": rates.data_gb}
     ranks = min(lay.gpus, lay.gpus_per_node)

@@ -69,6 +69,7 @@ class Layout:
     grad_accum: str = "fp32"
     offload: str = "none"              # none | optimizer (parallel.offload)
     offload_moments: str = "fp32"      # AdamW m and v on the host (parallel.offload_moments; bf16 refused)
+    offload_chunk_mb: int = 256        # ZeRO 2 offload's streamed update (parallel.offload_chunk_mb; 0: DeepSpeed's step)
     host_mem_gb: float | None = None   # host memory of one node (GiB); None: not checked
     batch_tokens: int = 0              # tokens per optimizer step (the recipe's largest), for the step plan
 
@@ -285,5 +286,6 @@ def layout_from_config(cfg, gpus: int, gpus_per_node: int, gpu_mem_gb: float, re
                   reserve_gb=reserve_gb, micro_batch=cfg.trainer.micro_batch_size, seq=cfg.data.seq_len,
                   recompute=cfg.model.recompute, compile=cfg.model.compile is not False,
                   grad_accum=cfg.trainer.grad_accum_dtype, offload=cfg.parallel.offload,
-                  offload_moments=cfg.parallel.offload_moments, host_mem_gb=host_mem_gb,
+                  offload_moments=cfg.parallel.offload_moments, offload_chunk_mb=cfg.parallel.offload_chunk_mb,
+                  host_mem_gb=host_mem_gb,
                   batch_tokens=max(b for _, b in ramp.points))

@@ -52,7 +52,7 @@ def recipe(layers: int, args) -> dict:
                  "eval_seqs": 1},
         "schedule": {"start_lr": 3e-4, "batch_tokens": batch,
                      "stages": [{"name": "stage1", "tokens": n_steps * batch, "lr_end": 3e-5}]},
-        "parallel": {"ep_size": 1, "zero_stage": 2, "offload": "optimizer"},
+        "parallel": {"ep_size": 1, "zero_stage": 2, "offload": "optimizer", "offload_chunk_mb": args.offload_chunk_mb},
         "trainer": {"engine": "deepspeed", "device": "cuda", "bf16": True, "micro_batch_size": 1,
                     "eval_every": "0", "ckpt_every": "0", "log_every": 1},
         "logging": {"wandb": False, "progress": False, "plots": False},
@@ -204,6 +204,8 @@ def main() -> None:
     ap.add_argument("--backend", default="grouped_mm", choices=("grouped_mm", "triton", "torch"))
     ap.add_argument("--recompute", default="full", choices=("none", "selective", "full"),
                     help="full: what parallel=dots1_8gpu_offload uses at 62 layers")
+    ap.add_argument("--offload-chunk-mb", type=int, default=256,
+                    help="parallel.offload_chunk_mb: the streamed update's chunk; 0 = DeepSpeed's own step")
     ap.add_argument("--cpu-adam-params", type=int, default=2 ** 28)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -80,12 +80,14 @@ def test_bundled_dots1_layouts_compose_and_fit(name, gpus):
 
 
 def test_offload_layouts_and_the_issues_arithmetic():
-    """What DeepSpeed 0.19.8's ZeRO-Offload keeps (anneal.host_plan, anneal.memory_plan): on the host
-    18 B per parameter of the partition (fp32 masters, fp32 m and v, the fp32 gradient, the bf16
-    upload copy), on the GPU an fp32 sum of the partition's gradients. One node of 8 x 141 GB (EP 8:
-    24.6B parameters per GPU) fits the GPU with full recompute but not selective, and its host needs
-    2563 GiB: not 2 TiB, yes 3 TiB. bf16 moments are refused (CPU Adam would need bf16 masters).
-    16 x 80 GB fits with full recompute on 2 TiB hosts, not with selective."""
+    """What ZeRO-Offload keeps (anneal.host_plan, anneal.memory_plan): on the GPU an fp32 sum of the
+    partition's gradients; on the host, with the streamed update (the default), 12 B per parameter
+    of the partition (fp32 masters, fp32 m and v) plus two chunk slots, and with DeepSpeed 0.19.8's
+    own step (parallel.offload_chunk_mb=0) 18 B (also the fp32 gradient and the bf16 upload copy).
+    One node of 8 x 141 GB (EP 8: 24.6B parameters per GPU) fits the GPU with full recompute but not
+    selective; its host needs 1771 GiB streamed (fits 2 TiB) and 2563 GiB with DeepSpeed's step
+    (3 TiB). bf16 moments are refused (CPU Adam would need bf16 masters). 16 x 80 GB fits with full
+    recompute on 2 TiB hosts, not with selective."""
     from anneal.cli import compose
     from anneal.host_plan import HostRates, plan_host, why_not
     from anneal.memory_plan import layout_from_config, model_config_for_plan
@@ -96,17 +98,23 @@ def test_offload_layouts_and_the_issues_arithmetic():
         plan = plan_memory(mcfg, layout_from_config(cfg, gpus, 8, gpu_gb, 6.0, host_gb))
         return plan, plan_host(mcfg, plan, HostRates())
 
+    def states(host):
+        return sum(v for k, v in host.rows.items() if k.startswith(("fp32", "AdamW", "bf16"))) * host.ranks_per_node
+
     p_ne, p_e = param_split(Dots1Config())
     plan, host = plans(["parallel=dots1_8gpu_offload"], 8, 141.0)
     assert plan.params_local / 1e9 == pytest.approx(24.57, abs=0.01) and plan.fits
-    states = sum(v for k, v in host.rows.items() if k.startswith(("fp32", "AdamW", "bf16"))) * host.ranks_per_node
-    assert states * 2**30 == pytest.approx(18 * (p_ne + p_e))
+    assert states(host) * 2**30 == pytest.approx(12 * (p_ne + p_e))
+    assert host.rows["streaming slots (2 chunks, fp32 + bf16)"] * 2**30 == pytest.approx(2 * 6 * 256 * 2**20 / 4)
     assert plan.rows["fp32 grad partition sum"] * 2**30 == pytest.approx(4 * plan.params_partition)
     # one fp32 copy of the partition down per step, whatever the micro-batch count; bf16 weights up
     assert host.pcie_gb == pytest.approx({"gradients down (fp32, once)": 4 * plan.params_partition / 1e9,
                                           "weights up (bf16)": 2 * plan.params_partition / 1e9})
+    assert host.node_total == pytest.approx(1771, abs=1) and host.fits
+    plan, host = plans(["parallel=dots1_8gpu_offload", "parallel.offload_chunk_mb=0"], 8, 141.0)
+    assert states(host) * 2**30 == pytest.approx(18 * (p_ne + p_e))
     assert host.node_total == pytest.approx(2563, abs=1) and not host.fits and "host memory" in why_not(plan, host)
-    assert plans(["parallel=dots1_8gpu_offload"], 8, 141.0, 3072.0)[1].fits
+    assert plans(["parallel=dots1_8gpu_offload", "parallel.offload_chunk_mb=0"], 8, 141.0, 3072.0)[1].fits
     plan, host = plans(["parallel=dots1_8gpu_offload", "model.recompute=selective"], 8, 141.0, 3072.0)
     assert not plan.fits and "per GPU" in why_not(plan, host)
     with pytest.raises(AnnealError, match="offload_moments=bf16: DeepSpeed's CPU Adam keeps AdamW's moments in the "
