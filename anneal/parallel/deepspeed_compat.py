@@ -21,6 +21,10 @@ it fails there first. The contract:
 - optimizer offload: `offload_optimizer_config` and `cpu_adam` (DeepSpeedCPUAdam, the optimizer
   ZeRO-Offload requires); ZeRO-Offload pins its host buffers with `Tensor.pin_memory`, so
   `exact_pinned_allocations` keeps torch's pinned allocator from rounding them up to powers of two;
+  `stream_offload_step` replaces `DeepSpeedZeroOptimizer.step` and its boundary hook
+  `copy_grads_in_partition` on one instance (ZeRO 2, bf16 + fp32 sums), reading the step's sums from
+  the compact GPU partition buffers (`_get_compact_grad_partition_buffer(i).flat_partition`) and
+  stepping CPU Adam's kernel (`ds_opt_adam.adam_update`) on chunks;
 - start-up: `init_distributed` keeps DeepSpeed from building its shared-memory all-reduce op
   (`deepspeed.comm.torch.build_shm_op`; used by inference only);
 - gradient-accumulation fusion: ZeRO 1's bf16 optimizer (`BF16_Optimizer`) keeps one fp32 gradient
@@ -403,6 +407,7 @@ def _copy_grads_kept_on_device(self, param, group_idx=None):
 def _streamed_offload_step(self, closure=None):
     """DeepSpeed 0.19.8's ZeRO step (`DeepSpeedZeroOptimizer.step`) for the offload case bf16 +
     fp32 sums (no Muon, no loss scaling), with the update streamed by `_OffloadStream`."""
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm
     from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 
@@ -428,7 +433,7 @@ def _streamed_offload_step(self, closure=None):
     self._global_grad_norm = norm / prev_scale if norm is not None else None
 
     adam, stream = self.optimizer, self._streamed_offload
-    stream.ready(torch.device(get_accelerator_device()), max(int(s) for s in self.partition_size))
+    stream.ready(torch.device(get_accelerator().current_device_name()), max(int(s) for s in self.partition_size))
     for i in range(len(self.bit16_groups)):
         master = self.single_partition_of_fp32_groups[i]
         group = adam.param_groups[i]
@@ -459,8 +464,3 @@ def _streamed_offload_step(self, closure=None):
     for i in range(len(self.bit16_groups)):
         self._update_model_bit16_weights(i)
 
-
-def get_accelerator_device() -> str:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().current_device_name()
