@@ -204,8 +204,10 @@ def _streamed_worker(rank, world, device="cpu", chunk=1000):
     assert not own.streamed
     assert compat.stream_offload_step(streamed.engine, chunk)
     zero = streamed.engine.optimizer
-    assert all(m.grad is None for m in zero.single_partition_of_fp32_groups)
+    assert all(m.grad is None for m in zero.single_partition_of_fp32_groups)  # no whole host gradient
+    assert zero.param_buffer_of_bit16_for_cpu_offload_groups == []            # nor bf16 upload copy
     assert all(m.grad is not None for m in own.engine.optimizer.single_partition_of_fp32_groups)
+    assert len(own.engine.optimizer.param_buffer_of_bit16_for_cpu_offload_groups) == len(zero.bit16_groups)
     assert max(zero.partition_size) > 3 * chunk
     gen = torch.Generator().manual_seed(rank)
     for step in range(4):

@@ -315,10 +315,15 @@ def stream_offload_step(engine, chunk_numel: int) -> bool:
         return False
     from deepspeed.accelerator import get_accelerator
 
+    # the whole host gradient and bf16 upload copy go (unpin_memory frees under DeepSpeed's native
+    # pinning backend and is a no-op under torch's, where dropping the last reference frees)
     for fp32 in opt.single_partition_of_fp32_groups:
-        if fp32.grad is not None and fp32.grad.is_pinned():
-            get_accelerator().unpin_memory(fp32.grad)  # DeepSpeed's own teardown does the same
+        if fp32.grad is not None:
+            get_accelerator().unpin_memory(fp32.grad)
         fp32.grad = None
+    for buffer in opt.param_buffer_of_bit16_for_cpu_offload_groups:
+        get_accelerator().unpin_memory(buffer)
+    opt.param_buffer_of_bit16_for_cpu_offload_groups = []
     for k in list(opt.offload_gradient_dict):
         opt.offload_gradient_dict[k] = None  # views of the freed gradient; DeepSpeed then says "not available"
     opt._streamed_offload = _OffloadStream(chunk_numel)
