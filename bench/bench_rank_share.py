@@ -179,6 +179,9 @@ def measure(layers: int, args, rates: dict, gpu_mem_gb: float, host_mem_gb: floa
             "update_share_short_recipe": short_share,
             "gpu_peak_gib": max(r["gpu_mem_peak_gb"] for r in steps),
             "host_peak_gib": max(r["host_mem_peak_gb"] for r in steps),
+            # resident size while training (start-up's transients excluded: with a random init the
+            # engine holds an fp32 copy of the weights while DeepSpeed builds its masters)
+            "host_steady_gib": max(r["host_mem_gb"] for r in steps),
             "loss_first": rows[0].get("loss"), "loss_last": steps[-1].get("loss"),
             "planner": plan, "planner_62": plan62}
 
@@ -233,8 +236,9 @@ def main() -> None:
               f"{r['mfu']:.1%} | step {r['step_s']:6.2f} s, update {r['update_s']:5.2f} s ({r['update_share']:.1%}; "
               f"at the short recipe's {SHORT_RECIPE_MICRO_BATCHES} micro-batches {r['update_share_short_recipe']:.1%}) | "
               f"GPU peak {r['gpu_peak_gib']:5.1f} GiB (planner {p['gpu_gib']:5.1f}, "
-              f"{r['gpu_peak_gib'] / p['gpu_gib'] - 1:+.1%}) | host peak {r['host_peak_gib']:5.1f} GiB (planner "
-              f"{p['host_rank_gib']:5.1f}, {r['host_peak_gib'] / p['host_rank_gib'] - 1:+.1%}) | planner step "
+              f"{r['gpu_peak_gib'] / p['gpu_gib'] - 1:+.1%}) | host while training {r['host_steady_gib']:5.1f} GiB, "
+              f"peak {r['host_peak_gib']:5.1f} (planner {p['host_rank_gib']:5.1f}: "
+              f"{r['host_steady_gib'] / p['host_rank_gib'] - 1:+.1%}, {r['host_peak_gib'] / p['host_rank_gib'] - 1:+.1%}) | planner step "
               f"{p['step_s']:.2f} s, update share {p['optimizer_share']:.1%}", flush=True)
         write_json(args.json, summarize(results, rates, args, gpu_mem_gb, host_mem_gb))   # a later timeout keeps this
     write_json(args.json, summarize(results, rates, args, gpu_mem_gb, host_mem_gb, report=True))
@@ -255,13 +259,15 @@ def summarize(results: list[dict], rates: dict, args, gpu_mem_gb: float, host_me
         p62 = results[-1]["planner_62"]
         out["at_62_layers"] = {"gpu_peak_gib_fit": fit_62(results, "gpu_peak_gib"),
                                "host_peak_gib_fit": fit_62(results, "host_peak_gib"),
+                               "host_steady_gib_fit": fit_62(results, "host_steady_gib"),
                                "update_s_fit": fit_62(results, "update_s"),
                                "micro_batch_s_fit": fit_62(results, "micro_batch_s"),
                                "planner_gpu_gib": p62["gpu_gib"], "planner_host_rank_gib": p62["host_rank_gib"]}
         a = out["at_62_layers"]
         if report and a["gpu_peak_gib_fit"] is not None:
             print(f" 62 layers (line through the measurements): GPU {a['gpu_peak_gib_fit']:.1f} GiB (planner "
-                  f"{a['planner_gpu_gib']:.1f}), host {a['host_peak_gib_fit']:.1f} GiB per rank (planner "
+                  f"{a['planner_gpu_gib']:.1f}), host {a['host_steady_gib_fit']:.1f} GiB per rank while training, "
+                  f"peak {a['host_peak_gib_fit']:.1f} (planner "
                   f"{a['planner_host_rank_gib']:.1f}), update {a['update_s_fit']:.1f} s, micro-batch "
                   f"{a['micro_batch_s_fit']:.3f} s", flush=True)
     return out

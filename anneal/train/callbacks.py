@@ -161,9 +161,8 @@ class Metrics(Callback):
 
     def on_step_end(self, info: StepInfo, row: dict) -> None:
         tracker = self.run.tracker
-        row["host_mem_peak_gb"] = peak_host_memory_gb()   # with parallel.offload=optimizer the optimizer lives here
-        if "gpu_mem_peak_gb" not in row:
-            row["host_mem_gb"] = host_memory_gb()
+        # with parallel.offload=optimizer the optimizer lives here; the peak also holds start-up's transients
+        row["host_mem_peak_gb"], row["host_mem_gb"] = peak_host_memory_gb(), host_memory_gb()
         periodic = info.step % self.log_every == 0
         last = info.tokens >= self.run.p.schedule.total_tokens or info.stop_now
         tracker.update_progress(info.step, row, log_line=periodic or info.step == 1 or last)
