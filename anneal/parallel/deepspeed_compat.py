@@ -346,14 +346,16 @@ class _OffloadStream:
             self.slots = [(torch.empty(n, dtype=torch.float32, pin_memory=pin),
                            torch.empty(n, dtype=torch.bfloat16, pin_memory=pin)) for _ in range(2)]
             self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            self.up = [None, None]   # the last upload from each bf16 slot (kept across groups and steps)
 
     def update(self, grad: torch.Tensor, master: torch.Tensor, weights: torch.Tensor, step_chunk) -> None:
-        """For each chunk: grad (device, fp32) -> slot -> step_chunk(master view, slot grad view) ->
-        bf16 slot -> weights (device). Copies are asynchronous on CUDA, in order on CPU."""
+        """For each chunk [a, a + m): grad (device, fp32) -> slot; step_chunk(a, m, the slot's
+        gradient) updates the masters there; masters -> bf16 slot -> weights (device). Copies are
+        asynchronous on CUDA (a side stream), in order on CPU."""
         n, c = master.numel(), self.chunk
         spans = [(a, min(c, n - a)) for a in range(0, n, c)]
         cuda = self.stream is not None
-        down, up = [None, None], [None, None]
+        down, up = [None, None], self.up
         if cuda:
             self.stream.wait_stream(torch.cuda.current_stream())  # the backward wrote `grad` there
 
@@ -376,7 +378,7 @@ class _OffloadStream:
                 down[k % 2].synchronize()
             step_chunk(a, m, g_slot[:m])
             if up[k % 2] is not None:
-                up[k % 2].synchronize()  # the upload of chunk k-2 has left this slot
+                up[k % 2].synchronize()  # the slot's previous upload (chunk k-2, or another group's) has left it
             w_slot[:m].copy_(master.narrow(0, a, m))
             if not cuda:
                 weights.narrow(0, a, m).copy_(w_slot[:m])
