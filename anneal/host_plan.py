@@ -79,7 +79,8 @@ class HostPlan:
 
 def streams(lay) -> bool:
     """Does the layout's offloaded update stream (`deepspeed_compat.stream_offload_step`: ZeRO 2, bf16
-    weights with fp32 sums, parallel.offload_chunk_mb > 0)?"""
+    weights with fp32 sums, parallel.offload_chunk_mb > 0)? The plan assumes a GPU run's bf16 weights; a
+    CPU run computes in fp32 and keeps DeepSpeed's step (6 B per parameter more than planned)."""
     return lay.offload == "optimizer" and lay.zero_stage == 2 and lay.grad_accum == "fp32" and lay.offload_chunk_mb > 0
 
 
