@@ -348,26 +348,30 @@ class _OffloadStream:
             self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             self.up = [None, None]   # the last upload from each bf16 slot (kept across groups and steps)
 
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor):
+        """dst <- src, on the side stream and asynchronous on CUDA (-> the event that marks it done),
+        in order on CPU (-> None)."""
+        if self.stream is None:
+            dst.copy_(src)
+            return None
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
     def update(self, grad: torch.Tensor, master: torch.Tensor, weights: torch.Tensor, step_chunk) -> None:
         """For each chunk [a, a + m): grad (device, fp32) -> slot; step_chunk(a, m, the slot's
-        gradient) updates the masters there; masters -> bf16 slot -> weights (device). Copies are
-        asynchronous on CUDA (a side stream), in order on CPU."""
+        gradient) updates the masters there; masters -> bf16 slot -> weights (device)."""
         n, c = master.numel(), self.chunk
         spans = [(a, min(c, n - a)) for a in range(0, n, c)]
-        cuda = self.stream is not None
         down, up = [None, None], self.up
-        if cuda:
+        if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream())  # the backward wrote `grad` there
 
         def fetch(k):
-            (g_slot, _), (a, m) = self.slots[k % 2], spans[k]
-            if not cuda:
-                g_slot[:m].copy_(grad.narrow(0, a, m))
-                return
-            with torch.cuda.stream(self.stream):
-                g_slot[:m].copy_(grad.narrow(0, a, m), non_blocking=True)
-                down[k % 2] = torch.cuda.Event()
-                down[k % 2].record(self.stream)
+            a, m = spans[k]
+            down[k % 2] = self._copy(self.slots[k % 2][0][:m], grad.narrow(0, a, m))
 
         fetch(0)
         for k, (a, m) in enumerate(spans):
@@ -380,14 +384,8 @@ class _OffloadStream:
             if up[k % 2] is not None:
                 up[k % 2].synchronize()  # the slot's previous upload (chunk k-2, or another group's) has left it
             w_slot[:m].copy_(master.narrow(0, a, m))
-            if not cuda:
-                weights.narrow(0, a, m).copy_(w_slot[:m])
-                continue
-            with torch.cuda.stream(self.stream):
-                weights.narrow(0, a, m).copy_(w_slot[:m], non_blocking=True)
-                up[k % 2] = torch.cuda.Event()
-                up[k % 2].record(self.stream)
-        if cuda:
+            up[k % 2] = self._copy(weights.narrow(0, a, m), w_slot[:m])
+        if self.stream is not None:
             torch.cuda.current_stream().wait_stream(self.stream)  # the all-gather reads `weights`
 
 
@@ -452,7 +450,7 @@ def _streamed_offload_step(self, closure=None):
         beta1, beta2 = group["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
 
-        def step_chunk(a, n, g, master=master, group=group, state=state, m=m, v=v, beta1=beta1, beta2=beta2):
+        def step_chunk(a, n, g):  # called within this iteration (update is synchronous on the host)
             self.unscale_and_clip_grads([g], norm)
             adam.ds_opt_adam.adam_update(adam.opt_id, state["step"], group["lr"], beta1, beta2, group["eps"],
                                          group["weight_decay"], group["bias_correction"], master.narrow(0, a, n),
