@@ -13,6 +13,9 @@ per GPU) from the measured update and per-micro-batch times; and, with two or mo
 line through the measurements extrapolated to dots1's 62 layers beside the planner's figure.
 
     python bench/bench_rank_share.py --layers 4 12 --micro-batches 16 --steps 3 --json out.json
+
+Layer counts measured in separate calls (a device call's time limit) are fitted together with
+`--merge a.json b.json --json both.json` (same device and arguments but `--layers`; no GPU needed).
 """
 from __future__ import annotations
 
@@ -211,7 +214,12 @@ def main() -> None:
                     help="parallel.offload_chunk_mb: the streamed update's chunk; 0 = DeepSpeed's own step")
     ap.add_argument("--cpu-adam-params", type=int, default=2 ** 28)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="fit the results of earlier runs' JSON files together (no run)")
     args = ap.parse_args()
+    if args.merge:
+        write_json(args.json, merge([json.loads(Path(f).read_text()) for f in args.merge]))
+        return
 
     import torch
 
@@ -249,11 +257,28 @@ def write_json(path: str | None, out: dict) -> None:
         Path(path).write_text(json.dumps(out, indent=1))
 
 
-def summarize(results: list[dict], rates: dict, args, gpu_mem_gb: float, host_mem_gb: float,
-              report: bool = False) -> dict:
-    import torch
+def merge(runs: list[dict]) -> dict:
+    """One summary (and 62-layer fit) over several runs' JSON; refuses runs whose device or arguments
+    other than the layer counts differ, since their points would not lie on one line."""
+    def key(run):
+        return run["device"], {k: v for k, v in run["args"].items() if k not in ("layers", "json", "merge")}
 
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "gpu_mem_gib": gpu_mem_gb,
+    for run in runs[1:]:
+        if key(run) != key(runs[0]):
+            raise SystemExit(f"--merge: runs differ beyond --layers: {key(runs[0])} vs {key(run)}")
+    results = sorted((r for run in runs for r in run["results"]), key=lambda r: r["layers"])
+    args = {**runs[0]["args"], "layers": [r["layers"] for r in results]}
+    return summarize(results, runs[0]["rates"], argparse.Namespace(**args), runs[0]["gpu_mem_gib"],
+                     runs[0]["host_mem_gib"], report=True, device=(runs[0]["device"], runs[0]["torch"]))
+
+
+def summarize(results: list[dict], rates: dict, args, gpu_mem_gb: float, host_mem_gb: float,
+              report: bool = False, device: tuple[str, str] | None = None) -> dict:
+    if device is None:
+        import torch
+
+        device = torch.cuda.get_device_name(0), torch.__version__
+    out = {"device": device[0], "torch": device[1], "gpu_mem_gib": gpu_mem_gb,
            "host_mem_gib": host_mem_gb, "rates": rates, "args": vars(args), "results": results}
     if results:
         p62 = results[-1]["planner_62"]
