@@ -154,9 +154,12 @@ def run_anneal(path: Path, root: Path) -> list[dict]:
     proc = subprocess.Popen([sys.executable, "-m", "anneal", f"recipe={path}", f"run.root={root}", "run.name=r"],
                             cwd=REPO, env=env)          # its log streams through: a slow phase shows where
     watch_host_memory(proc)
+    metrics = root / "r" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     if proc.returncode:
-        raise RuntimeError(f"anneal exited with {proc.returncode} (its log is above)")
-    return [json.loads(line) for line in (root / "r" / "metrics.jsonl").read_text().splitlines()]
+        memory = [{k: v for k, v in r.items() if "mem" in k or "pinned" in k or k == "step"} for r in rows]
+        raise RuntimeError(f"anneal exited with {proc.returncode} (its log is above; memory by step: {memory})")
+    return rows
 
 
 def measure(layers: int, args, rates: dict, gpu_mem_gb: float, host_mem_gb: float) -> dict:
@@ -185,6 +188,7 @@ def measure(layers: int, args, rates: dict, gpu_mem_gb: float, host_mem_gb: floa
             # resident size while training (start-up's transients excluded: with a random init the
             # engine holds an fp32 copy of the weights while DeepSpeed builds its masters)
             "host_steady_gib": max(r["host_mem_gb"] for r in steps),
+            "host_pinned_gib": max(r.get("host_pinned_gb", float("nan")) for r in steps),  # part of the above
             "loss_first": rows[0].get("loss"), "loss_last": steps[-1].get("loss"),
             "planner": plan, "planner_62": plan62}
 
@@ -244,7 +248,8 @@ def main() -> None:
               f"{r['mfu']:.1%} | step {r['step_s']:6.2f} s, update {r['update_s']:5.2f} s ({r['update_share']:.1%}; "
               f"at the short recipe's {SHORT_RECIPE_MICRO_BATCHES} micro-batches {r['update_share_short_recipe']:.1%}) | "
               f"GPU peak {r['gpu_peak_gib']:5.1f} GiB (planner {p['gpu_gib']:5.1f}, "
-              f"{r['gpu_peak_gib'] / p['gpu_gib'] - 1:+.1%}) | host while training {r['host_steady_gib']:5.1f} GiB, "
+              f"{r['gpu_peak_gib'] / p['gpu_gib'] - 1:+.1%}) | host while training {r['host_steady_gib']:5.1f} GiB "
+              f"({r['host_pinned_gib']:.1f} pinned), "
               f"peak {r['host_peak_gib']:5.1f} (planner {p['host_rank_gib']:5.1f}: "
               f"{r['host_steady_gib'] / p['host_rank_gib'] - 1:+.1%}, {r['host_peak_gib'] / p['host_rank_gib'] - 1:+.1%}) | planner step "
               f"{p['step_s']:.2f} s, update share {p['optimizer_share']:.1%}", flush=True)

@@ -179,7 +179,8 @@ def test_engine_internals_and_dropped_step(zero_stage, bf16, offload):
 def _streamed_worker(rank, world, device="cpu", chunk=1000):
     """Two engines from the same weights, bf16 + fp32 sums, ZeRO 2, offload: DeepSpeed's own step
     and the streamed one (`stream_offload_step`, chunks far smaller than a partition, so every
-    group crosses several chunk borders, at offsets that are no multiple of CPU Adam's SIMD width).
+    group crosses several chunk borders; 1000 elements are rounded to 896, whole AVX-512 tiles of
+    CPU Adam, whose scalar tail rounds differently: unrounded, the device's AVX-512 CPU was 1 ulp off).
     Same micro-batches, clipping active, a dropped step in the middle: the same bits in the fp32
     masters, AdamW's moments and step count, the bf16 weights and the grad norms; and the streamed
     engine keeps no host gradient."""
@@ -208,6 +209,7 @@ def _streamed_worker(rank, world, device="cpu", chunk=1000):
     assert zero.param_buffer_of_bit16_for_cpu_offload_groups == []            # nor bf16 upload copy
     assert all(m.grad is not None for m in own.engine.optimizer.single_partition_of_fp32_groups)
     assert len(own.engine.optimizer.param_buffer_of_bit16_for_cpu_offload_groups) == len(zero.bit16_groups)
+    assert zero._streamed_offload.chunk == chunk // compat.CPU_ADAM_TILE * compat.CPU_ADAM_TILE
     assert max(zero.partition_size) > 3 * chunk
     gen = torch.Generator().manual_seed(rank)
     for step in range(4):

@@ -22,7 +22,7 @@ import torch
 from anneal.checkpoints.run_checkpoints import RunCheckpoints, anneal_meta, export_meta, export_meta_files
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.build import Prepared
-from anneal.train.devices import host_memory_gb, peak_host_memory_gb
+from anneal.train.devices import host_memory_gb, peak_host_memory_gb, pinned_host_memory_gb
 from anneal.train.step import to_device, token_losses
 
 
@@ -163,6 +163,9 @@ class Metrics(Callback):
         tracker = self.run.tracker
         # with parallel.offload=optimizer the optimizer lives here; the peak also holds start-up's transients
         row["host_mem_peak_gb"], row["host_mem_gb"] = peak_host_memory_gb(), host_memory_gb()
+        pinned = pinned_host_memory_gb()
+        if pinned is not None:
+            row["host_pinned_gb"] = pinned
         periodic = info.step % self.log_every == 0
         last = info.tokens >= self.run.p.schedule.total_tokens or info.stop_now
         tracker.update_progress(info.step, row, log_line=periodic or info.step == 1 or last)

@@ -59,6 +59,17 @@ def host_memory_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def pinned_host_memory_gb() -> float | None:
+    """Page-locked host memory torch's caching host allocator holds (in use + cached, as rounded
+    blocks; part of the resident size): where ZeRO-Offload's buffers live. None without CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    try:
+        return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
+    except (AttributeError, RuntimeError):  # a torch without host allocator statistics
+        return None
+
+
 def available_host_memory_gb() -> float:
     """Memory this machine can still give without swapping (GiB; psutil's `available`, Linux's
     MemAvailable): what the OS, the launcher and other jobs hold is already out of it, so no
