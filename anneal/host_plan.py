@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from anneal.memory_plan import BF16, FP32, GIB, MemoryPlan, largest_param
+from anneal.memory_plan import BF16, FP32, GIB, MemoryPlan, largest_param, streams
 from anneal.model.config import Dots1Config
 
 # measured on the slice (bench/RESULTS.md, H100); selective: the target until bench_step measures it
@@ -77,13 +77,6 @@ class HostPlan:
                 + self.times.get("AdamW (GPU)", 0.0)) / self.step_s
 
 
-def streams(lay) -> bool:
-    """Does the layout's offloaded update stream (`deepspeed_compat.stream_offload_step`: ZeRO 2, bf16
-    weights with fp32 sums, parallel.offload_chunk_mb > 0)? The plan assumes a GPU run's bf16 weights; a
-    CPU run computes in fp32 and keeps DeepSpeed's step (6 B per parameter more than planned)."""
-    return lay.offload == "optimizer" and lay.zero_stage == 2 and lay.grad_accum == "fp32" and lay.offload_chunk_mb > 0
-
-
 def plan_host(cfg: Dots1Config, plan: MemoryPlan, rates: HostRates = HostRates()) -> HostPlan:
     """Host memory, PCIe traffic and step time of the layout `plan` was made for."""
     lay, part = plan.layout, plan.params_partition
@@ -94,9 +87,9 @@ def plan_host(cfg: Dots1Config, plan: MemoryPlan, rates: HostRates = HostRates()
         if streams(lay):
             chunk = min(part, lay.offload_chunk_mb * 2 ** 20 / FP32)
             rows["streaming slots (2 chunks, fp32 + bf16)"] = 2 * (FP32 + BF16) * chunk
-        else:
-            rows |= {"fp32 gradient": FP32 * part, "bf16 partition (upload)": BF16 * part}
-        rows["staging (largest param)"] = BF16 * largest_param(cfg, lay)
+        else:  # DeepSpeed's own step (its staging buffer of the largest parameter too)
+            rows |= {"fp32 gradient": FP32 * part, "bf16 partition (upload)": BF16 * part,
+                     "staging (largest param)": BF16 * largest_param(cfg, lay)}
         rows = {k: v / GIB for k, v in rows.items()}
     rows |= {"process": rates.process_gb, "data pipeline": rates.data_gb}
     ranks = min(lay.gpus, lay.gpus_per_node)

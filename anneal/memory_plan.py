@@ -196,8 +196,9 @@ def plan_memory(cfg: Dots1Config, lay: Layout) -> MemoryPlan:
             {"fp32 grad accumulators": FP32 * local}
         bucket = BF16 if lay.zero_stage == 2 else FP32
         rows = {"bf16 weights": BF16 * local, **grad_rows,
-                f"reduce buckets ({'bf16' if bucket == BF16 else 'fp32'})": bucket * min(local, 2 * DS_REDUCE_BUCKET),
-                "offload staging (largest param)": BF16 * largest_param(cfg, lay)}
+                f"reduce buckets ({'bf16' if bucket == BF16 else 'fp32'})": bucket * min(local, 2 * DS_REDUCE_BUCKET)}
+        if not streams(lay):  # the streamed update frees DeepSpeed's staging buffers
+            rows["offload staging (largest param)"] = BF16 * largest_param(cfg, lay)
     else:
         rows = {"bf16 weights": BF16 * local, "fp32 masters": FP32 * part, "fp32 grad accumulators": FP32 * accum,
                 "bf16 gradients": BF16 * bf16_grads, "AdamW m + v (fp32)": 2 * FP32 * part}
@@ -205,6 +206,13 @@ def plan_memory(cfg: Dots1Config, lay: Layout) -> MemoryPlan:
     rows = {k: v / GIB for k, v in rows.items()}
     return MemoryPlan(rows, {k: v / GIB for k, v in acts.items()}, sum(rows.values()),
                       lay.gpu_mem_gb - lay.reserve_gb, lay, local, part)
+
+
+def streams(lay) -> bool:
+    """Does the layout's offloaded update stream (`deepspeed_compat.stream_offload_step`: ZeRO 2, bf16
+    weights with fp32 sums, parallel.offload_chunk_mb > 0)? The plan assumes a GPU run's bf16 weights; a
+    CPU run computes in fp32 and keeps DeepSpeed's step (6 B per parameter more than planned)."""
+    return lay.offload == "optimizer" and lay.zero_stage == 2 and lay.grad_accum == "fp32" and lay.offload_chunk_mb > 0
 
 
 def largest_param(cfg: Dots1Config, lay: Layout) -> int:

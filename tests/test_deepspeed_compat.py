@@ -207,6 +207,7 @@ def _streamed_worker(rank, world, device="cpu", chunk=1000):
     zero = streamed.engine.optimizer
     assert all(m.grad is None for m in zero.single_partition_of_fp32_groups)  # no whole host gradient
     assert zero.param_buffer_of_bit16_for_cpu_offload_groups == []            # nor bf16 upload copy
+    assert zero.temp_grad_buffer_for_cpu_offload is None and zero.temp_grad_buffer_for_gpu_offload is None
     assert all(m.grad is not None for m in own.engine.optimizer.single_partition_of_fp32_groups)
     assert len(own.engine.optimizer.param_buffer_of_bit16_for_cpu_offload_groups) == len(zero.bit16_groups)
     assert zero._streamed_offload.chunk == chunk // compat.CPU_ADAM_TILE * compat.CPU_ADAM_TILE

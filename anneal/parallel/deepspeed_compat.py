@@ -297,7 +297,8 @@ def stream_offload_step(engine, chunk_numel: int) -> bool:
     """Make ZeRO-Offload's update stream through the host a chunk at a time. DeepSpeed's own step
     copies the rank's whole fp32 gradient partition to a host buffer, steps CPU Adam on it, writes
     the updated masters into a whole bf16 host copy and uploads that: 6 of its 18 host bytes per
-    parameter are those two buffers (532 + 266 GiB on an 8-GPU dots1 node, which then needs 2.5 TiB).
+    parameter are those two buffers (532 + 266 GiB on an 8-GPU dots1 node, which then needs 2.5 TiB),
+    and it stages the largest parameter (the embedding) on both sides of PCIe.
     Here each chunk of `chunk_numel` elements is copied down from the GPU's fp32 partition sum
     (where the step's gradient already is), clipped, stepped by CPU Adam (its own kernel, on views
     of the flat masters and moments: the checkpointed state is unchanged), rounded to bf16 and
@@ -326,6 +327,10 @@ def stream_offload_step(engine, chunk_numel: int) -> bool:
     opt.param_buffer_of_bit16_for_cpu_offload_groups = []
     for k in list(opt.offload_gradient_dict):
         opt.offload_gradient_dict[k] = None  # views of the freed gradient; DeepSpeed then says "not available"
+    # its staging copies of the largest parameter (host and GPU) serve only the non-compact copy path
+    if getattr(opt, "temp_grad_buffer_for_cpu_offload", None) is not None:
+        get_accelerator().unpin_memory(opt.temp_grad_buffer_for_cpu_offload)
+    opt.temp_grad_buffer_for_cpu_offload = opt.temp_grad_buffer_for_gpu_offload = None
     release_cached_pinned_memory()
     opt._streamed_offload = _OffloadStream(chunk_numel)
     opt.copy_grads_in_partition = _copy_grads_kept_on_device.__get__(opt)
