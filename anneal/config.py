@@ -74,7 +74,7 @@ class TrainerCfg:
     grad_accum_dtype: str = "fp32"         # fp32 | bf16: dtype gradients are summed in over a step's micro-batches
     grad_accum_fusion: bool = True         # bf16 + fp32 sums, native engine or DeepSpeed ZeRO 1: weight-gradient GEMMs (dense; triton experts) add into the fp32 sums
     eval_every: str = "0"                  # tokens between evals; 0 = only at stage ends
-    ckpt_every: str = "0"                  # tokens between resumable checkpoints; 0 = stage ends only
+    ckpt_every: str = "0"                  # tokens between resumable checkpoints; 0 = stage ends only; off = none (a benchmark: the run cannot resume)
     keep_checkpoints: int = 2
     log_every: int = 1                     # optimizer steps between metric logs
     stop_after_steps: Optional[int] = None  # stop early (as if killed after that step's checkpoint)

@@ -71,7 +71,9 @@ def test_anneal_from_export_starts_at_checkpoint_lr_and_exports(stable_ckpt, tmp
 
 
 def test_router_bias_moves_with_load(stable_ckpt, tmp_path):
-    result = train(cfg_for(tmp_path, *anneal_overrides(stable_ckpt), "logging.wandb=false", "export.enabled=false"), tmp_path)
+    result = train(cfg_for(tmp_path, *anneal_overrides(stable_ckpt), "logging.wandb=false", "export.enabled=false",
+                           "trainer.ckpt_every=off"), tmp_path)
+    assert not list(tmp_path.rglob("meta.json"))   # ckpt_every=off: not even the stage ends' checkpoints
     last = [r for r in result["history"] if "moe/bias_spread/layer1" in r][-1]
     assert last["moe/bias_spread/layer1"] > 0   # aux-loss-free balancing moved the bias
 

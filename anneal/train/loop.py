@@ -98,7 +98,10 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
         result = fit(run, step, tokens, stop_requested=lambda: bool(preemption))
         tracker.print(p.stream.format_accounting(global_accounting(run)), markup=False, highlight=False)
         result["resume_command"] = resume_command(cfg, run_dir)
-        if result["preempted"]:
+        if result["preempted"] and checkpoints_off(cfg):
+            tracker.print(f"{preemption.received}: stopped after step {result['step']} (trainer.ckpt_every=off: "
+                          f"nothing to resume from)", markup=False, highlight=False)
+        elif result["preempted"]:
             tracker.print(f"{preemption.received}: stopped after step {result['step']} with a checkpoint; resume with:",
                           markup=False, highlight=False)
             tracker.print(result["resume_command"], markup=False, highlight=False, soft_wrap=True)
@@ -108,6 +111,12 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
     result["wandb_dir"] = tracker.wandb_dir
     result["wandb_group"] = getattr(tracker, "group", None)
     return result
+
+
+def checkpoints_off(cfg) -> bool:
+    """trainer.ckpt_every=off: no checkpoint at all, not even at stage ends (benchmarks whose
+    checkpoint would not fit the disk); the export is then written from memory."""
+    return str(cfg.trainer.ckpt_every).strip().lower() == "off"
 
 
 def fit(run: Run, step: int, tokens: int, stop_requested=lambda: False) -> dict:
@@ -124,8 +133,11 @@ def fit(run: Run, step: int, tokens: int, stop_requested=lambda: False) -> dict:
                  Eval(run, parse_tokens(cfg.trainer.eval_every, "trainer.eval_every"), balance.take_interval_load,
                       bench.scores),
                  Metrics(run, cfg.trainer.log_every)]
-    callbacks += [Checkpoint(run, parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every")),
-                  Plots(run), Export(run), bench]
+    if checkpoints_off(cfg):
+        run.tracker.print("trainer.ckpt_every=off: no checkpoint is written, so this run cannot be resumed")
+    else:
+        callbacks.append(Checkpoint(run, parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every")))
+    callbacks += [Plots(run), Export(run), bench]
     run.checkpoints.attach(engine=engine, data=p.stream, callbacks={"StepGuard": guard})
 
     paired = PairedSchedule(p.model, engine) if cfg.parallel.a2a_overlap else None
