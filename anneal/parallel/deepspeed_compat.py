@@ -19,8 +19,9 @@ it fails there first. The contract:
   for that step only; `forget_dropped_gradients` clears ZeRO-Offload's fp32 gradient partitions,
   which its overflow path leaves in place;
 - optimizer offload: `offload_optimizer_config` and `cpu_adam` (DeepSpeedCPUAdam, the optimizer
-  ZeRO-Offload requires); ZeRO-Offload pins its host buffers with `Tensor.pin_memory`, so
-  `exact_pinned_allocations` keeps torch's pinned allocator from rounding them up to powers of two;
+  ZeRO-Offload requires); DeepSpeed's own step pins its host buffers with `Tensor.pin_memory`, so
+  `exact_pinned_allocations` asks torch's pinned allocator not to round them up to powers of two
+  (the streamed update has DeepSpeed pin nothing);
   `stream_offload_step` replaces `DeepSpeedZeroOptimizer.step` and its boundary hook
   `copy_grads_in_partition` on one instance (ZeRO 2, bf16 + fp32 sums), reading the step's sums from
   the compact GPU partition buffers (`_get_compact_grad_partition_buffer(i).flat_partition`) and
@@ -226,7 +227,7 @@ def mark_fused_gradients(engine, fused: list[torch.nn.Parameter]) -> None:
 # ---------------------------------------------------------------------------- optimizer offload
 def offload_optimizer_config(pin_memory: bool) -> dict:
     """The `zero_optimization` keys of ZeRO-Offload: ZeRO's fp32 partition and AdamW's state in
-    host memory (pinned on CUDA), stepped by `cpu_adam`."""
+    host memory (pinned where DeepSpeed's own step copies them over PCIe), stepped by `cpu_adam`."""
     return {"offload_optimizer": {"device": "cpu", "pin_memory": bool(pin_memory)}}
 
 

@@ -25,7 +25,7 @@ def deepspeed_config(tcfg, *, zero_stage: int, bf16: bool, extra: dict | None = 
     `tcfg` is `Config.trainer` (micro_batch_size, grad_clip); AdamW's hyper-parameters and the LR
     stay with the trainer (a client optimizer), so `optimizer`/`scheduler` sections are refused.
     `offload="optimizer"` (parallel.offload) puts ZeRO's fp32 partition and AdamW's state in host
-    memory (ZeRO-Offload; pinned on CUDA), stepped by DeepSpeedCPUAdam."""
+    memory (ZeRO-Offload; pinned on CUDA unless the update streams), stepped by DeepSpeedCPUAdam."""
     if zero_stage not in (1, 2):
         raise AnnealError(f"parallel.zero_stage={zero_stage}: the DeepSpeed engine supports ZeRO stage 1 and 2 "
                           "(stage 3 partitions the expert weights that expert parallelism already shards)")
@@ -93,7 +93,7 @@ _SOURCE = {
                                   "(docs/deepspeed.md, \"Hooks\")",
     "bf16.check_grad_overflow": "the non-finite guard (trainer.on_nonfinite)",
     "zero_optimization.offload_optimizer.device": "parallel.offload",
-    "zero_optimization.offload_optimizer.pin_memory": "the device (pinned host memory on CUDA only)",
+    "zero_optimization.offload_optimizer.pin_memory": "the device and the update (pinned on CUDA, unless the update streams)",
 }
 
 

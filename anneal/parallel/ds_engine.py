@@ -81,9 +81,15 @@ class DeepSpeedEngine(PostStepHooks):
         # a bf16 policy reaches here on CUDA only (PrecisionPolicy.for_device computes in fp32 on CPU);
         # the engine-agreement tests build one on CPU, where DeepSpeed's bf16 optimizers run too
         on_cuda = next(model.parameters()).is_cuda
+        fp32_sums = policy.grad_accum_dtype == torch.float32
+        # the streamed update (deepspeed_compat.stream_offload_step) moves nothing over PCIe from the
+        # fp32 masters (its own pinned slots carry the chunks), so DeepSpeed need not pin them: torch's
+        # pinned allocator rounds each group up to a power of two (a 12-layer rank share: 11.6 GiB more)
+        streams = offload == "optimizer" and zero_stage == 2 and policy.mixed and fp32_sums and offload_chunk_mb > 0
+        pin = on_cuda and not streams
         self.config = deepspeed_config(tcfg, zero_stage=zero_stage, bf16=policy.mixed, extra=extra_config,
-                                       grad_accum_dtype="fp32" if policy.grad_accum_dtype == torch.float32 else "bf16",
-                                       offload=offload, pin_memory=on_cuda)
+                                       grad_accum_dtype="fp32" if fp32_sums else "bf16",
+                                       offload=offload, pin_memory=pin)
         self.offload = offload
 
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -92,7 +98,7 @@ class DeepSpeedEngine(PostStepHooks):
                         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
         param_groups = compat.moe_param_groups(param_groups)
         if offload == "optimizer":
-            if on_cuda:
+            if pin:
                 compat.exact_pinned_allocations()
             optimizer = compat.cpu_adam(param_groups, tcfg)
         else:
