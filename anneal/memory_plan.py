@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from anneal.errors import AnnealError
 from anneal.model.config import Dots1Config
+from anneal.parallel.ds_config import update_streams
 
 GIB = 2 ** 30
 BF16, FP32 = 2, 4
@@ -209,10 +210,9 @@ def plan_memory(cfg: Dots1Config, lay: Layout) -> MemoryPlan:
 
 
 def streams(lay) -> bool:
-    """Does the layout's offloaded update stream (`deepspeed_compat.stream_offload_step`: ZeRO 2, bf16
-    weights with fp32 sums, parallel.offload_chunk_mb > 0)? The plan assumes a GPU run's bf16 weights; a
-    CPU run computes in fp32 and keeps DeepSpeed's step (6 B per parameter more than planned)."""
-    return lay.offload == "optimizer" and lay.zero_stage == 2 and lay.grad_accum == "fp32" and lay.offload_chunk_mb > 0
+    """`ds_config.update_streams` for a layout. The plan assumes a GPU run's bf16 weights; a CPU run
+    computes in fp32 and keeps DeepSpeed's step (6 B per parameter more than planned)."""
+    return update_streams(lay.offload, lay.zero_stage, lay.grad_accum == "fp32", lay.offload_chunk_mb)
 
 
 def largest_param(cfg: Dots1Config, lay: Layout) -> int:

@@ -16,6 +16,7 @@ deepspeed = pytest.importorskip("deepspeed")
 
 from _dist import run_distributed  # noqa: E402
 from anneal.parallel import deepspeed_compat as compat  # noqa: E402
+from anneal.parallel.ds_config import offload_optimizer_config  # noqa: E402
 from moe import ep  # noqa: E402
 from moe.experts import GroupedExperts, is_expert_param  # noqa: E402
 from moe.layer import Dots1MoE, moe_layers  # noqa: E402
@@ -87,7 +88,7 @@ def test_moe_param_groups_split_experts_into_moe_groups():
 def test_offload_section_is_deepspeeds_zero_offload_key():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    zero = DeepSpeedZeroConfig(stage=2, **compat.offload_optimizer_config(pin_memory=False))
+    zero = DeepSpeedZeroConfig(stage=2, **offload_optimizer_config(pin_memory=False))
     assert zero.offload_optimizer is not None and zero.offload_optimizer.device == "cpu"
     assert zero.offload_optimizer.pin_memory is False
 

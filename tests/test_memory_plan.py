@@ -111,6 +111,11 @@ def test_offload_layouts_and_the_issues_arithmetic():
     assert host.pcie_gb == pytest.approx({"gradients down (fp32, once)": 4 * plan.params_partition / 1e9,
                                           "weights up (bf16)": 2 * plan.params_partition / 1e9})
     assert host.node_total == pytest.approx(1762, abs=1) and host.fits
+    # the engine asks the same question (and then has DeepSpeed pin nothing): ZeRO 2, bf16 + fp32 sums, chunks
+    from anneal.parallel.ds_config import update_streams
+    assert update_streams("optimizer", 2, True, 256) and not update_streams("optimizer", 1, True, 256)
+    assert not update_streams("optimizer", 2, False, 256) and not update_streams("optimizer", 2, True, 0)
+    assert not update_streams("none", 2, True, 256)
     assert "offload staging (largest param)" not in plan.rows and "staging (largest param)" not in host.rows
     plan, host = plans(["parallel=dots1_8gpu_offload", "parallel.offload_chunk_mb=0"], 8, 141.0)
     assert states(host) * 2**30 == pytest.approx(18 * (p_ne + p_e))

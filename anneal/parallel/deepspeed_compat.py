@@ -18,7 +18,7 @@ it fails there first. The contract:
   step (the flag DeepSpeed itself uses to drop an fp16 step), by overriding instance attributes
   for that step only; `forget_dropped_gradients` clears ZeRO-Offload's fp32 gradient partitions,
   which its overflow path leaves in place;
-- optimizer offload: `offload_optimizer_config` and `cpu_adam` (DeepSpeedCPUAdam, the optimizer
+- optimizer offload: `cpu_adam` (DeepSpeedCPUAdam, the optimizer
   ZeRO-Offload requires); DeepSpeed's own step pins its host buffers with `Tensor.pin_memory`, so
   `exact_pinned_allocations` asks torch's pinned allocator not to round them up to powers of two
   (the streamed update has DeepSpeed pin nothing);
@@ -225,12 +225,6 @@ def mark_fused_gradients(engine, fused: list[torch.nn.Parameter]) -> None:
 
 
 # ---------------------------------------------------------------------------- optimizer offload
-def offload_optimizer_config(pin_memory: bool) -> dict:
-    """The `zero_optimization` keys of ZeRO-Offload: ZeRO's fp32 partition and AdamW's state in
-    host memory (pinned where DeepSpeed's own step copies them over PCIe), stepped by `cpu_adam`."""
-    return {"offload_optimizer": {"device": "cpu", "pin_memory": bool(pin_memory)}}
-
-
 PINNED_ROUND_LIMIT_MB = 64
 
 

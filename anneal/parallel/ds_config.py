@@ -1,13 +1,25 @@
 """The DeepSpeed config of a run, from the trainer's config (one source of truth) and the user's
 extra keys (`trainer.deepspeed`), which may add anything else but repeat a key the trainer decides
-only with the same value. The keys below are DeepSpeed's documented JSON config; the offload
-section comes from the adapter (`anneal.parallel.deepspeed_compat`)."""
+only with the same value. The keys below are DeepSpeed's documented JSON config. No DeepSpeed
+import here: the planner (anneal.memory_plan) asks `update_streams` too."""
 from __future__ import annotations
 
 import copy
 
 from anneal.errors import AnnealError
-from anneal.parallel.deepspeed_compat import offload_optimizer_config
+
+
+def offload_optimizer_config(pin_memory: bool) -> dict:
+    """The `zero_optimization` keys of ZeRO-Offload: ZeRO's fp32 partition and AdamW's state in
+    host memory (pinned where DeepSpeed's own step copies them over PCIe), stepped by CPU Adam."""
+    return {"offload_optimizer": {"device": "cpu", "pin_memory": bool(pin_memory)}}
+
+
+def update_streams(offload: str, zero_stage: int, bf16_with_fp32_sums: bool, offload_chunk_mb: int) -> bool:
+    """Does the offloaded update stream (`deepspeed_compat.stream_offload_step`: ZeRO 2, bf16 weights
+    with fp32 sums, parallel.offload_chunk_mb > 0)? One answer for the engine and the planner."""
+    return offload == "optimizer" and zero_stage == 2 and bf16_with_fp32_sums and offload_chunk_mb > 0
+
 
 # Keys the trainer's (Hydra) config decides. A user's extra DeepSpeed keys may add anything else,
 # and may repeat one of these only with the same value.

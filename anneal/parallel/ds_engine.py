@@ -40,7 +40,7 @@ from anneal.model.grad_fusion import describe_fused, fuse_weight_gradients
 from anneal.model.precision import PrecisionPolicy
 from anneal.parallel import deepspeed_compat as compat
 from anneal.parallel.deepspeed_compat import init_distributed
-from anneal.parallel.ds_config import deepspeed_config
+from anneal.parallel.ds_config import deepspeed_config, update_streams
 from anneal.parallel.engine_protocol import PostStepHooks
 from anneal.parallel.layout import ParallelLayout
 from anneal.parallel.parallelize import apply_expert_parallel
@@ -85,8 +85,7 @@ class DeepSpeedEngine(PostStepHooks):
         # the streamed update (deepspeed_compat.stream_offload_step) moves nothing over PCIe from the
         # fp32 masters (its own pinned slots carry the chunks), so DeepSpeed need not pin them: torch's
         # pinned allocator rounds each group up to a power of two (a 12-layer rank share: 11.6 GiB more)
-        streams = offload == "optimizer" and zero_stage == 2 and policy.mixed and fp32_sums and offload_chunk_mb > 0
-        pin = on_cuda and not streams
+        pin = on_cuda and not update_streams(offload, zero_stage, policy.mixed and fp32_sums, offload_chunk_mb)
         self.config = deepspeed_config(tcfg, zero_stage=zero_stage, bf16=policy.mixed, extra=extra_config,
                                        grad_accum_dtype="fp32" if fp32_sums else "bf16",
                                        offload=offload, pin_memory=pin)
