@@ -236,7 +236,10 @@ def exact_pinned_allocations() -> bool:
     the planner counts (an 8-layer rank share, planned at 78 GiB, filled a 125 GiB host and was
     killed). A limit the user set (`PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:N`) is kept.
     Returns False where this torch has no settings API or refuses the key; a torch that predates the
-    key but ignores unknown ones (2.13 accepts a made-up key silently) keeps rounding, harmlessly."""
+    key but ignores unknown ones (2.13 accepts a made-up key silently) keeps rounding, harmlessly.
+    Measured on torch 2.11 (the device's): the call succeeds and DeepSpeed's master groups are still
+    rounded (bench/RESULTS.md, 12-layer rank share), which is why the streamed update, the default,
+    has DeepSpeed pin nothing; this remains for DeepSpeed's own step (`parallel.offload_chunk_mb=0`)."""
     get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if get is None or set_ is None:
