@@ -339,7 +339,7 @@ def stream_offload_step(engine, chunk_numel: int) -> bool:
 def release_cached_pinned_memory() -> None:
     """Give the page-locked blocks torch's caching host allocator holds unused back to the OS. A
     pinned tensor dropped by its last reference goes to that cache, not to the OS: the host
-    gradient and upload copy DeepSpeed pinned at start-up (24 GiB on an 8-layer rank share) stayed
+    gradient and upload copy DeepSpeed pinned at start-up (36 GiB on an 8-layer rank share) stayed
     resident after `stream_offload_step` dropped them, and a 125 GiB host ran out."""
     if not torch.cuda.is_available():
         return
