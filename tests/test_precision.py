@@ -1,6 +1,8 @@
 """The mixed-precision policy (anneal.model.precision) on CPU: bf16 compute weights, fp32 masters, fp32
 gradient accumulation, fp32 router/bias/loss, and the fp32 checkpoint. The policy is the same on
 GPU; CPU runs it here with bf16 CPU matmuls so that it is tested without a GPU."""
+import math
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -182,3 +184,34 @@ def test_bf16_on_a_gpu_without_bf16_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
     with pytest.raises(AnnealError, match=r"trainer.bf16=true but Tesla V100.*no bf16 support.*trainer.bf16=false"):
         PrecisionPolicy.for_device(True, torch.device("cuda"), note=lambda _: None)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_step_clips_and_updates_as_fp64_adamw_does(fused):
+    """The native step against fp64 arithmetic, with a clip that binds: `clip_grad_norm_` then AdamW
+    (foreach, the CPU default), or the clip folded into fused AdamW as it reads each gradient (the
+    CUDA default). Both must move every weight as AdamW moves it from the clipped gradient. An eps
+    near the clipped gradients' size makes the update depend on their scale (AdamW's first step is
+    otherwise lr * sign(g), whatever the clip)."""
+    clip, lr = 0.05, 1e-3
+    tcfg = OmegaConf.structured(TrainerCfg(grad_clip=clip, eps=1e-4))
+    model = _model("torch")
+    engine = Engine(model, tcfg, PrecisionPolicy(torch.float32), fused=fused)
+    accumulate(model, engine, iter(_batches(2)), 2, 1, torch.device("cpu"))
+    grads = [p.grad.double().clone() for p in engine.params]
+    before = [p.detach().double().clone() for p in engine.params]
+    norm = engine.step(lr)
+    ref_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+    assert ref_norm > 10 * clip  # the clip binds
+    assert abs(norm - ref_norm) / ref_norm < 1e-5
+    coef = clip / (ref_norm + 1e-6)
+    (b1, b2), eps = tcfg.betas, tcfg.eps
+    for p, g, w in zip(engine.params, grads, before):
+        g = g * coef
+        m_hat, v_hat = g, g * g  # AdamW's first moments, bias-corrected
+        step = lr * m_hat / (v_hat.sqrt() + eps)
+        wd = tcfg.weight_decay if p.ndim >= 2 else 0.0
+        expected = w * (1 - lr * wd) - step
+        moved, want = p.detach().double() - w, expected - w
+        # fp32 weights: w - step rounds to w's ulp (~1e-8 here, against steps ~1e-4)
+        assert torch.linalg.vector_norm(moved - want) <= 1e-3 * torch.linalg.vector_norm(want)

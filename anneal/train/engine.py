@@ -22,7 +22,9 @@ class Engine(PostStepHooks):
     model holds bf16 compute weights. The interface of `anneal.parallel.engine_protocol`;
     `model_state_dict()` (the weights, fp32 masters under bf16) is this engine's alone."""
 
-    def __init__(self, model: torch.nn.Module, tcfg, policy: PrecisionPolicy = PrecisionPolicy()):
+    def __init__(self, model: torch.nn.Module, tcfg, policy: PrecisionPolicy = PrecisionPolicy(),
+                 fused: bool | None = None):
+        """`fused`: torch's fused AdamW (default: on CUDA), which also takes the clipping."""
         self.model, self.grad_clip = model, tcfg.grad_clip
         self.post_step_hooks = []
         self.masters = MasterWeights(model, policy) if policy.mixed else None
@@ -31,7 +33,7 @@ class Engine(PostStepHooks):
         self.params = [p for _, p in named]
         decay = [p for _, p in named if p.ndim >= 2]
         no_decay = [p for _, p in named if p.ndim < 2]
-        fused = self.params[0].is_cuda
+        fused = self.params[0].is_cuda if fused is None else fused
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=0.0, betas=tuple(tcfg.betas), eps=tcfg.eps, fused=fused or None)
@@ -69,13 +71,26 @@ class Engine(PostStepHooks):
         if self.masters:
             self.masters.before_step()
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if self.optimizer.defaults.get("fused"):
+            grad_norm = self._clip_in_update(clip)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         self.step_applied = math.isfinite(grad_norm)
         if self.step_applied:
             self.optimizer.step()
         self._clear_gradients()
         self._run_post_step_hooks(self.step_applied)
         return grad_norm
+
+    def _clip_in_update(self, clip: float) -> float:
+        """Clipping folded into fused AdamW: the kernel divides each gradient by `grad_scale` as it
+        reads it (the hook torch's GradScaler uses to unscale), so the separate pass that
+        `clip_grad_norm_` makes to scale every gradient in place (all of them, also when the norm is
+        under the limit) is gone. Same coefficient as `clip_grad_norm_`: min(1, clip / (norm + 1e-6))."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+        self.optimizer.grad_scale = coef.reciprocal()
+        return float(norm)
 
     def skip_step(self) -> None:
         """Drop the step's gradients without an update."""
