@@ -75,10 +75,10 @@ def _rel(a, b):
 
 NAMES = ["out", "dx", "dw", "dWgu", "dWd"]
 
-PATHS = {
-    "tma-persistent": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=True), epi=1),
-    "pointer-tile": dict(tma=False, interp=dict(PERSIST=0, FLATTEN=False), epi=1),
-    "tma-epilogue-split": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=False, BLOCK_N=64), epi=4),
+PATHS = {  # acc_red: the weight-gradient kernels add into fp32 accumulators by atomic adds
+    "tma-persistent": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=True), epi=1, acc_red=False),
+    "pointer-tile": dict(tma=False, interp=dict(PERSIST=0, FLATTEN=False), epi=1, acc_red=True),
+    "tma-epilogue-split": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=False, BLOCK_N=64), epi=4, acc_red=False),
 }
 
 
@@ -89,6 +89,7 @@ def path(request, monkeypatch):
     monkeypatch.setattr(G, "USE_TMA", p["tma"])
     monkeypatch.setattr(G, "_INTERP", {**G._INTERP, **p["interp"]})
     monkeypatch.setattr(G, "_INTERP_DOWN_BWD", {"EPI_SPLIT": p["epi"]})
+    monkeypatch.setattr(G, "_INTERP_WGRAD", {"ACC_RED": p["acc_red"]})
     return request.param
 
 
@@ -267,6 +268,31 @@ def test_gpu_grouped_mlp_bf16():
         res.append([t.double().cpu() for t in (out, *torch.autograd.grad(out, [xs, g, d], dy.to(dev, dt)))])
     for name, a, r, b in zip(["out", "dx", "dWgu", "dWd"], *res):
         assert _rel(a, r) < 2 * _rel(b, r) + 2e-3, name
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("red", [False, True], ids=["read-add-write", "atomic-add"])
+def test_gpu_bf16_accumulating_epilogues(monkeypatch, red):
+    """Each accumulating epilogue alone (the autotuner would pick one): the fp32 accumulator ends as
+    its start value plus the bf16 weight gradients of two micro-batches, as the torch loop computes them."""
+    monkeypatch.setattr(G._k_wgrad_into, "configs", [c for c in G._WGRAD_INTO_CONFIGS if c.kwargs["ACC_RED"] == red][:1])
+    be = get_backend("triton")
+    c = _case(1000, 6, 16, 512, 384, seed=5)
+    wgu, wd = (c[k].cuda().bfloat16().requires_grad_() for k in ("wgu", "wd"))
+    start = [torch.randn(wgu.shape, device="cuda"), torch.randn(wd.shape, device="cuda")]
+    acc = [t.clone() for t in start]
+    want = [t.double() for t in start]
+    for seed in (1, 2):
+        m = _case(1000, 6, 16, 512, 384, seed=seed)
+        x = m["x"].cuda().bfloat16().requires_grad_()
+        be.routed(x, m["idx"].cuda(), m["w"].cuda(), wgu, wd, wgrad_into=tuple(acc)).backward(m["dy"].cuda().bfloat16())
+        g, d = (t.detach().clone().requires_grad_() for t in (wgu, wd))
+        TorchLoopBackend().routed(x.detach(), m["idx"].cuda(), m["w"].cuda(), g, d).backward(m["dy"].cuda().bfloat16())
+        want = [want[0] + g.grad.double(), want[1] + d.grad.double()]
+    for a, w0, w in zip(acc, start, want):
+        # the gradient part (the sum less the start value) within bf16 rounding of the torch loop's
+        assert _rel((a.double() - w0.double()).cpu(), (w - w0.double()).cpu()) < 2e-2
 
 
 @gpu

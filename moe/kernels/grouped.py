@@ -25,8 +25,8 @@ Kernels (each a plain `@triton.jit` function; the launchers pick the configurati
   either operand optionally gathered by token). Full BLOCK_K row chunks run unmasked; the expert's
   last partial chunk is one masked step after the loop. The output tile is stored through a 3-D TMA
   descriptor ([E, P, Q], asynchronous, bounds per expert) when TMA_OUT is set; with ACCUMULATE the
-  tile is added into an fp32 accumulator instead (read, add, write back: gradient-accumulation
-  fusion, `moe.wgrad`). No split over rows:
+  tile is added into an fp32 accumulator instead (gradient-accumulation fusion, `moe.wgrad`): read,
+  add, write back, or with ACC_RED by relaxed atomic adds (an autotuned choice). No split over rows:
   with the dots1 shapes every expert has P/BLOCK_M x Q/BLOCK_N = 176-704 output tiles, enough to fill
   the SMs without one.
 
@@ -376,13 +376,15 @@ def _wgrad(a_ptr, atok_ptr, b_ptr, btok_ptr, out_ptr, counts_ptr,
            MA, MB, E, P, Q, ROWS_HINT,
            stride_am, stride_bm, stride_oe, stride_op, stride_oq,
            A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
-           TMA_OUT: tl.constexpr, ACCUMULATE: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
-           FLATTEN: tl.constexpr):
+           TMA_OUT: tl.constexpr, ACCUMULATE: tl.constexpr, ACC_RED: tl.constexpr, E_PAD: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+           PERSIST: tl.constexpr, FLATTEN: tl.constexpr):
     # out[e][p, q] = sum_{r in rows of e} A[ra(r), p] * B[rb(r), q]   (A has MA rows, B has MB rows);
     # ACCUMULATE: out[e][p, q] += that sum (out is the fp32 accumulator; the tile is read, added in
-    # fp32 and written back). TMA_OUT: out is a contiguous [E, P, Q] stored through a 3-D descriptor
-    # (asynchronous store, bounds per expert).
+    # fp32 and written back), or with ACC_RED through relaxed atomic adds that the L2 applies (no read
+    # of the old tile into registers, nothing to wait for before the next tile; every element gets
+    # exactly one add per launch, so the sum is the read-add-write's, bit for bit). TMA_OUT: out is a
+    # contiguous [E, P, Q] stored through a 3-D descriptor (asynchronous store, bounds per expert).
     e_ar = tl.arange(0, E_PAD)
     cnt = tl.load(counts_ptr + e_ar, mask=e_ar < E, other=0).to(tl.int32)
     row_end_all = tl.cumsum(cnt, 0)
@@ -464,9 +466,12 @@ def _wgrad(a_ptr, atok_ptr, b_ptr, btok_ptr, out_ptr, counts_ptr,
         else:
             mask = (rp[:, None] < P) & (rq[None, :] < Q)
             o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + rp[:, None] * stride_op + rq[None, :] * stride_oq
-            if ACCUMULATE:
-                acc += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            if ACCUMULATE and ACC_RED:
+                tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+            else:
+                if ACCUMULATE:
+                    acc += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,15 +500,24 @@ _DOWN_BWD_CONFIGS = [  # EPI_SPLIT: the SwiGLU-backward epilogue in that many co
     _cfg(128, 256, 64, 8, 3, flatten=False, EPI_SPLIT=4), _cfg(128, 128, 64, 4, 3, persist=2, EPI_SPLIT=2),
     _cfg(128, 128, 64, 4, 3, persist=0, EPI_SPLIT=2),
 ]
-_WGRAD_CONFIGS = [
-    _cfg(128, 256, 64, 8, 3, flatten=False), _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 32, 8, 5, flatten=False),
-    _cfg(128, 128, 64, 4, 2, persist=2, flatten=False),
+_WGRAD_CONFIGS = [  # ACC_RED: only read when accumulating (below)
+    _cfg(128, 256, 64, 8, 3, flatten=False, ACC_RED=False), _cfg(128, 256, 64, 8, 3, ACC_RED=False),
+    _cfg(128, 256, 32, 8, 5, flatten=False, ACC_RED=False),
+    _cfg(128, 128, 64, 4, 2, persist=2, flatten=False, ACC_RED=False),
 ]
+# Accumulating into fp32: each candidate with the read-add-write epilogue and with atomic adds, in
+# pairs (so the GPU tests' first two candidates are one of each). In the slice's step (H100,
+# 2026-12-07) the read-add-write kernel ran at ~360 TFLOP/s, against ~580 for the bf16-storing one
+# in bench_experts; presumably the fp32 tile read on top of the accumulator spills registers at 128 x
+# 256 (not profiled), which atomic adds avoid.
+_WGRAD_INTO_CONFIGS = [triton.Config({**c.kwargs, "ACC_RED": red}, num_warps=c.num_warps, num_stages=c.num_stages)
+                       for c in _WGRAD_CONFIGS for red in (False, True)]
 # the interpreter: one small configuration (tl.dot needs every dimension >= 16); persistent with a
 # few programs, so a program walks several tiles
 _INTERP = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "PERSIST": 1, "FLATTEN": True}
 _INTERP_PROGRAMS = 3
 _INTERP_DOWN_BWD = {"EPI_SPLIT": 1}
+_INTERP_WGRAD = {"ACC_RED": False}
 
 _SMEM_LIMIT = 220 * 1024
 
@@ -540,7 +554,7 @@ else:
     _WGRAD_KEYS = ["P", "Q", "ROWS_HINT", "TMA_A", "TMA_B", "TMA_OUT", "A_GATHER", "B_GATHER"]
     _k_wgrad = _tuned(_WGRAD_CONFIGS, _WGRAD_KEYS, "a_ptr", 1)(_wgrad)
     # accumulating: the autotuner runs each candidate on the real accumulator, so it restores it after each
-    _k_wgrad_into = _tuned(_WGRAD_CONFIGS, _WGRAD_KEYS, "a_ptr", 1, restore_value=["out_ptr"])(_wgrad)
+    _k_wgrad_into = _tuned(_WGRAD_INTO_CONFIGS, _WGRAD_KEYS, "a_ptr", 1, restore_value=["out_ptr"])(_wgrad)
 
 
 def _meta(**interp_extra):
@@ -677,5 +691,5 @@ def wgrad(a, atok, b, btok, counts, out, accumulate: bool = False):
         a.shape[0], b.shape[0], E, P, Q, _rows_hint(M, E),
         a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2),
         A_GATHER=atok is not None, B_GATHER=btok is not None, TMA_A=tma_a, TMA_B=tma_b, TMA_OUT=tma_out,
-        ACCUMULATE=accumulate, E_PAD=_e_pad(E), **_meta())
+        ACCUMULATE=accumulate, E_PAD=_e_pad(E), **_meta(**_INTERP_WGRAD))
     return out
