@@ -2,9 +2,11 @@
 
 The bench_step slice (hidden 4096, 1 dense + 3 MoE layers of 16 experts top-6, seq 4096), compiled,
 bf16 policy, native engine, 4 micro-batches of 2 rows per step; prints each backend's losses and the
-largest difference. CUDA only.
+largest difference. Gradient accumulation as the trainer's default (`trainer.grad_accum_fusion`: fused)
+or the fp32 hook with a third argument `hook`. CUDA only.
 
-    python3 bench/bench_loss_curve.py grouped_mm,triton 12
+    python3 bench/bench_loss_curve.py grouped_mm,triton 12          # fused accumulation
+    python3 bench/bench_loss_curve.py grouped_mm,triton 12 hook     # the fp32 hook (runs before 2026-12-07)
 """
 from __future__ import annotations
 
@@ -28,13 +30,15 @@ from bench.bench_step import slice_arch  # noqa: E402
 
 args = SimpleNamespace(vocab=4096, dense_layers=1, moe_layers=3, experts=16, top_k=6, seq=4096)
 steps, n_micro = int(sys.argv[2]), 4
+fusion = TrainerCfg().grad_accum_fusion if len(sys.argv) < 4 else sys.argv[3] != "hook"
+print("gradient accumulation:", "fused" if fusion else "fp32 hook", flush=True)
 out = {}
 for backend in sys.argv[1].split(","):
     torch.manual_seed(0)
     model = Dots1ForCausalLM(Dots1Config.from_hf_dict(slice_arch(args)), backend)
     model.init_weights(seed=0)
     model.cuda().train()
-    engine = Engine(model, OmegaConf.structured(TrainerCfg(micro_batch_size=2)), PrecisionPolicy(torch.bfloat16))
+    engine = Engine(model, OmegaConf.structured(TrainerCfg(micro_batch_size=2)), PrecisionPolicy.for_device(True, torch.device("cuda"), fusion=fusion))
     model.compile_layers()
     gen = torch.Generator().manual_seed(1)
     losses = []

@@ -158,7 +158,7 @@ def packed_positions(rows: int, length: int, mean_doc: int, gen):
 # kernel name patterns -> what they are, for the per-step breakdown (first match wins)
 KERNEL_KINDS = [
     ("experts (triton)", ("_gate_up_fwd", "_rows_gemm", "_down_bwd", "_wgrad")),
-    ("grouped GEMM (cutlass)", ("grouped", "GroupedGemm", "gemm_grouped")),
+    ("grouped GEMM (cutlass)", ("grouped", "GroupedGemm", "gemm_grouped", "GroupProblemShape")),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "triton_tem_")),  # tem: inductor's flex template
     ("optimizer", ("multi_tensor", "fused_adam", "FusedAdam", "adam", "foreach")),
     ("dense GEMM", ("gemm", "nvjet", "xmma", "cutlass", "sm90", "Kernel2")),
