@@ -38,7 +38,8 @@ for backend in sys.argv[1].split(","):
     model = Dots1ForCausalLM(Dots1Config.from_hf_dict(slice_arch(args)), backend)
     model.init_weights(seed=0)
     model.cuda().train()
-    engine = Engine(model, OmegaConf.structured(TrainerCfg(micro_batch_size=2)), PrecisionPolicy.for_device(True, torch.device("cuda"), fusion=fusion))
+    policy = PrecisionPolicy.for_device(True, torch.device("cuda"), fusion=fusion)
+    engine = Engine(model, OmegaConf.structured(TrainerCfg(micro_batch_size=2)), policy)
     model.compile_layers()
     gen = torch.Generator().manual_seed(1)
     losses = []
