@@ -20,10 +20,12 @@ partition comes back up (2 B; then all-gathered over NVLink). No per-micro-batch
 in fp32 on the GPU (tests/test_engine_agreement.py: 512 micro-batches within the fp32 bound).
 
 Step time: compute + gradients down + CPU Adam + weights up, not overlapped (an upper bound). Compute:
-the dots1 slice's MFU measured by bench/bench_step.py (H100, compiled, grouped_mm, bare step,
-bench/RESULTS.md: 52.5% without recompute, 40.3% full; selective: the issue's 49% target until
-measured) x the GPU's dense bf16 peak / model FLOPs per token. The expert all-to-all is not in that
-figure (EP 2 on H200s: +4.4%, RESULTS). PCIe bandwidth and CPU Adam throughput are parameters whose
+a measured MFU x the GPU's dense bf16 peak / model FLOPs per token. The MFU is the dots1 slice's
+(bench/bench_step.py, H100, compiled, bare step, native engine, micro-batch 2, vocab 4096,
+bench/RESULTS.md), except with optimizer offload and full recompute, where it is the one measured on a
+rank's real share in that configuration (bench/bench_rank_share.py: DeepSpeed ZeRO-2, micro-batch 1,
+vocab 152,064; 35% slower per micro-batch than the slice's figure predicted; not yet broken down). The
+expert all-to-all is in neither (EP 2 on H200s: +4.4%, RESULTS). PCIe bandwidth and CPU Adam throughput are parameters whose
 defaults are to be measured on the device (README, "Hardware").
 """
 from __future__ import annotations
@@ -33,8 +35,18 @@ from dataclasses import dataclass
 from anneal.memory_plan import BF16, FP32, GIB, MemoryPlan, largest_param, streams
 from anneal.model.config import Dots1Config
 
-# measured on the slice (bench/RESULTS.md, H100); selective: the target until bench_step measures it
-SLICE_MFU = {"none": 0.525, "selective": 0.49, "full": 0.403}
+# MFU by model.recompute, measured (bench/RESULTS.md, H100): the slice without recompute (grouped_mm, fused
+# sums, 2026-12-07), selective (triton, fused, 2026-12-07), full (2026-11-24); and a 12-layer rank share with
+# optimizer offload and full recompute (its micro-batches only, the update apart; 2026-12-07)
+SLICE_MFU = {"none": 0.529, "selective": 0.512, "full": 0.403}
+OFFLOADED_SHARE_MFU = {"full": 0.299}
+
+
+def compute_mfu(recompute: str, offload: bool) -> tuple[float, str]:
+    """The MFU a layout's compute is estimated at, and where it was measured."""
+    if offload and recompute in OFFLOADED_SHARE_MFU:
+        return OFFLOADED_SHARE_MFU[recompute], "a rank's share with offload"
+    return SLICE_MFU[recompute], "the dots1 slice"
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class HostPlan:
     pcie_gb: dict[str, float]             # direction -> GB (10^9) per GPU per step
     micro_batches: int                    # per rank per step
     tokens_per_s: float                   # the whole job's
+    mfu: tuple[float, str] = (0.0, "")    # the compute estimate's MFU and where it was measured
 
     @property
     def fits(self) -> bool:
@@ -98,7 +111,8 @@ def plan_host(cfg: Dots1Config, plan: MemoryPlan, rates: HostRates = HostRates()
     per_micro = lay.gpus * lay.micro_batch * lay.seq
     micro = max(1, lay.batch_tokens // per_micro) if lay.batch_tokens else 1
     step_tokens = micro * per_micro
-    gpu_tokens_s = SLICE_MFU[lay.recompute] * rates.peak_tflops * 1e12 / cfg.train_flops_per_token(lay.seq)
+    mfu = compute_mfu(lay.recompute, offload)
+    gpu_tokens_s = mfu[0] * rates.peak_tflops * 1e12 / cfg.train_flops_per_token(lay.seq)
     times = {"compute": step_tokens / lay.gpus / gpu_tokens_s}
     pcie = {}
     if offload:
@@ -109,7 +123,7 @@ def plan_host(cfg: Dots1Config, plan: MemoryPlan, rates: HostRates = HostRates()
     else:
         times["AdamW (GPU)"] = 36 * part / rates.gpu_adam_bytes_per_s
     return HostPlan(rows, ranks, node_total, lay.host_mem_gb, times, pcie, micro,
-                    step_tokens / sum(times.values()))
+                    step_tokens / sum(times.values()), mfu)
 
 
 def format_host_plan(hp: HostPlan, rates: HostRates, total_tokens: int | None = None) -> str:
@@ -122,7 +136,8 @@ def format_host_plan(hp: HostPlan, rates: HostRates, total_tokens: int | None = 
               f"step: {hp.micro_batches} micro-batch(es) per GPU; estimate (rates: {rates.peak_tflops:g} TFLOP/s peak, "
               f"PCIe {rates.pcie_gb_s:g} GB/s, CPU Adam {rates.cpu_adam_params_per_s / 1e9:g}B params/s per node, "
               f"measured on a 16-core H100 machine)"]
-    lines += [f"  {k:<26}{v:>9.1f} s" for k, v in hp.times.items()]
+    lines += [f"  {k:<26}{v:>9.1f} s" + (f"   at {hp.mfu[0]:.1%} MFU, measured on {hp.mfu[1]}" if k == "compute" else "")
+              for k, v in hp.times.items()]
     lines.append(f"  {'step':<26}{hp.step_s:>9.1f} s   optimizer share {hp.optimizer_share:.1%}, "
                  f"{hp.tokens_per_s:,.0f} tokens/s")
     if hp.pcie_gb:

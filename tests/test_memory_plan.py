@@ -136,6 +136,16 @@ def test_short_recipe_prints_its_wall_clock(capsys):
     plan_main(["memory", "recipe=dots1_anneal_short", "--gpus", "8", "--gpu-mem-gb", "141", "--host-mem-gb", "3072"])
     out = capsys.readouterr().out
     assert "wall clock for the recipe's 20B tokens" in out and "fits: yes" in out and "optimizer share" in out
+    # offload + full recompute: compute at the MFU measured in that configuration, not the slice's
+    assert "at 29.9% MFU, measured on a rank's share with offload" in out
+
+
+def test_compute_mfu_follows_the_layout():
+    from anneal.host_plan import OFFLOADED_SHARE_MFU, SLICE_MFU, compute_mfu
+
+    assert compute_mfu("full", offload=True)[0] == OFFLOADED_SHARE_MFU["full"] < SLICE_MFU["full"]
+    assert compute_mfu("full", offload=False)[0] == SLICE_MFU["full"]
+    assert compute_mfu("selective", offload=True)[0] == SLICE_MFU["selective"]  # not measured with offload
 
 
 def test_startup_refuses_a_layout_that_does_not_fit(tmp_path):
