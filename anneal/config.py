@@ -78,6 +78,7 @@ class TrainerCfg:
     keep_checkpoints: int = 2
     log_every: int = 1                     # optimizer steps between metric logs
     stop_after_steps: Optional[int] = None  # stop early (as if killed after that step's checkpoint)
+    profile_steps: list[int] = field(default_factory=list)  # [first, last] optimizer steps to record with torch.profiler (anneal.train.profiling)
     threads: Optional[int] = None          # torch CPU threads; null = torch's default
     deterministic: Optional[bool] = None   # deterministic algorithms; null = on for CPU, off for CUDA (README)
     on_nonfinite: str = "stop"             # stop | skip: what a NaN/inf loss or gradient norm does (the update is never applied)
@@ -242,7 +243,22 @@ def validate_config(cfg) -> None:
     betas = list(cfg.trainer.betas)
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise AnnealError(f"trainer.betas={betas}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    profile_window(OmegaConf.select(cfg, "trainer.profile_steps"))
     _check_compile_backend(cfg)
+
+
+def profile_window(steps) -> tuple[int, int] | None:
+    """`trainer.profile_steps` as (first, last), or None when empty; one error naming the key."""
+    from anneal.errors import AnnealError
+
+    steps = list(steps or [])
+    if not steps:
+        return None
+    if len(steps) > 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps) \
+            or steps[0] > steps[-1]:
+        raise AnnealError(f"trainer.profile_steps={steps}: give [first] or [first, last] optimizer steps, "
+                          f"1 <= first <= last (e.g. trainer.profile_steps=[5,6])")
+    return steps[0], steps[-1]
 
 
 def compile_enabled(setting: bool | None, device) -> bool:

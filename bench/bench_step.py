@@ -129,6 +129,8 @@ def run_bare(case: dict, args) -> dict:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        from anneal.train.profiling import kernel_table
+
         batches = [batch() for _ in range(n_micro)]
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             one_step(batches)
@@ -153,37 +155,6 @@ def packed_positions(rows: int, length: int, mean_doc: int, gen):
         starts[first[first < length]] = True
         out.append(idx - torch.cummax(torch.where(starts, idx, 0), 0).values)
     return torch.stack(out)
-
-
-# kernel name patterns -> what they are, for the per-step breakdown (first match wins)
-KERNEL_KINDS = [
-    ("experts (triton)", ("_gate_up_fwd", "_rows_gemm", "_down_bwd", "_wgrad")),
-    ("grouped GEMM (cutlass)", ("grouped", "GroupedGemm", "gemm_grouped", "GroupProblemShape")),
-    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "triton_tem_")),  # tem: inductor's flex template
-    ("optimizer", ("multi_tensor", "fused_adam", "FusedAdam", "adam", "foreach")),
-    ("dense GEMM", ("gemm", "nvjet", "xmma", "cutlass", "sm90", "Kernel2")),
-    ("fused elementwise (inductor)", ("triton_",)),
-    ("reduce/copy/elementwise (aten)", ("elementwise", "reduce", "copy", "Copy", "fill", "index", "scatter",
-                                        "gather", "sort", "Sort", "cat", "Cat", "radix", "Radix", "scan", "Scan")),
-]
-
-
-def kernel_table(prof) -> dict:
-    """Device time per kernel (ms per step) and per kind, from one profiled step."""
-    per_kernel: dict[str, list] = {}
-    for evt in prof.events():
-        if evt.device_type.name != "CUDA":
-            continue
-        row = per_kernel.setdefault(evt.name, [0.0, 0])
-        row[0] += evt.device_time / 1e3
-        row[1] += 1
-    kinds: dict[str, float] = {}
-    for name, (ms, _) in per_kernel.items():
-        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + ms
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:30]
-    return {"total_ms": sum(v[0] for v in per_kernel.values()), "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top": [{"name": n[:110], "ms": v[0], "calls": v[1]} for n, v in top]}
 
 
 def run_trainer(case: dict, args) -> dict:

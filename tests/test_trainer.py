@@ -78,6 +78,19 @@ def test_router_bias_moves_with_load(stable_ckpt, tmp_path):
     assert last["moe/bias_spread/layer1"] > 0   # aux-loss-free balancing moved the bias
 
 
+def test_profile_window_writes_a_table_and_a_trace(stable_ckpt, tmp_path, capsys):
+    """trainer.profile_steps=[2,3]: torch.profiler records steps 2-3 (CPU here: operators' self time)."""
+    train(cfg_for(tmp_path, *anneal_overrides(stable_ckpt), "logging.wandb=false", "export.enabled=false",
+                  "trainer.ckpt_every=off", "trainer.stop_after_steps=4", "trainer.profile_steps=[2,3]"), tmp_path)
+    out = tmp_path / "profile"
+    table = json.loads((out / "rank0_steps2-3.json").read_text())
+    assert table["steps"] == [2, 3] and table["device"] == "cpu"
+    assert table["total_ms"] > 0 and sum(table["by_kind"].values()) == pytest.approx(table["total_ms"])
+    assert table["by_kind"].get("dense GEMM", 0) > 0  # the model's matmuls are in the window (CPU: aten::mm ...)
+    assert (out / "rank0_steps2-3.trace.json.gz").stat().st_size > 0
+    assert "profiled steps 2-3:" in capsys.readouterr().out
+
+
 def test_stop_and_resume_repeats_the_uninterrupted_run(stable_ckpt, tmp_path):
     full = train(cfg_for(tmp_path / "full", *anneal_overrides(stable_ckpt), "logging.wandb=false"), tmp_path / "full")
     part = tmp_path / "part"
@@ -138,6 +151,7 @@ def test_wandb_offline_run_is_written(stable_ckpt, tmp_path):
     (["schedule.stages.1.lr_end=1e-3"], "rise"),
     (["schedule.batch_tokens=500"], "multiple of"),
     (["parallel.a2a_overlap=true", "trainer.micro_batch_size=8"], r"parallel.a2a_overlap=true .* gives 1 micro-batch"),
+    (["trainer.profile_steps=[4,2]"], r"trainer.profile_steps=\[4, 2\]: give \[first\] or \[first, last\]"),
 ])
 def test_bad_input_gives_one_clear_error(stable_ckpt, tmp_path, overrides, message):
     base = anneal_overrides(stable_ckpt) if not overrides[0].startswith("checkpoint=") else ["schedule.stages.0.tokens=3072"]

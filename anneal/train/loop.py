@@ -24,7 +24,7 @@ from anneal.model.config import Dots1Config
 from anneal.model.precision import PrecisionPolicy
 from anneal.train.balance import RouterBalance
 from anneal.train.build import engine_class, prepare
-from anneal.config import validate_config
+from anneal.config import profile_window, validate_config
 from anneal.evals.callback import BenchmarkEval
 from anneal.train.callbacks import Checkpoint, Eval, Export, Metrics, Plots, Run, StepInfo, global_accounting
 from anneal.parallel.parallelize import parallelize
@@ -32,6 +32,7 @@ from anneal.train.devices import device_peak_tflops, peak_host_memory_gb, pick_d
 from anneal.train.guards import StepGuard
 from anneal.train.paired_schedule import PairedSchedule
 from anneal.train.preemption import PreemptionRequest
+from anneal.train.profiling import Profile
 from anneal.train.resume import validate_trainer_state
 from anneal.train.run_dir import claim_run_dir, resume_command, wandb_group
 from anneal.train.schedule import format_tokens, parse_tokens
@@ -138,6 +139,9 @@ def fit(run: Run, step: int, tokens: int, stop_requested=lambda: False) -> dict:
     else:
         callbacks.append(Checkpoint(run, parse_tokens(cfg.trainer.ckpt_every, "trainer.ckpt_every")))
     callbacks += [Plots(run), Export(run), bench]
+    window = profile_window(cfg.trainer.profile_steps)
+    if window:
+        callbacks.append(Profile(run, window))  # last: a window starts after the step's other callbacks
     run.checkpoints.attach(engine=engine, data=p.stream, callbacks={"StepGuard": guard})
 
     paired = PairedSchedule(p.model, engine) if cfg.parallel.a2a_overlap else None

@@ -28,9 +28,10 @@ RECIPE_FILES: dict[str, str] = {}
 FIXED = ("checkpoint", "catalog_files", "seed", "model.arch", "model.init_seed", "data.mixture", "data.seq_len",
          "data.shards", "data.tokenizer", "data.tokenizer_vocab_size", "schedule.batch_tokens")
 # keys that say where and how loudly a run runs, not what it trains: never listed as changes
-_NOT_SETTINGS = ("run.", "resumes", "logging.progress", "trainer.threads", "trainer.stop_after_steps")
+_NOT_SETTINGS = ("run.", "resumes", "logging.progress", "trainer.threads", "trainer.stop_after_steps",
+                 "trainer.profile_steps")
 # what one invocation says, not the run: never recorded nor replayed
-PER_INVOCATION = ("run.", "trainer.stop_after_steps", "hydra.")
+PER_INVOCATION = ("run.", "trainer.stop_after_steps", "trainer.profile_steps", "hydra.")
 _TRUE = ("true", "1", "yes", "on")
 
 
