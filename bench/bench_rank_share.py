@@ -45,7 +45,7 @@ def rank_share_arch(layers: int, seq: int) -> dict:
 
 
 def recipe(layers: int, args) -> dict:
-    n_steps = args.warmup + args.steps
+    n_steps = args.warmup + args.steps + bool(args.profile)  # the profiled step comes after the measured ones
     batch = args.micro_batches * args.seq
     return {
         "checkpoint": None,
@@ -58,7 +58,8 @@ def recipe(layers: int, args) -> dict:
         "parallel": {"ep_size": 1, "zero_stage": 2, "offload": "optimizer", "offload_chunk_mb": args.offload_chunk_mb},
         "trainer": {"engine": "deepspeed", "device": "cuda", "bf16": True, "micro_batch_size": 1,
                     # no checkpoint: a 12-layer share's (71 GB) does not fit a 64 GB device disk
-                    "eval_every": "0", "ckpt_every": "off", "log_every": 1},
+                    "eval_every": "0", "ckpt_every": "off", "log_every": 1,
+                    "profile_steps": [n_steps] if args.profile else []},
         "logging": {"wandb": False, "progress": False, "plots": False},
         "export": {"enabled": False},
     }
@@ -176,7 +177,9 @@ def measure(layers: int, args, rates: dict, gpu_mem_gb: float, host_mem_gb: floa
         t0 = time.perf_counter()
         rows = run_anneal(path, Path(tmp))
         wall = time.perf_counter() - t0
-    steps = [r for r in rows if "tokens_per_s" in r][args.warmup:]
+        tables = sorted((Path(tmp) / "r" / "profile").glob("rank0_steps*.json"))
+        profile = json.loads(tables[0].read_text()) if tables else None
+    steps = [r for r in rows if "tokens_per_s" in r][args.warmup:args.warmup + args.steps]
     tps = statistics.median(r["tokens_per_s"] for r in steps)
     step_s = args.micro_batches * args.seq / tps
     update_s = statistics.median(r["update_s"] for r in steps)
@@ -193,7 +196,7 @@ def measure(layers: int, args, rates: dict, gpu_mem_gb: float, host_mem_gb: floa
             "host_steady_gib": max(r["host_mem_gb"] for r in steps),
             "host_pinned_gib": max(r.get("host_pinned_gb", float("nan")) for r in steps),  # part of the above
             "loss_first": rows[0].get("loss"), "loss_last": steps[-1].get("loss"),
-            "planner": plan, "planner_62": plan62}
+            "planner": plan, "planner_62": plan62, "profile": profile}
 
 
 def fit_62(results: list[dict], key: str) -> float | None:
@@ -220,6 +223,8 @@ def main() -> None:
     ap.add_argument("--offload-chunk-mb", type=int, default=256,
                     help="parallel.offload_chunk_mb: the streamed update's chunk; 0 = DeepSpeed's own step")
     ap.add_argument("--cpu-adam-params", type=int, default=2 ** 28)
+    ap.add_argument("--profile", action="store_true",
+                    help="one more step, recorded by torch.profiler (trainer.profile_steps): its kernel table by kind")
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="fit the results of earlier runs' JSON files together (no run)")
