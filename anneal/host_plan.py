@@ -25,8 +25,8 @@ a measured MFU x the GPU's dense bf16 peak / model FLOPs per token. The MFU is t
 bench/RESULTS.md), except with optimizer offload and full recompute, where it is the one measured on a
 rank's real share in that configuration (bench/bench_rank_share.py: DeepSpeed ZeRO-2, micro-batch 1,
 vocab 152,064; 35% slower per micro-batch than the slice's figure predicted; not yet broken down). The
-expert all-to-all is in neither (EP 2 on H200s: +4.4%, RESULTS). PCIe bandwidth and CPU Adam throughput are parameters whose
-defaults are to be measured on the device (README, "Hardware").
+expert all-to-all is in neither (EP 2 on H200s: +4.4%, RESULTS). PCIe bandwidth and CPU Adam throughput
+are parameters whose defaults are to be measured on the device (README, "Hardware").
 """
 from __future__ import annotations
 
@@ -136,8 +136,8 @@ def format_host_plan(hp: HostPlan, rates: HostRates, total_tokens: int | None = 
               f"step: {hp.micro_batches} micro-batch(es) per GPU; estimate (rates: {rates.peak_tflops:g} TFLOP/s peak, "
               f"PCIe {rates.pcie_gb_s:g} GB/s, CPU Adam {rates.cpu_adam_params_per_s / 1e9:g}B params/s per node, "
               f"measured on a 16-core H100 machine)"]
-    lines += [f"  {k:<26}{v:>9.1f} s" + (f"   at {hp.mfu[0]:.1%} MFU, measured on {hp.mfu[1]}" if k == "compute" else "")
-              for k, v in hp.times.items()]
+    where = f"   at {hp.mfu[0]:.1%} MFU, measured on {hp.mfu[1]}"
+    lines += [f"  {k:<26}{v:>9.1f} s" + (where if k == "compute" else "") for k, v in hp.times.items()]
     lines.append(f"  {'step':<26}{hp.step_s:>9.1f} s   optimizer share {hp.optimizer_share:.1%}, "
                  f"{hp.tokens_per_s:,.0f} tokens/s")
     if hp.pcie_gb:

@@ -276,7 +276,8 @@ def test_gpu_grouped_mlp_bf16():
 def test_gpu_bf16_accumulating_epilogues(monkeypatch, red):
     """Each accumulating epilogue alone (the autotuner would pick one): the fp32 accumulator ends as
     its start value plus the bf16 weight gradients of two micro-batches, as the torch loop computes them."""
-    monkeypatch.setattr(G._k_wgrad_into, "configs", [c for c in G._WGRAD_INTO_CONFIGS if c.kwargs["ACC_RED"] == red][:1])
+    one = [c for c in G._WGRAD_INTO_CONFIGS if c.kwargs["ACC_RED"] == red][:1]
+    monkeypatch.setattr(G._k_wgrad_into, "configs", one)
     monkeypatch.setattr(G._k_wgrad_into, "cache", {})  # the autotuner's choice per key, kept per process
     be = get_backend("triton")
     c = _case(1000, 6, 16, 512, 384, seed=5)
