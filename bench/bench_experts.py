@@ -4,6 +4,7 @@ One process, one table. Cases (H=4096, I=1408, bf16, tokens already grouped by e
   t8k   :  8,192 tokens, 128 experts, top-6   (49,152 routed rows)
   t16k  : 16,384 tokens, 128 experts, top-6   (98,304 routed rows)
   ep8   : an EP-8 share: 16 local experts, 24,576 routed rows
+  slice :  8,192 tokens, 16 experts, top-6    (49,152 routed rows: one micro-batch of bench_step's slice)
 plus `dense` (one SwiGLU MLP over the same rows: the same FLOPs as one big matmul pair), the routed
 path (gather -> MLP -> weighted combine) for t8k, and a whole MoE layer (router + dispatch + routed +
 shared experts) against transformers' Dots1MoE.
@@ -13,6 +14,9 @@ Timing: triton.testing.do_bench (CUDA events, median). Forward is timed under no
 as forward then torch.autograd.grad of every input (no .grad accumulation).
 
     python bench/bench_experts.py [--json bench/results/bench_experts.json] [--breakdown] [--no-layer] [--no-loop]
+
+`--breakdown` adds per-kernel rows: each Triton kernel, the weight gradients added into fp32 sums by
+each accumulating epilogue alone, the K-slot sum (Triton vs torch), and torch._grouped_mm's GEMMs.
 
 The JSON has `rows` (one per case and implementation) and `summary`: per case the fwd and fwd+bwd ms of
 grouped_mm, triton and dense and the ratios triton_vs_grouped_mm_fwd / triton_vs_grouped_mm_fwdbwd
@@ -42,6 +46,7 @@ CASES = {
     "t8k": dict(T=8192, E=128, K=6),
     "t16k": dict(T=16384, E=128, K=6),
     "ep8": dict(T=32768, E=128, K=6, local=16),  # the rows that land on experts 0..15 of 128 (~24.6k)
+    "slice": dict(T=8192, E=16, K=6),  # bench_step's slice: one micro-batch's routed rows (49,152)
 }
 
 
@@ -120,6 +125,31 @@ def breakdown(d):
     for name, flops, fn in rows:
         ms = _bench(fn)
         res.append(dict(kernel=name, ms=ms, tflops=flops / ms / 1e9))
+    # the weight gradients added into fp32 accumulators (gradient-accumulation fusion), by each way
+    # of adding alone (the autotuner picks among the three in training)
+    a1, a2 = torch.zeros_like(wgu, dtype=torch.float32), torch.zeros_like(wd, dtype=torch.float32)
+    all_into = G._k_wgrad_into.configs
+    for mode, label in ((G.ACC_READ, "read-add-write"), (G.ACC_ATOMIC, "atomic"), (G.ACC_TMA, "TMA reduce")):
+        G._k_wgrad_into.configs = [c for c in all_into if c.kwargs["ACC_MODE"] == mode]
+        G._k_wgrad_into.cache = {}
+        for name, flops, fn in ((f"bwd dWgu into fp32, {label}", 2 * gemm,
+                                 lambda: G.wgrad(x, None, dgu, None, c32, a1, accumulate=True)),
+                                (f"bwd dWd into fp32, {label}", gemm,
+                                 lambda: G.wgrad(hw, None, dy, None, c32, a2, accumulate=True))):
+            try:
+                ms = _bench(fn)
+                res.append(dict(kernel=name, ms=ms, tflops=flops / ms / 1e9))
+            except Exception as e:  # noqa: BLE001  (a mode this Triton cannot compile)
+                res.append(dict(kernel=name, ms=float("nan"), tflops=float("nan"), error=repr(e)[:200]))
+    G._k_wgrad_into.configs, G._k_wgrad_into.cache = all_into, {}
+    # the sum over a token's K = 6 slots (routed output, dx): memory-bound, so GB/s in place of TFLOP/s
+    K = 6
+    buf = torch.randn(M // K * K, H, device=x.device, dtype=x.dtype)
+    moved = (buf.numel() + buf.numel() // K) * buf.element_size()
+    for name, fn in (("slot sum (K=6), Triton", lambda: G.slot_sum(buf, M // K, K)),
+                     ("slot sum (K=6), torch view.sum(1)", lambda: buf.view(M // K, K, H).sum(1))):
+        ms = _bench(fn)
+        res.append(dict(kernel=name, ms=ms, tflops=float("nan"), gbps=moved / ms / 1e6))
     # torch._grouped_mm for the same GEMMs (fwd shapes; the backward ones are transposes of these)
     offs = torch.cumsum(counts, 0).to(torch.int32)
     for name, flops, fn in (
@@ -311,7 +341,8 @@ def main():
     for case, br in extra.get("breakdown", {}).items():
         print(f"\nper-kernel ({case}):")
         for b in br:
-            print(f"  {b['kernel']:28s} {b['ms']:8.3f} ms {b['tflops']:7.1f} TFLOP/s")
+            rate = f"{b['gbps']:7.0f} GB/s" if "gbps" in b else f"{b['tflops']:7.1f} TFLOP/s"
+            print(f"  {b['kernel']:36s} {b['ms']:8.3f} ms {rate}")
     for impl, prof in extra.get("profile", {}).items():
         print(f"\nprofiled fwd+bwd step, t8k, {impl} (device ms per step, top kernels):")
         for p_ in prof:

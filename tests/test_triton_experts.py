@@ -75,10 +75,11 @@ def _rel(a, b):
 
 NAMES = ["out", "dx", "dw", "dWgu", "dWd"]
 
-PATHS = {  # acc_red: the weight-gradient kernels add into fp32 accumulators by atomic adds
-    "tma-persistent": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=True), epi=1, acc_red=False),
-    "pointer-tile": dict(tma=False, interp=dict(PERSIST=0, FLATTEN=False), epi=1, acc_red=True),
-    "tma-epilogue-split": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=False, BLOCK_N=64), epi=4, acc_red=False),
+PATHS = {  # acc: how the weight-gradient kernels add into fp32 accumulators; epi: epilogue column parts
+    "tma-persistent": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=True), epi=1, acc=G.ACC_READ, wepi=1),
+    "pointer-tile": dict(tma=False, interp=dict(PERSIST=0, FLATTEN=False), epi=1, acc=G.ACC_ATOMIC, wepi=1),
+    "tma-epilogue-split": dict(tma=True, interp=dict(PERSIST=1, FLATTEN=False, BLOCK_N=64), epi=4, acc=G.ACC_READ,
+                               wepi=2),
 }
 
 
@@ -89,7 +90,7 @@ def path(request, monkeypatch):
     monkeypatch.setattr(G, "USE_TMA", p["tma"])
     monkeypatch.setattr(G, "_INTERP", {**G._INTERP, **p["interp"]})
     monkeypatch.setattr(G, "_INTERP_DOWN_BWD", {"EPI_SPLIT": p["epi"]})
-    monkeypatch.setattr(G, "_INTERP_WGRAD", {"ACC_RED": p["acc_red"]})
+    monkeypatch.setattr(G, "_INTERP_WGRAD", {"ACC_MODE": p["acc"], "EPI_SPLIT": p["wepi"]})
     return request.param
 
 
@@ -226,7 +227,7 @@ def _two_configs(request, monkeypatch):
     if request.node.get_closest_marker("gpu") is None or not CUDA:
         return
     for k, pick in ((G._k_gate_up, [0, 1]), (G._k_rows, [0, 1]), (G._k_down_bwd, [0, 2]), (G._k_wgrad, [0, 1]),
-                    (G._k_wgrad_into, [0, 1])):
+                    (G._k_wgrad_into, [0, 1, 2])):
         monkeypatch.setattr(k, "configs", [k.configs[i] for i in pick])
 
 
@@ -270,20 +271,19 @@ def test_gpu_grouped_mlp_bf16():
         assert _rel(a, r) < 2 * _rel(b, r) + 2e-3, name
 
 
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("red", [False, True], ids=["read-add-write", "atomic-add"])
-def test_gpu_bf16_accumulating_epilogues(monkeypatch, red):
-    """Each accumulating epilogue alone (the autotuner would pick one): the fp32 accumulator ends as
-    its start value plus the bf16 weight gradients of two micro-batches, as the torch loop computes them."""
-    one = [c for c in G._WGRAD_INTO_CONFIGS if c.kwargs["ACC_RED"] == red][:1]
+def _accumulate_two_micro_batches(monkeypatch, mode):
+    """(start values, the fp32 accumulators after two micro-batches' routed backward through the
+    first accumulating config of `mode` alone, the fp64 sums of the torch loop's bf16 gradients)."""
+    one = [c for c in G._WGRAD_INTO_CONFIGS if c.kwargs["ACC_MODE"] == mode][:1]
     monkeypatch.setattr(G._k_wgrad_into, "configs", one)
     monkeypatch.setattr(G._k_wgrad_into, "cache", {})  # the autotuner's choice per key, kept per process
     be = get_backend("triton")
     c = _case(1000, 6, 16, 512, 384, seed=5)
     wgu, wd = (c[k].cuda().bfloat16().requires_grad_() for k in ("wgu", "wd"))
-    start = [torch.randn(wgu.shape, device="cuda"), torch.randn(wd.shape, device="cuda")]
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    start = [torch.randn(wgu.shape, device="cuda", generator=gen), torch.randn(wd.shape, device="cuda", generator=gen)]
     acc = [t.clone() for t in start]
+    assert all(G._tma_reduce_ok(a) for a in acc) == G._HAS_DESCRIPTOR_REDUCE
     want = [t.double() for t in start]
     for seed in (1, 2):
         m = _case(1000, 6, 16, 512, 384, seed=seed)
@@ -292,9 +292,24 @@ def test_gpu_bf16_accumulating_epilogues(monkeypatch, red):
         g, d = (t.detach().clone().requires_grad_() for t in (wgu, wd))
         TorchLoopBackend().routed(x.detach(), m["idx"].cuda(), m["w"].cuda(), g, d).backward(m["dy"].cuda().bfloat16())
         want = [want[0] + g.grad.double(), want[1] + d.grad.double()]
+    return start, acc, want
+
+
+@gpu
+@needs_cuda
+def test_gpu_bf16_accumulating_epilogues(monkeypatch):
+    """Each accumulating epilogue alone (the autotuner picks one): read-add-write, atomic adds and the
+    TMA reduce. The fp32 accumulator ends as its start value plus the two micro-batches' weight
+    gradients, within bf16 rounding of the torch loop's; and as each element gets one add per launch,
+    the three epilogues (same tiles) end bit for bit equal."""
+    modes = [G.ACC_READ, G.ACC_ATOMIC] + ([G.ACC_TMA] if G._HAS_DESCRIPTOR_REDUCE else [])
+    results = {mode: _accumulate_two_micro_batches(monkeypatch, mode) for mode in modes}
+    start, acc, want = results[G.ACC_READ]
     for a, w0, w in zip(acc, start, want):
-        # the gradient part (the sum less the start value) within bf16 rounding of the torch loop's
         assert _rel((a.double() - w0.double()).cpu(), (w - w0.double()).cpu()) < 2e-2
+    for mode in modes[1:]:
+        for a, b in zip(results[mode][1], acc):
+            assert torch.equal(a, b), f"ACC_MODE {mode} differs from read-add-write"
 
 
 @gpu

@@ -21,7 +21,7 @@ from anneal.train.callbacks import Callback, Run, StepInfo
 # kernel name patterns -> what they are (first match wins); the CUTLASS grouped GEMMs behind
 # torch._grouped_mm show as a mangled name holding `GroupProblemShape`
 KERNEL_KINDS = [
-    ("experts (triton)", ("_gate_up_fwd", "_rows_gemm", "_down_bwd", "_wgrad")),
+    ("experts (triton)", ("_gate_up_fwd", "_rows_gemm", "_down_bwd", "_wgrad", "_slot_sum")),
     ("grouped GEMM (cutlass)", ("grouped", "GroupedGemm", "gemm_grouped", "GroupProblemShape")),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "triton_tem_")),  # tem: inductor's flex template
     ("optimizer", ("multi_tensor", "fused_adam", "FusedAdam", "adam", "foreach")),

@@ -4,7 +4,7 @@
   forward  1. sort the (token, slot) pairs by expert (argsort + scatter-add counts; no host sync)
            2. gate/up grouped GEMM gathering token rows in its loads, SwiGLU in the epilogue
            3. down grouped GEMM, routing weight in the epilogue, rows stored at their (token, slot)
-              place; the K slots of a token are summed (fp32 accumulation)
+              place; the K slots of a token are summed (fp32 accumulation, `slot_sum`)
   backward 1. dy[tok] @ Wd^T with SwiGLU backward, routing-weight gradient and w*h (h) in the epilogue
            2. dx: dgu @ Wgu^T scattered to (token, slot), summed over slots
            3. dWgu = x[tok]^T dgu and dWd = (w*h)^T dy[tok], per expert (gathers fused); given fp32
@@ -45,7 +45,7 @@ def _experts_fwd(x: Tensor, w_sorted: Optional[Tensor], w_gate_up: Tensor, w_dow
     if pos is not None:
         ybuf = torch.empty(n_tokens * top_k, H, device=x.device, dtype=x.dtype)
         G.rows_gemm(h, w_down, wd_strides, H, two_i // 2, counts, ybuf, scale=w_sorted, pos=pos)
-        out = ybuf.view(n_tokens, top_k, H).sum(1) if top_k > 1 else ybuf
+        out = G.slot_sum(ybuf, n_tokens, top_k) if top_k > 1 else ybuf
     else:
         out = torch.empty(M, H, device=x.device, dtype=x.dtype)
         G.rows_gemm(h, w_down, wd_strides, H, two_i // 2, counts, out, scale=w_sorted)
@@ -78,7 +78,7 @@ def _experts_bwd(dout: Tensor, x: Tensor, w_sorted: Optional[Tensor], w_gate_up:
         if pos is not None:
             dxbuf = torch.empty(n_tokens * top_k, H, device=x.device, dtype=x.dtype)
             G.rows_gemm(dgu, w_gate_up, gu_strides, H, two_i, counts, dxbuf, pos=pos)
-            dx = dxbuf.view(n_tokens, top_k, H).sum(1) if top_k > 1 else dxbuf
+            dx = G.slot_sum(dxbuf, n_tokens, top_k) if top_k > 1 else dxbuf
         else:
             dx = torch.empty(M, H, device=x.device, dtype=x.dtype)
             G.rows_gemm(dgu, w_gate_up, gu_strides, H, two_i, counts, dx)
