@@ -24,7 +24,8 @@ a measured MFU x the GPU's dense bf16 peak / model FLOPs per token. The MFU is t
 (bench/bench_step.py, H100, compiled, bare step, native engine, micro-batch 2, vocab 4096,
 bench/RESULTS.md), except with optimizer offload and full recompute, where it is the one measured on a
 rank's real share in that configuration (bench/bench_rank_share.py: DeepSpeed ZeRO-2, micro-batch 1,
-vocab 152,064; 35% slower per micro-batch than the slice's figure predicted; not yet broken down). The
+vocab 152,064; 35% slower per micro-batch than the slice's figure predicted, most of it ZeRO-2's
+per-micro-batch gradient copies and fp32 adds by the profile in RESULTS). The
 expert all-to-all is in neither (EP 2 on H200s: +4.4%, RESULTS). PCIe bandwidth and CPU Adam throughput
 are parameters whose defaults are to be measured on the device (README, "Hardware").
 """
@@ -35,10 +36,10 @@ from dataclasses import dataclass
 from anneal.memory_plan import BF16, FP32, GIB, MemoryPlan, largest_param, streams
 from anneal.model.config import Dots1Config
 
-# MFU by model.recompute, measured (bench/RESULTS.md, H100): the slice without recompute (grouped_mm, fused
-# sums, 2026-12-07), selective (triton, fused, 2026-12-07), full (2026-11-24); and a 12-layer rank share with
-# optimizer offload and full recompute (its micro-batches only, the update apart; 2026-12-07)
-SLICE_MFU = {"none": 0.529, "selective": 0.512, "full": 0.403}
+# MFU by model.recompute, measured (bench/RESULTS.md, H100): the slice without recompute and with selective
+# (triton, fused sums, one machine, 2026-12-07), full (2026-11-24); and a 12-layer rank share with optimizer
+# offload and full recompute (its micro-batches only, the update apart; 2026-12-07)
+SLICE_MFU = {"none": 0.530, "selective": 0.521, "full": 0.403}
 OFFLOADED_SHARE_MFU = {"full": 0.299}
 
 
