@@ -557,10 +557,11 @@ _WGRAD_CONFIGS = [  # ACC_MODE: only read when accumulating (below)
 ]
 # Accumulating into fp32: each candidate with each way of adding, in triples (read-add-write, atomic,
 # TMA reduce; so the GPU tests' first three candidates are one of each). The TMA reduce goes out in
-# 128-column parts (a 64 KiB fp32 tile in shared memory next to the pipeline's). In the slice's step
-# (H100, 2026-12-07) the read-add-write kernel ran at ~360 TFLOP/s.
+# 128-column parts (a 64 KiB fp32 tile in shared memory next to the pipeline's). On the slice's dWgu
+# (H100, bench_experts --breakdown): 497 / 559 / 565 TFLOP/s.
 _WGRAD_INTO_CONFIGS = [
-    triton.Config({**c.kwargs, "ACC_MODE": mode, "EPI_SPLIT": max(1, c.kwargs["BLOCK_N"] // 128) if mode == ACC_TMA else 1},
+    triton.Config({**c.kwargs, "ACC_MODE": mode,
+                   "EPI_SPLIT": max(1, c.kwargs["BLOCK_N"] // 128) if mode == ACC_TMA else 1},
                   num_warps=c.num_warps, num_stages=c.num_stages)
     for c in _WGRAD_CONFIGS for mode in (ACC_READ, ACC_ATOMIC, ACC_TMA)]
 _SLOT_SUM_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w)
@@ -765,8 +766,8 @@ def wgrad(a, atok, b, btok, counts, out, accumulate: bool = False):
 
 def slot_sum(buf, n_tokens: int, top_k: int):
     """buf [n_tokens * top_k, H] (a token's slots next to each other) -> [n_tokens, H], each token's
-    slots summed in fp32 and rounded once: one pass over buf at memory speed (torch's strided
-    `view(T, K, H).sum(1)` reached ~65% of the H100's bandwidth in the step)."""
+    slots summed in fp32 and rounded once, in one pass over buf (H100: ~2.9 TB/s, against ~2.0 for
+    torch's strided `view(T, K, H).sum(1)`; bench_experts --breakdown)."""
     H = buf.shape[1]
     out = torch.empty(n_tokens, H, device=buf.device, dtype=buf.dtype)
     if n_tokens == 0:
