@@ -19,6 +19,7 @@ from anneal.evals.tasks import load_task
 
 TINY = Path(__file__).resolve().parents[1] / "anneal" / "assets" / "tiny-stable"
 GSM8K_ITEMS = Path(__file__).resolve().parents[1] / "anneal" / "evals" / "tasks" / "gsm8k_test.jsonl"
+CHNSENTICORP = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "chnsenticorp_htl.csv"
 
 
 def _final(answer: str) -> str:
@@ -77,11 +78,27 @@ ROWS = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(3)]
     ({"split": "dev"}, ROWS, r"eval task t .*: split: 'dev' is not a split"),
     ({"data": {"test": "nope.jsonl"}}, ROWS, r"eval task t .*: data.test: .*nope.jsonl: no such file"),
     ({"temlpate": "x"}, ROWS, r"eval task t .*: temlpate: unknown key"),
+    ({}, [*ROWS, {"q": "question 3"}],
+     r"eval task t \(.*task.yaml\): fields: item 3 of split 'test' \(.*items.jsonl\) has no 'a' .*skip_incomplete_items"),
+    ({}, [ROWS[0], {"q": None, "a": "answer 1"}, ROWS[2]], r"eval task t .*: fields: item 1 of split 'test' .* has no 'q'"),
 ])
 def test_bad_task_file_gives_one_line_naming_task_and_field(tmp_path, spec, rows, message):
     with pytest.raises(AnnealError, match=message) as e:
         load_task(str(_write(tmp_path, spec, rows)))
     assert "\n" not in str(e.value)
+
+
+def test_skip_incomplete_items_drops_only_the_items_missing_a_field(tmp_path):
+    """The opt-out of the error above, for a source with known gaps (ChnSentiCorp's empty review)."""
+    task = load_task(str(_write(tmp_path, {"skip_incomplete_items": True}, [*ROWS, {"q": "question 3"}])))
+    assert task.items == ROWS
+
+
+@pytest.mark.skipif(not CHNSENTICORP.is_file(), reason="shared corpus not present")
+def test_chnsenticorp_loads_from_the_public_csv_with_its_empty_review(monkeypatch):
+    monkeypatch.setenv("ANNEAL_CHNSENTICORP", str(CHNSENTICORP))
+    task = load_task("chnsenticorp")
+    assert len(task.items) == 500 and all(it["review"] for it in task.items)
 
 
 def test_bundled_items_are_held_out_of_the_demo_mixture_and_the_check_is_real(tmp_path):

@@ -7,7 +7,8 @@ its items read through `datasets` (JSONL / JSON / CSV / parquet), checked once a
     split: test                   # the scored items
     fewshot_split: fewshot        # where the k shots come from (default: `split`; then they are not scored)
     shots: 5
-    fields: [question, answer]    # every item must have these
+    fields: [question, answer]    # every item must have these (a missing or null one is an error)
+    skip_incomplete_items: false  # true: skip the items missing a field instead (a source with known gaps)
     template: "Question: {question}\\nAnswer:"
     target: "{answer}"            # generative: the gold continuation
     # multiple_choice instead: choices: [negative, positive] (or the name of a list field), answer: label
@@ -37,7 +38,7 @@ from anneal.errors import AnnealError
 KINDS = ("multiple_choice", "generative")
 _KEYS = {"name", "kind", "data", "split", "fewshot_split", "shots", "fields", "template", "target", "choices",
          "answer", "target_delimiter", "fewshot_delimiter", "limit", "seed", "overlap_fields", "harness",
-         "description"}
+         "description", "skip_incomplete_items"}
 _LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -158,15 +159,21 @@ def load_task(name: str, limit: int | None = None, shots: int | None = None) -> 
     if n_shots < 0:
         raise bad("shots", f"{n_shots} must be >= 0")
     split, fewshot_split = raw["split"], raw.get("fewshot_split", raw["split"])
-    splits = _read_splits(raw["data"], path, bad)
+    splits, files = _read_splits(raw["data"], path, bad)
     for key, s in (("split", split), ("fewshot_split", fewshot_split)):
         if s not in splits:
             raise bad(key, f"{s!r} is not a split of `data` ({', '.join(splits)})")
+    skip_incomplete = bool(raw.get("skip_incomplete_items", False))
     for s, rows in splits.items():
         for f in fields:
             if rows and f not in rows[0]:
                 raise bad("fields", f"split {s!r} has no field {f!r} (it has: {', '.join(rows[0])})")
-    splits = {s: [r for r in rows if all(r[f] is not None for f in fields)] for s, rows in splits.items()}
+        complete = [r for r in rows if all(r[f] is not None for f in fields)]
+        if len(complete) < len(rows) and not skip_incomplete:
+            i, f = next((i, f) for i, r in enumerate(rows) for f in fields if r[f] is None)
+            raise bad("fields", f"item {i} of split {s!r} ({', '.join(files[s])}) has no {f!r} (missing or null); "
+                      "fill it in or remove the item, or set `skip_incomplete_items: true` to skip such items")
+        splits[s] = complete
     pool = splits[fewshot_split]
     if n_shots > len(pool) - (1 if fewshot_split == split else 0):
         raise bad("shots", f"{n_shots} shots but split {fewshot_split!r} has {len(pool)} items"
@@ -201,15 +208,15 @@ def load_task(name: str, limit: int | None = None, shots: int | None = None) -> 
     return task
 
 
-def _read_splits(data, path: Path, bad) -> dict[str, list[dict]]:
-    """split -> rows (dicts), each split's files read through `datasets`."""
+def _read_splits(data, path: Path, bad) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
+    """(split -> rows (dicts), split -> its files), each split's files read through `datasets`."""
     if isinstance(data, str):
         data = {"test": data}
     if not isinstance(data, dict) or not data:
         raise bad("data", "must map split names to files, e.g. {test: items.jsonl}")
     from mixtures._files import quiet_datasets
 
-    out = {}
+    out, read_from = {}, {}
     for split, files in data.items():
         files = [files] if isinstance(files, str) else list(files)
         resolved = []
@@ -232,4 +239,5 @@ def _read_splits(data, path: Path, bad) -> dict[str, list[dict]]:
             except Exception as e:  # noqa: BLE001 - re-raised with the task and field
                 raise bad(f"data.{split}", f"could not read {', '.join(map(str, resolved))}: {e}") from e
         out[str(split)] = ds.to_list()
-    return out
+        read_from[str(split)] = [str(p) for p in resolved]
+    return out, read_from
