@@ -145,6 +145,7 @@ class EvalCfg:
     harness_tasks: Optional[list[str]] = None  # tasks for after_export; null = those of eval.tasks
     harness_limit: Optional[int] = None    # items per task for after_export; null = all
     backend: str = "hf"                    # hf | vllm: lm-evaluation-harness's model backend
+    allow_code_execution: bool = False     # after_export: run model-written code (HumanEval pass@1, sandboxed)
 
 
 @dataclass

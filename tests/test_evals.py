@@ -311,3 +311,129 @@ def test_in_loop_scores_at_step_0_and_stage_ends_and_bad_task_stops_before_train
         train(compose([*base[:-1], f"run.dir={tmp_path / 'run2'}", f"eval.tasks=[{{task: {bad}}}]"]), tmp_path / "run2")
     assert not (tmp_path / "run2" / "metrics.jsonl").exists() or \
         "loss" not in (tmp_path / "run2" / "metrics.jsonl").read_text()
+
+
+# ----------------------------------------------------------------------- after the export
+def _tiny_run(tmp_path: Path, *extra: str) -> list[str]:
+    """Overrides of a two-step tiny anneal in tmp_path/run, quiet, W&B offline."""
+    return [f"run.dir={tmp_path / 'run'}", "run.name=t", "logging.progress=false", "logging.plots=false",
+            "logging.mode=offline", "trainer.threads=1", "data.seq_len=64", "data.eval_seqs=1",
+            "trainer.micro_batch_size=4", "schedule.batch_tokens=256", "schedule.stages.0.tokens=256",
+            "schedule.stages.1.tokens=256", "export.dtype=float32", *extra]
+
+
+def wandb_runs(run_dir: Path, wait_s: float = 30.0) -> dict[str, tuple[object, list[dict]]]:
+    """job type -> (run record, history rows) of every offline W&B run under `run_dir`/wandb, read
+    from its .wandb file (W&B's LevelDB-style log of protobuf records). A run finished after another
+    in the same process reaches its file a moment after `finish()` returns: wait for its exit record."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    out = {}
+    for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
+        while "exit" not in (records := _wandb_records(path)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        run = records["run"][0].run
+        out[run.job_type] = (run, [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                                   for r in records.get("history", [])])
+    return out
+
+
+def _wandb_records(path: Path) -> dict[str, list]:
+    """The records of a .wandb file by type (run, history, exit, ...)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, chunk, records = path.read_bytes(), 7, b"", {}
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:                    # a block's tail too short for a record header
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):                              # a whole record, or a record's last part
+            rec = pb.Record()
+            rec.ParseFromString(chunk)
+            chunk = b""
+            records.setdefault(rec.WhichOneof("record_type"), []).append(rec)
+    return records
+
+
+@pytest.fixture(scope="module")
+def run_evaluated_after_export(tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny anneal with `eval.after_export=true`, an MC task and HumanEval (pass@1 opted in, one
+    item), W&B offline."""
+    from anneal.cli import compose
+    from anneal.train.loop import train
+
+    tmp_path = tmp_path_factory.mktemp("after_export")
+    task = mc_task(tmp_path, n=4, shots=1)
+    cfg = compose(_tiny_run(tmp_path, f"eval.tasks=[{{task: {task}}}, {{task: humaneval, limit: 1}}]",
+                            "eval.after_export=true", "eval.allow_code_execution=true", "eval.harness_limit=2"))
+    return tmp_path / "run", train(cfg, tmp_path / "run")
+
+
+def test_after_export_refuses_code_execution_at_start_up_unless_allowed(tmp_path):
+    """HumanEval among the after-export tasks (by default those of eval.tasks) stops the run before
+    its first step unless eval.allow_code_execution is set; with it the start-up check passes."""
+    from anneal.cli import compose
+    from anneal.evals.callback import check_after_export
+    from anneal.train.loop import train
+
+    cfg = compose(_tiny_run(tmp_path, "logging.wandb=false", "eval.tasks=[{task: humaneval, limit: 1}]",
+                            "eval.after_export=true"))
+    with pytest.raises(AnnealError, match=r"^eval task humaneval: pass@1 runs the model's code; "
+                                          r"set eval\.allow_code_execution=true") as e:
+        train(cfg, tmp_path / "run")
+    assert "\n" not in str(e.value)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or "loss" not in metrics.read_text()
+    cfg.eval.allow_code_execution = True
+    check_after_export(cfg.eval)
+    cfg.eval.harness_tasks = ["gsm8k"]   # or the code-running task left out
+    cfg.eval.allow_code_execution = False
+    check_after_export(cfg.eval)
+
+
+def test_after_export_scores_the_export_into_the_run_folder_and_its_wandb_run(run_evaluated_after_export):
+    """evals.jsonl in the run folder: the MC task and HumanEval's pass@1 (opted in), scored on the
+    run's device in its compute dtype (CPU: fp32) at the export's step; the same scores in the
+    training run's W&B run at that step."""
+    run_dir, result = run_evaluated_after_export
+    rows = {r["task"]: r for r in map(json.loads, (run_dir / "evals.jsonl").read_text().splitlines())}
+    assert set(rows) == {"gsm8k_mc", "humaneval"}
+    for row in rows.values():
+        assert row["export"] == result["export_dir"] and row["items"] == 2
+        assert (row["device"], row["dtype"]) == ("cpu", "float32")
+        assert (row["step"], row["tokens"]) == (result["step"], result["tokens"])
+    assert set(rows["gsm8k_mc"]["metrics"]) == {"acc", "acc_norm", "acc_bytes"}
+    assert 0.0 <= rows["humaneval"]["metrics"]["pass@1"] <= 1.0
+    _, history = wandb_runs(run_dir)[""]           # the training run (no job type)
+    logged = next(h for h in history if "harness/gsm8k_mc/acc" in h)
+    assert logged["harness/gsm8k_mc/acc"] == rows["gsm8k_mc"]["metrics"]["acc"]
+    assert logged["harness/humaneval/pass@1"] == rows["humaneval"]["metrics"]["pass@1"]
+    assert (logged["_step"], logged["tokens"]) == (result["step"], result["tokens"])
+
+
+def test_after_export_runs_on_the_runs_device_in_its_compute_dtype():
+    from anneal.evals.callback import harness_device_and_dtype
+
+    assert harness_device_and_dtype(True, torch.device("cuda", 0)) == ("cuda:0", "bfloat16")
+    assert harness_device_and_dtype(False, torch.device("cuda", 0)) == ("cuda:0", "float32")
+    assert harness_device_and_dtype(True, torch.device("cpu")) == ("cpu", "float32")
+
+
+@pytest.mark.gpu
+def test_after_export_on_cuda_runs_the_harness_on_the_gpu_in_bf16(tmp_path):
+    from anneal.cli import compose
+    from anneal.train.loop import train
+
+    task = mc_task(tmp_path, n=4, shots=1)
+    cfg = compose(_tiny_run(tmp_path, "logging.wandb=false", "trainer.device=cuda", "trainer.bf16=true",
+                            "model.compile=false", f"eval.tasks=[{{task: {task}}}]", "eval.after_export=true"))
+    train(cfg, tmp_path / "run")
+    row = json.loads((tmp_path / "run" / "evals.jsonl").read_text())
+    assert row["device"].startswith("cuda") and row["dtype"] == "bfloat16" and row["items"] == 4

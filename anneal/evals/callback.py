@@ -4,11 +4,15 @@ they land in the same metrics row), and after the export, optionally, the harnes
 (`eval.after_export`).
 
 The tasks are read, checked and checked against the training mixture when the run starts, before
-the first step: bad input stops the run there with one line naming the task and the field.
+the first step: bad input stops the run there with one line naming the task and the field. So are
+`eval.after_export`'s tasks, and a code-executing one without `eval.allow_code_execution`.
 Each rank tokenizes only its own share of the items, once.
 """
 from __future__ import annotations
 
+import torch
+
+from anneal.errors import AnnealError
 from anneal.evals.overlap import check_no_overlap
 from anneal.evals.scoring import build_requests, rank_items, score_tasks
 from anneal.evals.tasks import Task, load_task
@@ -21,10 +25,33 @@ def load_tasks(task_cfgs) -> list[Task]:
     names = [t.name for t in tasks]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
-        from anneal.errors import AnnealError
-
         raise AnnealError(f"eval.tasks: task {dup} is listed twice")
     return tasks
+
+
+def harness_task_names(cfg) -> list[str]:
+    """`eval.after_export`'s tasks: eval.harness_tasks, or by default the tasks of eval.tasks."""
+    return list(cfg.harness_tasks or [t.task for t in cfg.tasks])
+
+
+def check_after_export(cfg) -> None:
+    """`eval.after_export`'s tasks read and checked at start-up (`cfg` is the eval section), so that
+    a bad one, or one that runs model-written code without `eval.allow_code_execution`, stops the
+    run before training rather than after it."""
+    from anneal.evals.harness import check_harness_task
+
+    names = harness_task_names(cfg)
+    if not names:
+        raise AnnealError("eval.after_export=true but no task to run: set eval.tasks or eval.harness_tasks")
+    for name in names:
+        check_harness_task(load_task(name, limit=cfg.harness_limit), cfg.allow_code_execution,
+                           opt_in="set eval.allow_code_execution=true (or leave it out of eval.harness_tasks)")
+
+
+def harness_device_and_dtype(bf16: bool, device: torch.device) -> tuple[str, str]:
+    """Where and in what dtype `eval.after_export` runs the harness: on the run's device, bf16 on CUDA
+    with trainer.bf16 and fp32 otherwise, as the run computed (anneal.model.precision)."""
+    return str(device), "bfloat16" if bf16 and device.type == "cuda" else "float32"
 
 
 class BenchmarkEval(Callback):
@@ -33,6 +60,8 @@ class BenchmarkEval(Callback):
         cfg = run.cfg.eval
         self.batch_tokens = cfg.batch_tokens
         self.tasks = load_tasks(cfg.tasks)
+        if cfg.after_export:
+            check_after_export(cfg)
         unchecked = check_no_overlap(self.tasks, run.p.spec) if self.tasks else []
         if unchecked:
             run.tracker.print(f"eval.tasks: streaming source(s) {', '.join(unchecked)} not checked for "
@@ -56,15 +85,17 @@ class BenchmarkEval(Callback):
         return out
 
     def on_train_end(self, tokens: int) -> None:
-        run = self.run
-        if not run.cfg.eval.after_export or run.export_dir is None:
+        run, cfg = self.run, self.run.cfg.eval
+        if not cfg.after_export or run.export_dir is None:
             return
         from anneal.evals.harness import evaluate_export
 
+        device, dtype = harness_device_and_dtype(run.cfg.trainer.bf16, run.device)
+
         def harness() -> None:
-            evaluate_export(run.export_dir, run_dir=run.run_dir, tasks=list(run.cfg.eval.harness_tasks or
-                                                                             [t.task for t in run.cfg.eval.tasks]),
-                            backend=run.cfg.eval.backend, limit=run.cfg.eval.harness_limit, tracker=run.tracker)
+            evaluate_export(run.export_dir, harness_task_names(cfg), run_dir=run.run_dir, backend=cfg.backend,
+                            limit=cfg.harness_limit, allow_code_execution=cfg.allow_code_execution, device=device,
+                            dtype=dtype, tracker=run.tracker)
 
         run.layout.rank0_first(harness, lambda: None)
 

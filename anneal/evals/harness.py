@@ -7,7 +7,8 @@ and prompts the loop scores. Multiple choice: the harness's `acc`, `acc_norm`, `
 Generative tasks run greedy decoding with the task file's `harness:` keys (GSM8K: the harness's
 own answer extraction and exact match); HumanEval's pass@1 executes model-written code, so only
 with `allow_code_execution` (`anneal.evals.sandbox`). Results are appended to `evals.jsonl` in
-the run folder, logged to W&B (offline by default) and printed.
+the run folder, printed, and logged to W&B (into the training run's, `eval.after_export`) at the
+export's step and tokens.
 """
 from __future__ import annotations
 
@@ -36,8 +37,26 @@ def harness_name(task: Task) -> str:
     return f"anneal_{task.name}"
 
 
+def executes_code(task: Task) -> bool:
+    """Whether the harness runs model-written code for `task` (HumanEval's pass@1, or a task file's
+    own `process_results`)."""
+    return task.kind == "generative" and (task.name == "humaneval" or "process_results" in task.harness)
+
+
+def check_harness_task(task: Task, allow_code_execution: bool, opt_in: str = "pass --allow-code-execution") -> None:
+    """What stops `task` in the harness, raised before any work: a generative task without its
+    generation keys, or code to run without the opt-in (`opt_in` says how: the flag, the config key)."""
+    if task.kind == "generative" and not task.harness:
+        raise AnnealError(f"eval task {task.name} ({task.path}): harness: missing; a generative task needs "
+                          "its generation keys (output_type, generation_kwargs, metric_list) for anneal-eval")
+    if executes_code(task) and not allow_code_execution:
+        raise AnnealError(f"eval task {task.name}: pass@1 runs the model's code; {opt_in} to run it "
+                          "(in a sandboxed subprocess)")
+
+
 def write_harness_task(task: Task, folder: Path, allow_code_execution: bool = False) -> str:
     """The harness YAML (and its JSONL items) of `task` in `folder`; returns its task name."""
+    check_harness_task(task, allow_code_execution)
     folder.mkdir(parents=True, exist_ok=True)
 
     def dump(items: list[dict], path: Path) -> None:
@@ -65,14 +84,8 @@ def write_harness_task(task: Task, folder: Path, allow_code_execution: bool = Fa
                    metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True}
                                 for m in ("acc", "acc_norm", "acc_bytes")])
     else:
-        if not task.harness:
-            raise AnnealError(f"eval task {task.name} ({task.path}): harness: missing; a generative task needs "
-                              "its generation keys (output_type, generation_kwargs, metric_list) for anneal-eval")
         cfg.update(task.harness)
-        if task.name == "humaneval" or "process_results" in cfg:
-            if not allow_code_execution:
-                raise AnnealError(f"eval task {task.name}: pass@1 runs the model's code; pass "
-                                  "--allow-code-execution to run it (in a sandboxed subprocess)")
+        if executes_code(task):
             (folder / "anneal_code_eval.py").write_text(_PASS_AT_1)
             cfg["process_results"] = "!function anneal_code_eval.process_results"
             cfg["metric_list"] = [{"metric": "pass@1", "aggregation": "mean", "higher_is_better": True}]
@@ -94,17 +107,19 @@ def resolve_export(path: str | os.PathLike) -> tuple[Path, Path | None]:
 
 
 def evaluate_export(export: str | os.PathLike, tasks: list[str], run_dir: str | os.PathLike | None = None,
-                    backend: str = "hf", limit: int | None = None, shots: int | None = None, allow_code_execution: bool = False,
-                    device: str = "cpu", batch_size: int | str = 8, dtype: str = "float32", tracker=None,
-                    log_samples: bool = False) -> dict:
+                    backend: str = "hf", limit: int | None = None, shots: int | None = None,
+                    allow_code_execution: bool = False, device: str = "cpu", batch_size: int | str = 8,
+                    dtype: str = "float32", tracker=None, log_samples: bool = False) -> dict:
     """Run lm-evaluation-harness on `export` for `tasks` (bundled names or task YAMLs); append a
-    row per task to `<run folder>/evals.jsonl` (the export's run, or `run_dir`). Returns
-    {task: metrics} (and `samples` with `log_samples`)."""
+    row per task to `<run folder>/evals.jsonl` (the export's run, or `run_dir`). The scores go to
+    `tracker` (the training run's console and W&B), or with none to the console. Returns {task: metrics} (and `samples` with `log_samples`)."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise AnnealError("anneal-eval needs lm-evaluation-harness: pip install -e \".[eval]\"") from e
+    from anneal.checkpoints.run_checkpoints import export_meta
+
     hf_dir, found_run = resolve_export(export)
     run_dir = Path(run_dir) if run_dir is not None else found_run
     loaded = [load_task(t, limit=limit, shots=shots) for t in tasks]
@@ -129,26 +144,34 @@ def evaluate_export(export: str | os.PathLike, tasks: list[str], run_dir: str | 
                    for key, v in results["results"][name].items() if "," in key
                    and not (k := key.split(",")[0]).endswith("_stderr")}
         out[t.name] = metrics
-    row_base = {"export": str(hf_dir), "backend": backend, "time": time.time(), "seconds": seconds}
+    # where the export stands in its run (anneal_meta.json; a soup keeps what its ingredients share)
+    at = {k: v for k, v in export_meta(hf_dir).items() if k in ("step", "tokens")}
+    row_base = {"export": str(hf_dir), "backend": backend, "device": model_args.get("device"), "dtype": dtype,
+                **at, "time": time.time(), "seconds": seconds}
     if run_dir is not None:
         with (Path(run_dir) / "evals.jsonl").open("a") as f:
             for t in loaded:
                 f.write(json.dumps({**row_base, "task": t.name, "items": len(t.items), "metrics": out[t.name]}) + "\n")
-    _report(out, hf_dir, seconds, tracker)
+    _report(out, hf_dir, seconds, tracker, at)
     if log_samples:
         out["samples"] = {t.name: results["samples"][n] for t, n in zip(loaded, names)}
     return out
 
 
-def _report(out: dict, hf_dir: Path, seconds: float, tracker) -> None:
+def _report(out: dict, hf_dir: Path, seconds: float, tracker, at: dict) -> None:
+    """The scores on the console and in W&B, at the export's step and tokens (W&B's x-axis)."""
     lines = [f"anneal-eval {hf_dir} ({seconds:.0f} s):"]
     lines += [f"  {task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
               for task, metrics in out.items()]
     text = "\n".join(lines)
+    scores = {f"harness/{t}/{k}": v for t, m in out.items() for k, v in m.items() if isinstance(v, (int, float))}
+    if "tokens" in at:
+        from anneal.train.tracking import WANDB_STEP_METRIC
+
+        scores[WANDB_STEP_METRIC] = at["tokens"]
     if tracker is not None:
         tracker.print(text, markup=False, highlight=False)
         if getattr(tracker, "wandb_run", None) is not None:
-            tracker.wandb_run.log({f"harness/{t}/{k}": v for t, m in out.items() for k, v in m.items()
-                                   if isinstance(v, (int, float))})
+            tracker.wandb_run.log(scores, step=at.get("step"))
     else:
         print(text)
