@@ -224,6 +224,7 @@ def test_anneal_eval_gsm8k_exact_match_on_the_cpu_export(tmp_path):
     assert row["task"] == "gsm8k" and row["items"] == 2
     assert set(row["metrics"]) >= {"exact_match/strict-match", "exact_match/flexible-extract"}
     assert 0.0 <= row["metrics"]["exact_match/strict-match"] <= 1.0
+    assert not (tmp_path / "wandb").exists()   # a folder with no run config logs to no W&B
 
 
 def test_humaneval_pass_at_1_needs_explicit_opt_in(tmp_path):
@@ -416,6 +417,19 @@ def test_after_export_scores_the_export_into_the_run_folder_and_its_wandb_run(ru
     assert logged["harness/gsm8k_mc/acc"] == rows["gsm8k_mc"]["metrics"]["acc"]
     assert logged["harness/humaneval/pass@1"] == rows["humaneval"]["metrics"]["pass@1"]
     assert (logged["_step"], logged["tokens"]) == (result["step"], result["tokens"])
+
+
+def test_anneal_eval_logs_to_the_runs_wandb_project_as_a_job_of_its_own(run_evaluated_after_export):
+    from anneal.cli import eval_main
+
+    run_dir, result = run_evaluated_after_export
+    eval_main([str(run_dir), "--tasks", str(run_dir.parent / "gsm8k_mc.yaml"), "--limit", "2", "--dtype", "float32"])
+    row = json.loads((run_dir / "evals.jsonl").read_text().splitlines()[-1])
+    job, history = wandb_runs(run_dir)["anneal-eval"]
+    assert job.project == "anneal" and job.display_name == "run/anneal-eval"
+    assert history == [{**{f"harness/gsm8k_mc/{k}": v for k, v in row["metrics"].items()},
+                        "tokens": result["tokens"], "_step": result["step"], **{k: history[0][k] for k in
+                                                                                 ("_runtime", "_timestamp")}}]
 
 
 def test_after_export_runs_on_the_runs_device_in_its_compute_dtype():

@@ -7,8 +7,9 @@ and prompts the loop scores. Multiple choice: the harness's `acc`, `acc_norm`, `
 Generative tasks run greedy decoding with the task file's `harness:` keys (GSM8K: the harness's
 own answer extraction and exact match); HumanEval's pass@1 executes model-written code, so only
 with `allow_code_execution` (`anneal.evals.sandbox`). Results are appended to `evals.jsonl` in
-the run folder, printed, and logged to W&B (into the training run's, `eval.after_export`) at the
-export's step and tokens.
+the run folder, printed, and logged to W&B: into the training run's (`eval.after_export`), or,
+from `anneal-eval`, as a job of its own in the run's W&B project when the run logs to W&B
+(offline by default), at the export's step and tokens.
 """
 from __future__ import annotations
 
@@ -112,7 +113,9 @@ def evaluate_export(export: str | os.PathLike, tasks: list[str], run_dir: str | 
                     dtype: str = "float32", tracker=None, log_samples: bool = False) -> dict:
     """Run lm-evaluation-harness on `export` for `tasks` (bundled names or task YAMLs); append a
     row per task to `<run folder>/evals.jsonl` (the export's run, or `run_dir`). The scores go to
-    `tracker` (the training run's console and W&B), or with none to the console. Returns {task: metrics} (and `samples` with `log_samples`)."""
+    `tracker` (the training run's console and W&B), or with none to the console and, when the run
+    folder's config logs to W&B, to a W&B run of their own. Returns {task: metrics} (and `samples`
+    with `log_samples`)."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -152,13 +155,13 @@ def evaluate_export(export: str | os.PathLike, tasks: list[str], run_dir: str | 
         with (Path(run_dir) / "evals.jsonl").open("a") as f:
             for t in loaded:
                 f.write(json.dumps({**row_base, "task": t.name, "items": len(t.items), "metrics": out[t.name]}) + "\n")
-    _report(out, hf_dir, seconds, tracker, at)
+    _report(out, hf_dir, seconds, tracker, run_dir, at)
     if log_samples:
         out["samples"] = {t.name: results["samples"][n] for t, n in zip(loaded, names)}
     return out
 
 
-def _report(out: dict, hf_dir: Path, seconds: float, tracker, at: dict) -> None:
+def _report(out: dict, hf_dir: Path, seconds: float, tracker, run_dir: Path | None, at: dict) -> None:
     """The scores on the console and in W&B, at the export's step and tokens (W&B's x-axis)."""
     lines = [f"anneal-eval {hf_dir} ({seconds:.0f} s):"]
     lines += [f"  {task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
@@ -173,5 +176,35 @@ def _report(out: dict, hf_dir: Path, seconds: float, tracker, at: dict) -> None:
         tracker.print(text, markup=False, highlight=False)
         if getattr(tracker, "wandb_run", None) is not None:
             tracker.wandb_run.log(scores, step=at.get("step"))
-    else:
-        print(text)
+        return
+    print(text)
+    job = _wandb_job(run_dir, hf_dir, list(out)) if run_dir is not None else None
+    if job is not None:
+        folder, offline = Path(job.dir).parent, job.offline
+        job.log(scores, step=at.get("step"))
+        job.finish()
+        print(f"W&B run: {folder}" + (f" (offline; upload with: wandb sync {folder})" if offline else ""))
+
+
+def _wandb_job(run_dir: Path, hf_dir: Path, tasks: list[str]):
+    """A W&B run of its own (job type anneal-eval) in the project of the run whose folder is
+    `run_dir`, beside its training run (under `<run>/wandb`); None when the run does not log to W&B."""
+    from omegaconf import OmegaConf
+
+    from anneal.train.run_dir import RUN_MARKER
+    from anneal.train.tracking import WANDB_STEP_METRIC
+
+    if not (run_dir / RUN_MARKER).is_file():
+        return None
+    logging = OmegaConf.load(run_dir / RUN_MARKER).logging
+    if not logging.wandb or logging.mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    job = wandb.init(project=logging.project, entity=logging.entity, mode=logging.mode, dir=str(run_dir),
+                     job_type="anneal-eval", name=f"{run_dir.name}/anneal-eval", group=logging.group,
+                     config={"run_dir": str(run_dir), "export": str(hf_dir), "tasks": tasks})
+    job.define_metric(WANDB_STEP_METRIC)
+    job.define_metric("*", step_metric=WANDB_STEP_METRIC)
+    return job
