@@ -360,7 +360,8 @@ def _plan_memory_main(argv: list[str]) -> None:
 
 def eval_main(argv: list[str] | None = None) -> None:
     """`anneal-eval EXPORT_OR_RUN [--tasks ...] [--backend hf|vllm]`: benchmark an HF export with
-    lm-evaluation-harness on the bundled tasks (or task YAMLs); results to the run's evals.jsonl."""
+    lm-evaluation-harness on the bundled tasks (or task YAMLs); results to evals.jsonl in the run
+    folder (an export or soup of no run: its own folder) and to the run's W&B project when it logs there."""
     from anneal.evals.tasks import bundled_tasks
 
     parser = argparse.ArgumentParser(prog="anneal-eval", description=eval_main.__doc__)
@@ -373,7 +374,8 @@ def eval_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="hf backend: cpu, cuda, cuda:0 ...")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--batch-size", default="8", help="the harness's batch size (or 'auto')")
-    parser.add_argument("--run-dir", default=None, help="where evals.jsonl goes (default: the export's run)")
+    parser.add_argument("--run-dir", default=None,
+                        help="where evals.jsonl goes (default: the export's run, else the export folder)")
     parser.add_argument("--allow-code-execution", action="store_true",
                         help="run model-written code for HumanEval pass@1 (sandboxed subprocess, no network)")
     args = parser.parse_args(argv)
@@ -381,9 +383,9 @@ def eval_main(argv: list[str] | None = None) -> None:
         from anneal.evals.harness import evaluate_export
 
         batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
-        evaluate_export(args.export, args.tasks, run_dir=args.run_dir, backend=args.backend, limit=args.limit, shots=args.shots,
-                        allow_code_execution=args.allow_code_execution, device=args.device, batch_size=batch,
-                        dtype=args.dtype)
+        evaluate_export(args.export, args.tasks, run_dir=args.run_dir, backend=args.backend, limit=args.limit,
+                        shots=args.shots, allow_code_execution=args.allow_code_execution, device=args.device,
+                        batch_size=batch, dtype=args.dtype)
     except USER_ERRORS as e:
         report_error(e)
         sys.exit(2)

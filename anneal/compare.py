@@ -11,7 +11,8 @@ not depend on the training seed) and scores the export with the trainer's own ev
 Benchmark columns (`anneal.evals`): a run's last in-loop scores (`bench/<task>/<metric>` in
 metrics.jsonl) and its newest `anneal-eval` scores (evals.jsonl, `harness:<task>/<metric>`); an
 export or soup is scored on the items of the first run's `eval.tasks`, the items its runs were
-scored on. Higher is better in every benchmark column.
+scored on, and its harness columns come from its run's evals.jsonl and its own folder's (where
+`anneal-eval` writes for an export of no run). Higher is better in every benchmark column.
 """
 from __future__ import annotations
 
@@ -98,9 +99,10 @@ def bench_scores(row: dict) -> dict[str, float]:
             if k.startswith("bench/") and k.rsplit("/", 1)[1] in BENCH_METRICS}
 
 
-def harness_scores(run_dir: Path | None) -> dict[str, float]:
-    """`harness:<task>/<metric>` of the newest anneal-eval row per task in the run's evals.jsonl."""
-    path = Path(run_dir) / "evals.jsonl" if run_dir is not None else None
+def harness_scores(folder: Path | None) -> dict[str, float]:
+    """`harness:<task>/<metric>` of the newest anneal-eval row per task in `folder`'s evals.jsonl (a
+    run's, or an export's or soup's own)."""
+    path = Path(folder) / "evals.jsonl" if folder is not None else None
     if path is None or not path.is_file():
         return {}
     out = {}
@@ -179,7 +181,8 @@ class HeldOut:
         name = "/".join(export.absolute().parts[-3:]) if export.name == "hf" else export.name  # sweep/0/hf
         per_source = {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith("eval_loss/")}
         bench = {**score_benchmarks(model, self.cfg, self.tokenizer, device),
-                 **harness_scores(export.parent if (export.parent / RUN_MARKER).is_file() else None)}
+                 **harness_scores(export.parent if (export.parent / RUN_MARKER).is_file() else None),
+                 **harness_scores(export)}
         return Row(name, kind, None, losses.get("eval_loss"), per_source, bench=bench)
 
 

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from anneal.checkpoints.soup import make_soup
 from anneal.checkpoint_cli import compare_main
 from anneal.cli import compose
-from anneal.compare import compare
+from anneal.compare import compare, comparison_table
 from anneal.errors import AnnealError
 from anneal.train.loop import train
 
@@ -84,6 +85,28 @@ def test_benchmark_columns_for_runs_exports_and_a_soup_on_the_same_items(sweep, 
         assert png.stat().st_size > 10_000
     finally:
         (sweep / "1" / "evals.jsonl").unlink()
+
+
+def test_a_soup_evaluated_on_its_own_gets_harness_columns(sweep, tmp_path):
+    """anneal-eval on a soup of no run writes evals.jsonl into the soup's folder, and anneal-compare
+    reads it there: the soup's row gets the harness columns, the runs' rows do not."""
+    pytest.importorskip("lm_eval")
+    from anneal.cli import eval_main
+
+    soup = make_soup([sweep / "0" / "hf", sweep / "1" / "hf"], tmp_path / "soup").folder
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"q": f"Is {n} even?", "label": n % 2}) + "\n"
+                                                  for n in (2, 3)))
+    (tmp_path / "parity.yaml").write_text(yaml.safe_dump({
+        "name": "parity", "kind": "multiple_choice", "data": {"test": "items.jsonl"}, "split": "test",
+        "fields": ["q", "label"], "template": "{q}", "choices": ["yes", "no"], "answer": "label"}))
+    eval_main([str(soup), "--tasks", str(tmp_path / "parity.yaml"), "--dtype", "float32"])
+    logged = json.loads((soup / "evals.jsonl").read_text())
+    assert logged["task"] == "parity" and logged["items"] == 2
+    assert not any((sweep / job / "evals.jsonl").exists() for job in ("0", "1"))
+    rows = compare([sweep], [soup])
+    assert rows[-1].bench["harness:parity/acc"] == logged["metrics"]["acc"]
+    assert not any(k.startswith("harness:") for r in rows[:2] for k in r.bench)
+    assert "harness:parity/acc" in [c.header for c in comparison_table(rows).columns]
 
 
 def test_not_a_run_is_one_clear_error(sweep, tmp_path, capsys):

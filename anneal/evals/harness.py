@@ -7,9 +7,9 @@ and prompts the loop scores. Multiple choice: the harness's `acc`, `acc_norm`, `
 Generative tasks run greedy decoding with the task file's `harness:` keys (GSM8K: the harness's
 own answer extraction and exact match); HumanEval's pass@1 executes model-written code, so only
 with `allow_code_execution` (`anneal.evals.sandbox`). Results are appended to `evals.jsonl` in
-the run folder, printed, and logged to W&B: into the training run's (`eval.after_export`), or,
-from `anneal-eval`, as a job of its own in the run's W&B project when the run logs to W&B
-(offline by default), at the export's step and tokens.
+the run folder (an export or soup of no run: in its own folder), printed, and logged to W&B: into
+the training run's (`eval.after_export`), or, from `anneal-eval`, as a job of its own in the run's
+W&B project when the run logs to W&B (offline by default), at the export's step and tokens.
 """
 from __future__ import annotations
 
@@ -112,10 +112,10 @@ def evaluate_export(export: str | os.PathLike, tasks: list[str], run_dir: str | 
                     allow_code_execution: bool = False, device: str = "cpu", batch_size: int | str = 8,
                     dtype: str = "float32", tracker=None, log_samples: bool = False) -> dict:
     """Run lm-evaluation-harness on `export` for `tasks` (bundled names or task YAMLs); append a
-    row per task to `<run folder>/evals.jsonl` (the export's run, or `run_dir`). The scores go to
-    `tracker` (the training run's console and W&B), or with none to the console and, when the run
-    folder's config logs to W&B, to a W&B run of their own. Returns {task: metrics} (and `samples`
-    with `log_samples`)."""
+    row per task to `evals.jsonl` in the run folder (the export's run, or `run_dir`), else in the
+    export's own folder (a soup's scores stay with the soup). The scores go to `tracker` (the training
+    run's console and W&B), or with none to the console and, when the run folder's config logs to
+    W&B, to a W&B run of their own. Returns {task: metrics} (and `samples` with `log_samples`)."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -151,10 +151,9 @@ def evaluate_export(export: str | os.PathLike, tasks: list[str], run_dir: str | 
     at = {k: v for k, v in export_meta(hf_dir).items() if k in ("step", "tokens")}
     row_base = {"export": str(hf_dir), "backend": backend, "device": model_args.get("device"), "dtype": dtype,
                 **at, "time": time.time(), "seconds": seconds}
-    if run_dir is not None:
-        with (Path(run_dir) / "evals.jsonl").open("a") as f:
-            for t in loaded:
-                f.write(json.dumps({**row_base, "task": t.name, "items": len(t.items), "metrics": out[t.name]}) + "\n")
+    with ((run_dir if run_dir is not None else hf_dir) / "evals.jsonl").open("a") as f:
+        for t in loaded:
+            f.write(json.dumps({**row_base, "task": t.name, "items": len(t.items), "metrics": out[t.name]}) + "\n")
     _report(out, hf_dir, seconds, tracker, run_dir, at)
     if log_samples:
         out["samples"] = {t.name: results["samples"][n] for t, n in zip(loaded, names)}
