@@ -78,9 +78,10 @@ ROWS = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(3)]
     ({"split": "dev"}, ROWS, r"eval task t .*: split: 'dev' is not a split"),
     ({"data": {"test": "nope.jsonl"}}, ROWS, r"eval task t .*: data.test: .*nope.jsonl: no such file"),
     ({"temlpate": "x"}, ROWS, r"eval task t .*: temlpate: unknown key"),
-    ({}, [*ROWS, {"q": "question 3"}],
-     r"eval task t \(.*task.yaml\): fields: item 3 of split 'test' \(.*items.jsonl\) has no 'a' .*skip_incomplete_items"),
-    ({}, [ROWS[0], {"q": None, "a": "answer 1"}, ROWS[2]], r"eval task t .*: fields: item 1 of split 'test' .* has no 'q'"),
+    ({}, [*ROWS, {"q": "question 3"}], r"eval task t \(.*task.yaml\): fields: item 3 of split 'test' "
+                                       r"\(.*items.jsonl\) has no 'a' .*skip_incomplete_items"),
+    ({}, [ROWS[0], {"q": None, "a": "answer 1"}, ROWS[2]],
+     r"eval task t .*: fields: item 1 of split 'test' .* has no 'q'"),
 ])
 def test_bad_task_file_gives_one_line_naming_task_and_field(tmp_path, spec, rows, message):
     with pytest.raises(AnnealError, match=message) as e:
