@@ -400,6 +400,18 @@ def test_after_export_refuses_code_execution_at_start_up_unless_allowed(tmp_path
     check_after_export(cfg.eval)
 
 
+def test_after_export_without_an_export_is_refused_at_start_up(tmp_path):
+    """eval.after_export with export.enabled=false would evaluate nothing: one line at start-up."""
+    from anneal.cli import compose
+    from anneal.train.loop import train
+
+    cfg = compose(_tiny_run(tmp_path, "logging.wandb=false", "eval.tasks=[{task: gsm8k, limit: 1}]",
+                            "eval.after_export=true", "export.enabled=false"))
+    with pytest.raises(AnnealError, match=r"^eval\.after_export=true but export\.enabled=false") as e:
+        train(cfg, tmp_path / "run")
+    assert "\n" not in str(e.value)
+
+
 def test_after_export_scores_the_export_into_the_run_folder_and_its_wandb_run(run_evaluated_after_export):
     """evals.jsonl in the run folder: the MC task and HumanEval's pass@1 (opted in), scored on the
     run's device in its compute dtype (CPU: fp32) at the export's step; the same scores in the

@@ -61,6 +61,9 @@ class BenchmarkEval(Callback):
         self.batch_tokens = cfg.batch_tokens
         self.tasks = load_tasks(cfg.tasks)
         if cfg.after_export:
+            if not run.cfg.export.enabled:
+                raise AnnealError("eval.after_export=true but export.enabled=false: there is no export to "
+                                  "evaluate; set export.enabled=true or eval.after_export=false")
             check_after_export(cfg)
         unchecked = check_no_overlap(self.tasks, run.p.spec) if self.tasks else []
         if unchecked:
