@@ -142,8 +142,8 @@ class EvalCfg:
     tasks: list[EvalTaskCfg] = field(default_factory=list)
     batch_tokens: int = 8192               # tokens per eval forward (rows x padded length)
     after_export: bool = False             # run anneal-eval (lm-evaluation-harness) on the export at the end
-    harness_tasks: Optional[list[str]] = None  # tasks for after_export; null = those of eval.tasks
-    harness_limit: Optional[int] = None    # items per task for after_export; null = all
+    harness_tasks: Optional[list[str]] = None  # tasks for after_export; null = eval.tasks' (their limit, shots)
+    harness_limit: Optional[int] = None    # caps after_export's items per task; null = no cap
     backend: str = "hf"                    # hf | vllm: lm-evaluation-harness's model backend
     allow_code_execution: bool = False     # after_export: run model-written code (HumanEval pass@1, sandboxed)
 

@@ -400,6 +400,24 @@ def test_after_export_refuses_code_execution_at_start_up_unless_allowed(tmp_path
     check_after_export(cfg.eval)
 
 
+def test_after_export_scores_the_loops_items_by_default(tmp_path):
+    """With eval.harness_tasks unset, the export is scored on the items and shots the loop scores
+    (each eval.tasks entry's own limit and shots); eval.harness_limit caps them; harness_tasks names
+    its own."""
+    from anneal.cli import compose
+    from anneal.evals.callback import after_export_tasks, load_tasks
+
+    cfg = compose(_tiny_run(tmp_path, "logging.wandb=false", "eval.tasks=[{task: gsm8k, limit: 5, shots: 1}]",
+                            "eval.after_export=true"))
+    (loop,), (export,) = load_tasks(cfg.eval.tasks), after_export_tasks(cfg.eval)
+    assert export.items == loop.items and len(export.items) == 5
+    assert export.shots_n == loop.shots_n == 1 and export.shots == loop.shots
+    cfg.eval.harness_limit = 2
+    assert len(after_export_tasks(cfg.eval)[0].items) == 2
+    cfg.eval.harness_limit, cfg.eval.harness_tasks = None, ["gsm8k"]
+    assert len(after_export_tasks(cfg.eval)[0].items) > 5     # the task's own items, not the loop's limit
+
+
 def test_after_export_without_an_export_is_refused_at_start_up(tmp_path):
     """eval.after_export with export.enabled=false would evaluate nothing: one line at start-up."""
     from anneal.cli import compose

@@ -29,23 +29,29 @@ def load_tasks(task_cfgs) -> list[Task]:
     return tasks
 
 
-def harness_task_names(cfg) -> list[str]:
-    """`eval.after_export`'s tasks: eval.harness_tasks, or by default the tasks of eval.tasks."""
-    return list(cfg.harness_tasks or [t.task for t in cfg.tasks])
+def after_export_tasks(cfg) -> list[Task]:
+    """`eval.after_export`'s tasks (`cfg` is the eval section): eval.harness_tasks, or by default the
+    tasks of eval.tasks with their own `limit` and `shots`, so the export is scored on the items the
+    loop scored; `eval.harness_limit`, when set, caps the items of either."""
+    if cfg.harness_tasks:
+        return [load_task(name, limit=cfg.harness_limit) for name in cfg.harness_tasks]
+    return [load_task(t.task, limit=cfg.harness_limit if cfg.harness_limit is not None else t.limit, shots=t.shots)
+            for t in cfg.tasks]
 
 
-def check_after_export(cfg) -> None:
-    """`eval.after_export`'s tasks read and checked at start-up (`cfg` is the eval section), so that
-    a bad one, or one that runs model-written code without `eval.allow_code_execution`, stops the
-    run before training rather than after it."""
+def check_after_export(cfg) -> list[Task]:
+    """`eval.after_export`'s tasks read and checked at start-up, so that a bad one, or one that runs
+    model-written code without `eval.allow_code_execution`, stops the run before training rather
+    than after it. Returns them, for the harness at the end."""
     from anneal.evals.harness import check_harness_task
 
-    names = harness_task_names(cfg)
-    if not names:
+    tasks = after_export_tasks(cfg)
+    if not tasks:
         raise AnnealError("eval.after_export=true but no task to run: set eval.tasks or eval.harness_tasks")
-    for name in names:
-        check_harness_task(load_task(name, limit=cfg.harness_limit), cfg.allow_code_execution,
+    for task in tasks:
+        check_harness_task(task, cfg.allow_code_execution,
                            opt_in="set eval.allow_code_execution=true (or leave it out of eval.harness_tasks)")
+    return tasks
 
 
 def harness_device_and_dtype(bf16: bool, device: torch.device) -> tuple[str, str]:
@@ -60,11 +66,12 @@ class BenchmarkEval(Callback):
         cfg = run.cfg.eval
         self.batch_tokens = cfg.batch_tokens
         self.tasks = load_tasks(cfg.tasks)
+        self.export_tasks: list[Task] = []   # eval.after_export's, read and checked now
         if cfg.after_export:
             if not run.cfg.export.enabled:
                 raise AnnealError("eval.after_export=true but export.enabled=false: there is no export to "
                                   "evaluate; set export.enabled=true or eval.after_export=false")
-            check_after_export(cfg)
+            self.export_tasks = check_after_export(cfg)
         unchecked = check_no_overlap(self.tasks, run.p.spec) if self.tasks else []
         if unchecked:
             run.tracker.print(f"eval.tasks: streaming source(s) {', '.join(unchecked)} not checked for "
@@ -96,9 +103,9 @@ class BenchmarkEval(Callback):
         device, dtype = harness_device_and_dtype(run.cfg.trainer.bf16, run.device)
 
         def harness() -> None:
-            evaluate_export(run.export_dir, harness_task_names(cfg), run_dir=run.run_dir, backend=cfg.backend,
-                            limit=cfg.harness_limit, allow_code_execution=cfg.allow_code_execution, device=device,
-                            dtype=dtype, tracker=run.tracker)
+            evaluate_export(run.export_dir, self.export_tasks, run_dir=run.run_dir, backend=cfg.backend,
+                            allow_code_execution=cfg.allow_code_execution, device=device, dtype=dtype,
+                            tracker=run.tracker)
 
         run.layout.rank0_first(harness, lambda: None)
 

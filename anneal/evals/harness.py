@@ -107,11 +107,12 @@ def resolve_export(path: str | os.PathLike) -> tuple[Path, Path | None]:
     raise AnnealError(f"{p}: neither an HF export (no config.json) nor a run folder with an export (no hf/config.json)")
 
 
-def evaluate_export(export: str | os.PathLike, tasks: list[str], run_dir: str | os.PathLike | None = None,
+def evaluate_export(export: str | os.PathLike, tasks: list, run_dir: str | os.PathLike | None = None,
                     backend: str = "hf", limit: int | None = None, shots: int | None = None,
                     allow_code_execution: bool = False, device: str = "cpu", batch_size: int | str = 8,
                     dtype: str = "float32", tracker=None, log_samples: bool = False) -> dict:
-    """Run lm-evaluation-harness on `export` for `tasks` (bundled names or task YAMLs); append a
+    """Run lm-evaluation-harness on `export` for `tasks` (bundled names or task YAMLs, read with
+    `limit` / `shots`; or tasks already read, as `eval.after_export` passes them); append a
     row per task to `evals.jsonl` in the run folder (the export's run, or `run_dir`), else in the
     export's own folder (a soup's scores stay with the soup). The scores go to `tracker` (the training
     run's console and W&B), or with none to the console and, when the run folder's config logs to
@@ -125,7 +126,7 @@ def evaluate_export(export: str | os.PathLike, tasks: list[str], run_dir: str | 
 
     hf_dir, found_run = resolve_export(export)
     run_dir = Path(run_dir) if run_dir is not None else found_run
-    loaded = [load_task(t, limit=limit, shots=shots) for t in tasks]
+    loaded = [t if isinstance(t, Task) else load_task(t, limit=limit, shots=shots) for t in tasks]
     if backend == "vllm":
         model_args = {"pretrained": str(hf_dir), "dtype": dtype, "tokenizer": str(hf_dir)}
     elif backend == "hf":
