@@ -469,7 +469,11 @@ def test_anneal_eval_logs_to_the_runs_wandb_project_as_a_job_of_its_own(run_eval
 
 def test_after_export_runs_on_the_runs_device_in_its_compute_dtype():
     from anneal.evals.callback import harness_device_and_dtype
+    from anneal.model.precision import PrecisionPolicy
 
-    assert harness_device_and_dtype(True, torch.device("cuda", 0)) == ("cuda:0", "bfloat16")
-    assert harness_device_and_dtype(False, torch.device("cuda", 0)) == ("cuda:0", "float32")
-    assert harness_device_and_dtype(True, torch.device("cpu")) == ("cpu", "float32")
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    bf16_on_cuda = PrecisionPolicy(torch.bfloat16)   # what for_device(True, cuda) gives on a bf16 GPU
+    assert harness_device_and_dtype(bf16_on_cuda, cuda) == ("cuda:0", "bfloat16")
+    assert harness_device_and_dtype(PrecisionPolicy.for_device(False, cuda), cuda) == ("cuda:0", "float32")
+    cpu_asked_bf16 = PrecisionPolicy.for_device(True, cpu, note=lambda _: None)
+    assert harness_device_and_dtype(cpu_asked_bf16, cpu) == ("cpu", "float32")

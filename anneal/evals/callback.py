@@ -16,6 +16,7 @@ from anneal.errors import AnnealError
 from anneal.evals.overlap import check_no_overlap
 from anneal.evals.scoring import build_requests, rank_items, score_tasks
 from anneal.evals.tasks import Task, load_task
+from anneal.model.precision import PrecisionPolicy
 from anneal.train.callbacks import Callback, Run
 
 
@@ -54,10 +55,10 @@ def check_after_export(cfg) -> list[Task]:
     return tasks
 
 
-def harness_device_and_dtype(bf16: bool, device: torch.device) -> tuple[str, str]:
-    """Where and in what dtype `eval.after_export` runs the harness: on the run's device, bf16 on CUDA
-    with trainer.bf16 and fp32 otherwise, as the run computed (anneal.model.precision)."""
-    return str(device), "bfloat16" if bf16 and device.type == "cuda" else "float32"
+def harness_device_and_dtype(precision: PrecisionPolicy, device: torch.device) -> tuple[str, str]:
+    """Where and in what dtype `eval.after_export` runs the harness: on the run's device in the run's
+    compute dtype (bf16 on CUDA with trainer.bf16, else fp32: anneal.model.precision decides)."""
+    return str(device), str(precision.compute_dtype).removeprefix("torch.")
 
 
 class BenchmarkEval(Callback):
@@ -100,7 +101,7 @@ class BenchmarkEval(Callback):
             return
         from anneal.evals.harness import evaluate_export
 
-        device, dtype = harness_device_and_dtype(run.cfg.trainer.bf16, run.device)
+        device, dtype = harness_device_and_dtype(run.precision, run.device)
 
         def harness() -> None:
             evaluate_export(run.export_dir, self.export_tasks, run_dir=run.run_dir, backend=cfg.backend,

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from anneal.checkpoints.run_checkpoints import RunCheckpoints, anneal_meta, export_meta, export_meta_files
+from anneal.model.precision import PrecisionPolicy
 from anneal.parallel.layout import ParallelLayout
 from anneal.train.build import Prepared
 from anneal.train.devices import host_memory_gb, peak_host_memory_gb, pinned_host_memory_gb
@@ -37,6 +38,7 @@ class Run:
     device: torch.device
     run_dir: Path
     checkpoints: RunCheckpoints
+    precision: PrecisionPolicy   # what the run computes in (trainer.bf16 on this device)
     export_dir: str | None = None
 
     @property

@@ -94,7 +94,7 @@ def _train_claimed(cfg, run_dir: Path, device, layout, engine_cls, claim, preemp
                       soft_wrap=True)
     tracker.print(f"model ready: peak host memory per rank {', '.join(f'{g:.2f}' for g in load_peak_gb)} GB")
     tracker.print(engine.describe(), markup=False, highlight=False, soft_wrap=True)
-    run = Run(cfg, p, engine, tracker, layout, device, run_dir, checkpoints)
+    run = Run(cfg, p, engine, tracker, layout, device, run_dir, checkpoints, policy)
     try:
         result = fit(run, step, tokens, stop_requested=lambda: bool(preemption))
         tracker.print(p.stream.format_accounting(global_accounting(run)), markup=False, highlight=False)
